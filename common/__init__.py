@@ -1,0 +1,1 @@
+"""Pieces that two or more problems share: schedules, seeding, devices, images, checkpoints, datasets, DDIM."""

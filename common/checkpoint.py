@@ -1,0 +1,83 @@
+"""Checkpoint I/O: weights as safetensors, with the model kind and config in its header and in a JSON beside it.
+
+A checkpoint is `NAME.safetensors` (+ `NAME.json`, a human-readable copy of the config and the
+metrics it reached). The header carries `kind` and `config`, so the .safetensors alone is enough
+to rebuild the model; loading checks the kind and the parameter names/shapes and fails with one
+line naming the file when they do not match.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from common.errors import UserError
+from common.fileio import atomic_path, write_text_atomic
+
+
+def sidecar_json(path: str | os.PathLike) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], kind: str,
+                    config: dict[str, Any], metrics: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write weights (optionally cast to `dtype`) and the JSON sidecar, each atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: checkpoint path must end in .safetensors")
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous().clone()
+    header = {"kind": kind, "config": json.dumps(config, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    info = {"kind": kind, "config": config, "metrics": metrics or {}}
+    write_text_atomic(sidecar_json(path), json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state_dict, config) of a checkpoint of `kind`; UserError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: not a readable safetensors checkpoint (truncated or corrupt?): {e}") from None
+    found = meta.get("kind")
+    if found != kind:
+        raise UserError(f"{path}: checkpoint is of kind {found!r}, expected {kind!r} (a checkpoint of another model?)")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: checkpoint header has a malformed config: {e}") from None
+    return tensors, config
+
+
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """load_state_dict(strict=True), casting to the model's dtypes; mismatch -> UserError naming the file."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit the model: {len(missing)} missing "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    bad = [k for k in own if own[k].shape != state_dict[k].shape]
+    if bad:
+        k = bad[0]
+        raise UserError(f"{path}: shape mismatch for {k}: file {tuple(state_dict[k].shape)}, "
+                        f"model {tuple(own[k].shape)} ({len(bad)} tensors differ)")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)

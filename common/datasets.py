@@ -1,0 +1,105 @@
+"""The course's image-folder layout: `<root>/<name>/data/*.png` with `<root>/<name>/{train,val}.csv`.
+
+Each csv has the header `image_name,label`. Images are decoded once into a uint8 tensor in memory
+(the digit sets are small), so training reads no files after start-up. Every problem with the
+file or the csv is reported as one line naming the file.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from common.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Rows of an `image_name,label` csv; UserError on a missing file, bad header or bad label."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: label csv not found")
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
+            raise UserError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < 2:
+                raise UserError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
+            try:
+                rows.append((row[0].strip(), int(row[1])))
+            except ValueError:
+                raise UserError(f"{csv_path}:{lineno}: label {row[1]!r} is not an integer") from None
+    if not rows:
+        raise UserError(f"{csv_path}: no rows")
+    return rows
+
+
+def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RGB",
+               resize: bool = False) -> np.ndarray:
+    """Decode one image as (H,W,C) uint8. With `size`, a different size is an error unless `resize`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+    if size is not None and im.size != (size, size):
+        if not resize:
+            raise UserError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+        im = im.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Sorted image files in a folder; UserError when the folder is missing or has none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder")
+    return files
+
+
+class CourseImageFolder(Dataset):
+    """One split of one course data set, decoded into memory.
+
+    `root/name/data/<image_name>` listed by `root/name/<split>.csv`. Items are
+    (uint8 tensor C,H,W, int label). `size` checks every image's size (resize=True resizes instead).
+    """
+
+    def __init__(self, root: str | os.PathLike, name: str, split: str = "train", size: int | None = 28,
+                 resize: bool = False, mode: str = "RGB"):
+        self.root = Path(root)
+        self.name = name
+        base = self.root / name
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: data folder not found")
+        if not base.is_dir():
+            raise UserError(f"{base}: data set folder not found (expected {base}/data and {base}/{split}.csv)")
+        rows = read_label_csv(base / f"{split}.csv")
+        images = [load_image(base / "data" / fname, size=size, mode=mode, resize=resize) for fname, _ in rows]
+        self.image_names = [fname for fname, _ in rows]
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.tensor([label for _, label in rows], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])

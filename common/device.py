@@ -1,0 +1,49 @@
+"""Device and precision choice: CUDA runs bf16 autocast with TF32 matmuls, everything else exact fp32."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from common.errors import UserError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a device: 'auto' is bf16 on CUDA and none (fp32) elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for `dtype`, or a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lightning_precision(device_kind: str) -> str:
+    """Lightning's precision string: bf16 mixed on GPUs, 32-bit on CPUs."""
+    return "bf16-mixed" if device_kind in ("gpu", "cuda") else "32-true"
+
+
+def setup_cuda_fast_math() -> None:
+    """TF32 matmuls/convs on Ampere and later: a free speed-up for training, where bit-exactness is not owed."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True

@@ -1,0 +1,42 @@
+"""Atomic file writing: write to a temporary file beside the target, then rename over it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create a directory (and parents); a clear error when it cannot be made or written."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{p}: cannot create output folder ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK):
+        raise UserError(f"{p}: output folder is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path in the target's folder; on success rename it to `path`, else delete it."""
+    path = Path(path)
+    ensure_dir(path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)

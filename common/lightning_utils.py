@@ -1,0 +1,57 @@
+"""Lightning pieces shared by the trainers: atomic checkpoint files, and an EMA copy of a model."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from common.fileio import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temp file and renamed, so an interrupted save never leaves a
+    truncated `last.ckpt` that `--resume` would then fail on."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class EMA(torch.nn.Module):
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the random init.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        n = int(self.num_updates)
+        d = min(self.decay, (1 + n) / (10 + n))
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+        self.num_updates += 1
+
+
+def resolve_resume(resume: str | None, out: Path) -> str | None:
+    """--resume: None -> fresh start; 'auto' -> out/last.ckpt when it exists; else a path that must exist."""
+    from common.errors import UserError
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = out / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not os.path.isfile(resume):
+        raise UserError(f"{resume}: --resume checkpoint not found")
+    return resume

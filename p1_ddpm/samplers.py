@@ -1,0 +1,150 @@
+"""Samplers for the conditional UNet, each with classifier-free guidance in one batched forward per step.
+
+Guidance: eps = eps_uncond + w * (eps_cond - eps_uncond)   (w = 1: conditional only, w = 0: unconditional)
+  computed from ONE forward of the concatenated [cond; uncond] batch.
+
+* ancestral DDPM (Ho et al., 2020): all T steps, posterior variance beta_tilde ("fixed_small")
+* DDIM (common/ddim.py, shared with P2)
+* DPM-Solver++(2M) (Lu et al., 2022): second-order multistep in log-SNR with data prediction;
+  the last step returns the predicted x0 (first order), as diffusers' lower_order_final does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from common.ddim import sample_ddim
+from common.seeding import PerSampleNoise
+
+SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
+
+
+def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float,
+                  autocast_ctx: Callable = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_fn(x, t) for the samplers: one forward of [cond; uncond] and the guidance combination."""
+    import contextlib
+    ctx = autocast_ctx or contextlib.nullcontext
+    null = model.cond.null_like(cond)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            if guidance == 1.0:
+                return model(x, t, cond).float()
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
+        eps_c, eps_u = out.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+    return eps_fn
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, alphas_cumprod: list[float],
+              noise: torch.Tensor | None, clip_x0: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step t -> t-1 via the predicted x0 and the posterior q(x_{t-1} | x_t, x0)."""
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[t - 1] if t > 0 else 1.0
+    beta_t = 1.0 - a_t / a_prev
+    x0 = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    mean = (math.sqrt(a_prev) * beta_t / (1 - a_t)) * x0 + (math.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)) * x_t
+    if t > 0:
+        var = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
+        mean = mean + math.sqrt(var) * noise
+    return mean, x0
+
+
+@torch.no_grad()
+def sample_ddpm(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, noise: PerSampleNoise,
+                clip_x0: float | None = None, progress: bool = False, callback=None) -> torch.Tensor:
+    ab = alphas_cumprod.to(torch.float64).tolist()
+    x = x_T
+    shape = tuple(x.shape[1:])
+    for i, t in enumerate(tqdm(range(len(ab) - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
+        eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        z = noise.randn(*shape, dtype=x.dtype).to(x.device) if t > 0 else None
+        x, x0 = ddpm_step(x, eps, t, ab, z, clip_x0)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def dpm_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
+    """num_steps timesteps from T-1 down, evenly spaced in t, excluding 0 (diffusers' 'linspace' spacing)."""
+    ts = torch.linspace(0, num_train_steps - 1, num_steps + 1, dtype=torch.float64).round().long().tolist()
+    return ts[::-1][:-1]
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int = 20,
+                    clip_x0: float | None = None, progress: bool = False, callback=None) -> torch.Tensor:
+    ab = alphas_cumprod.to(torch.float64)
+    ts = dpm_timesteps(len(ab), num_steps)
+    alpha = [math.sqrt(float(ab[t])) for t in ts]
+    sigma = [math.sqrt(1 - float(ab[t])) for t in ts]
+    lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
+    x = x_T
+    x0_prev = None
+    for i, t in enumerate(tqdm(ts, desc="DPM-Solver++", disable=not progress, leave=False)):
+        eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - sigma[i] * eps) / alpha[i]
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        if i == len(ts) - 1:  # final step to sigma = 0: the data prediction itself
+            x = x0
+        else:
+            h = lam[i + 1] - lam[i]
+            if x0_prev is None:
+                d = x0
+            else:
+                r = (lam[i] - lam[i - 1]) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
+        x0_prev = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def run_sampler(name: str, eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, noise: PerSampleNoise,
+                steps: int, eta: float = 0.0, clip_x0: float | None = None, progress: bool = False,
+                callback=None) -> torch.Tensor:
+    """Dispatch by name; `steps` is ignored by 'ddpm' (always all T steps)."""
+    if name == "ddpm":
+        return sample_ddpm(eps_fn, x_T, alphas_cumprod, noise, clip_x0, progress, callback)
+    if name == "ddim":
+        return sample_ddim(eps_fn, x_T, alphas_cumprod, steps, eta=eta, noise=noise, clip_x0=clip_x0,
+                           progress=progress, callback=callback)
+    if name == "dpmpp2m":
+        return sample_dpmpp_2m(eps_fn, x_T, alphas_cumprod, steps, clip_x0, progress, callback)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod: torch.Tensor, seed: int,
+             sampler: str = "dpmpp2m", steps: int = 12, guidance: float = 3.0, eta: float = 0.0,
+             clip_x0: float | None = 1.0, batch_size: int = 500, device: torch.device | str = "cpu",
+             autocast_ctx=None, progress: bool = False, callback=None) -> torch.Tensor:
+    """Images in [-1, 1] for each row of `cond`; sample k's noise comes from sample_seed(seed, indices[k]),
+    so an image never depends on the batch it was drawn in. Returns a float CPU tensor (N, C, H, W)."""
+    device = torch.device(device)
+    cfg = model.config
+    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    indices = list(indices)
+    outs = []
+    pbar = tqdm(total=len(indices), desc=f"sampling ({sampler})", disable=not progress, unit="img")
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        c = cond[start:start + batch_size].to(device)
+        noise = PerSampleNoise(seed, idx, device)
+        x_T = noise.randn(*shape)
+        if device.type == "cuda":
+            x_T = x_T.contiguous(memory_format=torch.channels_last)
+        eps_fn = guided_eps_fn(model, c, guidance, autocast_ctx)
+        outs.append(run_sampler(sampler, eps_fn, x_T, alphas_cumprod, noise, steps, eta, clip_x0,
+                                callback=callback).float().cpu())
+        pbar.update(len(idx))
+    pbar.close()
+    return torch.cat(outs)

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Train the class-conditional DDPM on the union of MNIST-M and SVHN (course layout).
+
+    python p1_ddpm/train.py --data hw2_data/digits --out runs/p1 --max-steps 8000
+
+Reads <data>/{mnistm,svhn}/{train,val}.csv + data/*.png. Writes to --out:
+  last.ckpt              Lightning checkpoint (model, EMA, optimiser) for --resume
+  model.safetensors/json EMA weights + config after every validation (what infer.py loads)
+  best.safetensors/json  EMA weights with the lowest validation loss (fixed noise), for model choice
+  samples/step_XXXXXX.png  a 10x2 grid (digits x datasets) after every validation
+  metrics.csv            losses, from Lightning's CSV logger
+On CUDA it trains in bf16 autocast with channels_last; --devices N runs DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+
+from common.checkpoint import save_checkpoint  # noqa: E402
+from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import ensure_dir  # noqa: E402
+from common.images import save_grid, to_uint8  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, resolve_resume  # noqa: E402
+from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
+from common.seeding import seed_everything  # noqa: E402
+from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
+from p1_ddpm.samplers import generate  # noqa: E402
+
+
+class DiffusionModule(pl.LightningModule):
+    """Noise-prediction training with condition dropout (for classifier-free guidance) and an EMA copy."""
+
+    def __init__(self, model_config: dict, schedule: str = "linear", num_train_steps: int = 1000,
+                 lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 500, ema_decay: float = 0.999,
+                 p_uncond: float = 0.15, p_drop_domain: float = 0.05, channels_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ConditionalUNet(**model_config)
+        self.ema = EMA(self.model, ema_decay)
+        self.register_buffer("alphas_cumprod", alphas_cumprod(make_betas(schedule, num_train_steps)), persistent=False)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
+
+    def diffusion_loss(self, model, images: torch.Tensor, cond: torch.Tensor, generator=None) -> torch.Tensor:
+        x0 = images.float() / 127.5 - 1.0
+        if self.hparams.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        b = x0.shape[0]
+        t = torch.randint(0, self.hparams.num_train_steps, (b,), device=self.device, generator=generator)
+        noise = torch.randn(x0.shape, device=self.device, generator=generator)
+        ab = self.alphas_cumprod[t].float()[:, None, None, None]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return F.mse_loss(model(x_t, t, cond).float(), noise)
+
+    def training_step(self, batch, batch_idx):
+        images, cond = batch
+        drop_label = torch.rand(cond.shape[0], device=self.device) < self.hparams.p_uncond
+        drop_domain = torch.rand(cond.shape[0], device=self.device) < self.hparams.p_drop_domain
+        loss = self.diffusion_loss(self.model, images, self.model.cond.drop(cond, drop_label, drop_domain))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update(self.model)
+
+    def validation_step(self, batch, batch_idx):
+        # the same t and noise for every validation, so losses are comparable across checkpoints
+        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        images, cond = batch
+        loss = self.diffusion_loss(self.ema.module, images, cond, generator=g)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(images))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export_config(self) -> dict:
+        h = self.hparams
+        return {"model": self.model.config, "schedule": h.schedule, "num_train_steps": h.num_train_steps}
+
+
+class ExportAndSample(Callback):
+    """After each validation (rank 0): export EMA weights, keep the best by val loss, draw a sample grid."""
+
+    def __init__(self, out: Path, grid_steps: int = 12, guidance: float = 3.0, seed: int = 0):
+        self.out, self.grid_steps, self.guidance, self.seed = out, grid_steps, guidance, seed
+        self.best = math.inf
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state.get("best", math.inf)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        val = trainer.callback_metrics.get("val_loss")
+        val = float(val) if val is not None else math.nan
+        metrics = {"val_loss": val, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
+        ema = pl_module.ema.module
+        save_checkpoint(self.out / "model.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics)
+        if val < self.best:
+            self.best = val
+            save_checkpoint(self.out / "best.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics)
+        num_domains = ema.config["num_domains"]
+        cond = torch.tensor([[d, k] for d in range(10) for k in range(num_domains)])
+        imgs = generate(ema, cond, range(len(cond)), pl_module.alphas_cumprod.cpu(), self.seed, steps=self.grid_steps,
+                        guidance=self.guidance, device=pl_module.device)
+        save_grid(self.out / "samples" / f"step_{trainer.global_step:06d}.png", to_uint8(imgs), 10, num_domains,
+                  row_labels=[str(d) for d in range(10)], scale=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="course digits root holding mnistm/ and svhn/")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, samples, logs)")
+    p.add_argument("--datasets", default="mnistm,svhn", help="comma-separated data sets, in condition-index order")
+    p.add_argument("--max-steps", type=int, default=20000, help="optimiser steps to train for")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the digit label (CFG)")
+    p.add_argument("--temperature", type=float, default=0.5,
+                   help="data set k is drawn with probability ~ size_k**temperature (0 = balanced)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear")
+    p.add_argument("--channels", default="48,96", help="UNet widths per resolution level")
+    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
+    p.add_argument("--patch-size", type=int, default=2, help="fold PxP pixels into channels (2: run at 14x14)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--val-every", type=int, default=500, help="validate, export and sample every N steps")
+    p.add_argument("--limit-val-batches", type=float, default=1.0)
+    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP) or 'auto'")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a Lightning checkpoint (no value: <out>/last.ckpt)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    out = ensure_dir(args.out)
+    seed_everything(args.seed)
+    setup_cuda_fast_math()
+    try:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    except ValueError:
+        raise UserError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    resume = resolve_resume(args.resume, out)
+
+    from p1_ddpm.data import DigitsDataModule
+    data = DigitsDataModule(args.data, args.batch_size, args.temperature, args.seed, args.num_workers, datasets)
+    data.setup()  # decode every image now: a bad file fails here, before any training output exists
+    accelerator = args.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    model_config = dict(image_size=28, channels=channels, num_res_blocks=args.res_blocks,
+                        attention_levels=(len(channels) - 1,), dropout=args.dropout, condition="digits",
+                        num_domains=len(datasets), patch_size=args.patch_size)
+    module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
+                             args.p_uncond, channels_last=accelerator == "gpu")
+    if args.compile:
+        module.model = torch.compile(module.model)
+
+    ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
+                           every_n_train_steps=args.val_every, auto_insert_metric_name=False)
+    devices = args.devices if args.devices == "auto" else int(args.devices)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, precision=lightning_precision(accelerator),
+        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
+        val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.limit_val_batches,
+        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,
+        callbacks=[ckpt, ExportAndSample(out, seed=args.seed)], plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False, default_root_dir=out,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()
