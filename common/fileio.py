@@ -21,6 +21,19 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, creating nothing, when `path` (a folder to be) could not be created or written."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{p}: cannot write here ({probe} is a file, not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{p}: cannot write here ({probe} is not writable)")
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in the target's folder; on success rename it to `path`, else delete it."""

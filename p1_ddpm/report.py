@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Report figures for problem 1.
+
+    python p1_ddpm/report.py --out figs/
+
+Writes
+  figs/grid_mnistm.png, figs/grid_svhn.png  10x10: rows digits 0-9, columns different noise
+  figs/reverse_process.png                  the first "0" and first "1" (MNIST-M) at six timesteps of
+                                            the ancestral DDPM chain, t = 999, 800, 600, 400, 200, 0
+The grids use the same sampler settings (and the same noise) as infer.py, so they show what
+hw2_1.sh hands in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
+from common.errors import cli_main  # noqa: E402
+from common.fileio import check_writable  # noqa: E402
+from common.images import save_grid, to_uint8  # noqa: E402
+from common.schedules import alphas_cumprod, make_betas  # noqa: E402
+from common.seeding import PerSampleNoise  # noqa: E402
+from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
+from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
+from p1_ddpm.model import load_unet  # noqa: E402
+from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
+
+REVERSE_TIMESTEPS = (999, 800, 600, 400, 200, 0)
+
+
+@cli_main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--scale", type=int, default=3, help="pixel magnification in the figures")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    model, config = load_unet(args.checkpoint, device)
+    out = check_writable(args.out)
+    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    dtype = autocast_dtype(device)
+    ctx = lambda: autocast(device, dtype)  # noqa: E731
+    digits = [str(d) for d in range(10)]
+
+    for k, name in enumerate(DIGIT_DATASETS[: config["model"]["num_domains"]]):
+        cond = torch.tensor([[d, k] for d in range(10) for _ in range(10)])
+        idx = [sample_index(k, d, i) for d in range(10) for i in range(1, 11)]
+        imgs = generate(model, cond, idx, ab, args.seed, args.sampler, args.steps, args.guidance,
+                        device=device, autocast_ctx=ctx)
+        path = save_grid(out / f"grid_{name}.png", to_uint8(imgs), 10, 10, row_labels=digits, scale=args.scale)
+        print(f"wrote {path}")
+
+    # The ancestral chain: x_999 is the initial noise; the step at t turns x_t into x_{t-1}, and the step
+    # at t = 0 gives the final image. Keep x_800, x_600, x_400, x_200 and the final image.
+    mnistm = DIGIT_DATASETS.index("mnistm")
+    cond = torch.tensor([[0, mnistm], [1, mnistm]])
+    idx = [sample_index(mnistm, 0, 1), sample_index(mnistm, 1, 1)]
+    size = model.config["image_size"]
+    frames = {999: PerSampleNoise(args.seed, idx).randn(3, size, size)}  # what generate() starts from
+
+    def record(i, t, x, x0):
+        if t - 1 in REVERSE_TIMESTEPS or t == 0:
+            frames[max(t - 1, 0)] = x.detach().cpu().clone()
+
+    generate(model, cond, idx, ab, args.seed, "ddpm", guidance=args.guidance, device=device,
+             autocast_ctx=ctx, callback=record)
+    rows = torch.stack([frames[t] for t in REVERSE_TIMESTEPS], dim=1)  # (2, 6, C, H, W)
+    path = save_grid(out / "reverse_process.png", to_uint8(rows.flatten(0, 1)), 2, len(REVERSE_TIMESTEPS),
+                     row_labels=["0", "1"], col_labels=[f"t={t}" for t in REVERSE_TIMESTEPS], scale=args.scale)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

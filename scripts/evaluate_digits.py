@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Score generated digits: the accuracy of a classifier on images named by the digit they should show.
+
+    python scripts/evaluate_digits.py --folder OUT --checkpoint Classifier.pth \\
+        [--svhn-checkpoint checkpoints/svhn_classifier.safetensors] [--json scores.json]
+
+OUT is either a folder with subfolders `mnistm/` and `svhn/` (the course's 2024 layout), or a folder
+holding the PNGs itself (the flat 2023 layout, all MNIST-M). Every image is 28x28 and named
+`{digit}_{index}.png`; its label is the text before the first underscore. Folders whose name
+contains "svhn" are scored by SvhnNet (trained on real SVHN by scripts/train_digit_classifier.py),
+all others by the course's MNIST-M LeNet (`--checkpoint`, the course's Classifier.pth). Prints a table
+of the accuracy per folder and ends with `mean accuracy <value>`, the mean over the folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.datasets import list_images, load_image  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import write_text_atomic  # noqa: E402
+from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict  # noqa: E402
+
+DEFAULT_SVHN_CHECKPOINT = REPO / "checkpoints" / "svhn_classifier.safetensors"
+
+
+def folder_kind(name: str) -> str | None:
+    """'svhn' or 'mnistm' for a subfolder name, None for a folder that is not a digits set."""
+    low = name.lower()
+    if "svhn" in low:
+        return "svhn"
+    if "mnistm" in low or "mnist_m" in low or "mnist-m" in low:
+        return "mnistm"
+    return None
+
+
+def label_of(path: Path) -> int:
+    """The digit before the first underscore of `{digit}_{index}.png`; UserError naming the file otherwise."""
+    head, sep, _ = path.stem.partition("_")
+    if not sep or not head.isdigit() or not 0 <= int(head) <= 9:
+        raise UserError(f"{path}: file name does not start with a digit label 0-9 (expected {{digit}}_{{index}}.png)")
+    return int(head)
+
+
+def find_sets(folder: Path) -> list[tuple[str, str, Path]]:
+    """(name, kind, path) of every digits set under `folder`: itself when it holds images, else its subfolders."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    if any(p.suffix.lower() == ".png" for p in folder.iterdir() if p.is_file()):
+        return [(folder.name or str(folder), folder_kind(folder.name) or "mnistm", folder)]
+    sets, skipped = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        kind = folder_kind(sub.name)
+        (sets if kind else skipped).append((sub.name, kind, sub))
+    for name, _, _ in skipped:
+        print(f"note: skipping {folder / name} (not named mnistm or svhn)", file=sys.stderr)
+    if not sets:
+        raise UserError(f"{folder}: no PNGs in the folder and no mnistm/ or svhn/ subfolder")
+    return sets
+
+
+def score_set(path: Path, model: torch.nn.Module) -> dict:
+    """Accuracy of `model` on the images of one folder, with per-digit counts."""
+    files = [p for p in list_images(path) if p.suffix.lower() == ".png"]
+    if not files:
+        raise UserError(f"{path}: no PNG images in folder")
+    labels = np.array([label_of(p) for p in files])
+    images = np.stack([load_image(p, size=28) for p in files])
+    pred, _ = predict(model, images)
+    hit = pred.numpy() == labels
+    per_digit = {str(d): {"correct": int(hit[labels == d].sum()), "total": int((labels == d).sum())}
+                 for d in range(10) if (labels == d).any()}
+    return {"folder": str(path), "correct": int(hit.sum()), "total": len(files),
+            "accuracy": float(hit.mean()), "per_digit": per_digit}
+
+
+def evaluate_folder(folder, lenet: torch.nn.Module | None, svhn_net: torch.nn.Module | None) -> dict:
+    """Score OUT (subfolders mnistm/ svhn/, or PNGs directly): {'sets': {name: {...}}, 'mean_accuracy': float}."""
+    folder = Path(folder)
+    results = {}
+    for name, kind, path in find_sets(folder):
+        model = svhn_net if kind == "svhn" else lenet
+        if model is None:
+            need = "--svhn-checkpoint (SvhnNet)" if kind == "svhn" else "--checkpoint (the course's Classifier.pth)"
+            raise UserError(f"{path}: scoring this folder needs {need}")
+        results[name] = {"classifier": "SvhnNet" if kind == "svhn" else "CourseLeNet", **score_set(path, model)}
+    mean = float(np.mean([r["accuracy"] for r in results.values()]))
+    return {"folder": str(folder), "sets": results, "mean_accuracy": mean}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'set':<12} {'classifier':<12} {'correct':>8} {'images':>7} {'accuracy':>9}"]
+    for name, r in report["sets"].items():
+        lines.append(f"{name:<12} {r['classifier']:<12} {r['correct']:>8} {r['total']:>7} {r['accuracy']:>9.4f}")
+    lines.append(f"mean accuracy {report['mean_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+@cli_main
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", required=True, help="generated images: OUT/{mnistm,svhn}/*.png or OUT/*.png")
+    p.add_argument("--checkpoint", default=None, help="the course's MNIST-M classifier (Classifier.pth)")
+    p.add_argument("--svhn-checkpoint", default=str(DEFAULT_SVHN_CHECKPOINT),
+                   help="SvhnNet checkpoint for svhn folders (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+
+    sets = find_sets(Path(args.folder))
+    kinds = {kind for _, kind, _ in sets}
+    lenet = load_course_lenet(args.checkpoint) if "mnistm" in kinds and args.checkpoint else None
+    svhn_net = load_svhn_net(args.svhn_checkpoint) if "svhn" in kinds else None
+    report = evaluate_folder(args.folder, lenet, svhn_net)
+    print(format_table(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

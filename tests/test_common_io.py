@@ -1,0 +1,121 @@
+"""common/: image grids and PNGs, checkpoints, atomic writes, course-layout datasets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.checkpoint import load_into, read_checkpoint, save_checkpoint
+from common.datasets import CourseImageFolder, read_label_csv
+from common.errors import UserError
+from common.fileio import atomic_path
+from common.images import make_grid, save_png, to_uint8
+
+
+def test_to_uint8_ranges():
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    assert to_uint8(x)[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
+    mm = to_uint8(torch.tensor([3.0, 5.0, 7.0, 9.0]).view(1, 1, 2, 2).repeat(1, 3, 1, 1), "minmax")
+    assert mm[0, :, :, 0].tolist() == [[0, 85], [170, 255]]
+    assert to_uint8(torch.zeros(2, 3, 4, 5)).shape == (2, 4, 5, 3)
+
+
+def test_save_png_exact_name_and_rgb(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    save_png(tmp_path / "a" / "3_007.png", img)
+    with Image.open(tmp_path / "a" / "3_007.png") as im:
+        assert im.mode == "RGB" and im.size == (28, 28)
+        assert np.array_equal(np.asarray(im), img)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["3_007.png"]  # no temp files left
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "x.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_size_and_labels():
+    imgs = np.zeros((6, 10, 10, 3), dtype=np.uint8)
+    plain = make_grid(imgs, 2, 3, pad=2)
+    assert plain.size == (3 * 12 + 2, 2 * 12 + 2)
+    labelled = make_grid(imgs, 2, 3, row_labels=["a", "bbbb"], col_labels=["1", "2", "3"], pad=2)
+    assert labelled.size[0] > plain.size[0] and labelled.size[1] > plain.size[1]
+    with pytest.raises(ValueError):
+        make_grid(imgs, 2, 2)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "m.safetensors", lin.state_dict(), "test.Linear", {"a": 1}, {"acc": 0.5})
+    state, cfg = read_checkpoint(path, "test.Linear")
+    assert cfg == {"a": 1}
+    other = torch.nn.Linear(3, 2)
+    load_into(other, state, path)
+    assert torch.equal(other.weight, lin.weight)
+    assert '"acc": 0.5' in (tmp_path / "m.json").read_text()
+    with pytest.raises(UserError, match="kind"):
+        read_checkpoint(path, "other.Model")
+    with pytest.raises(UserError, match="do not fit"):
+        load_into(torch.nn.Sequential(torch.nn.Linear(3, 2)), state, path)
+    with pytest.raises(UserError, match="shape mismatch"):
+        load_into(torch.nn.Linear(4, 2), state, path)
+    trunc = tmp_path / "t.safetensors"
+    trunc.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UserError, match="t.safetensors"):
+        read_checkpoint(trunc, "test.Linear")
+    with pytest.raises(UserError, match="not found"):
+        read_checkpoint(tmp_path / "none.safetensors", "test.Linear")
+
+
+def test_fp16_checkpoint(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "h.safetensors", lin.state_dict(), "k", {}, dtype=torch.float16)
+    state, _ = read_checkpoint(tmp_path / "h.safetensors", "k")
+    assert state["weight"].dtype == torch.float16
+
+
+def test_course_layout_loader_on_real_digits(digits_tree, digits_npz):
+    ds = CourseImageFolder(digits_tree, "mnistm", "train")
+    val = CourseImageFolder(digits_tree, "mnistm", "val")
+    assert len(ds) + len(val) == 60
+    img, label = ds[0]
+    assert img.shape == (3, 28, 28) and img.dtype == torch.uint8 and 0 <= label <= 9
+    # the file name is the index in the npz: image and label must be the real ones
+    idx = int(ds.image_names[0].split(".")[0])
+    assert label == int(digits_npz["mnistm"]["y_train"][idx])
+    assert np.array_equal(img.permute(1, 2, 0).numpy(), digits_npz["mnistm"]["x_train"][idx])
+    usps = CourseImageFolder(digits_tree, "usps", "train")
+    assert usps.images.shape[1:] == (3, 28, 28)  # grey 16x16 became RGB 28x28
+    svhn_test = read_label_csv(digits_tree / "svhn" / "test.csv")
+    assert len(svhn_test) == 60  # images 900.. of svhn_partial are the test split
+
+
+def test_course_layout_bad_inputs(digits_tree, tmp_path):
+    import shutil
+    root = tmp_path / "d"
+    shutil.copytree(digits_tree / "mnistm", root / "mnistm")
+    with pytest.raises(UserError, match="data set folder not found"):
+        CourseImageFolder(root, "svhn", "train")
+    with pytest.raises(UserError, match="data folder not found"):
+        CourseImageFolder(tmp_path / "nothing", "mnistm", "train")
+    first = read_label_csv(root / "mnistm" / "train.csv")[0][0]
+    (root / "mnistm" / "data" / first).write_bytes(b"not a png")
+    with pytest.raises(UserError, match=f"{first}: not a readable image"):
+        CourseImageFolder(root, "mnistm", "train")
+    Image.new("RGB", (32, 32)).save(root / "mnistm" / "data" / first)
+    with pytest.raises(UserError, match="32x32, expected 28x28"):
+        CourseImageFolder(root, "mnistm", "train")
+    (root / "mnistm" / "data" / first).unlink()
+    with pytest.raises(UserError, match=f"{first}: image not found"):
+        CourseImageFolder(root, "mnistm", "train")
+    (root / "mnistm" / "val.csv").write_text("name,label\n")
+    with pytest.raises(UserError, match="expected header"):
+        CourseImageFolder(root, "mnistm", "val")
+    (root / "mnistm" / "val.csv").write_text("image_name,label\n")
+    with pytest.raises(UserError, match="no rows"):
+        CourseImageFolder(root, "mnistm", "val")

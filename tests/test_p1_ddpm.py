@@ -1,0 +1,190 @@
+"""P1 end to end with a tiny random model: layouts, hw2_1.sh, determinism, training + resume, bad inputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.errors import UserError
+from common.schedules import alphas_cumprod, make_betas
+from p1_ddpm.infer import main as infer_main
+from p1_ddpm.infer import plan
+from p1_ddpm.model import ConditionalUNet, load_unet
+from p1_ddpm.samplers import generate
+from tests.conftest import REPO, tiny_unet_config
+
+FAST = ["--steps", "2", "--quiet"]
+
+
+def run_cli(main, argv, capsys):
+    """Call a CLI main; return (exit code, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_unet_shapes_both_conditions():
+    m = ConditionalUNet(**tiny_unet_config())
+    x = torch.randn(3, 3, 28, 28)
+    assert m(x, torch.tensor([0, 500, 999]), torch.tensor([[1, 0], [10, 1], [3, 2]])).shape == x.shape
+    mh = ConditionalUNet(**tiny_unet_config(condition="multihot", num_labels=24, image_size=64, patch_size=1))
+    x = torch.randn(2, 3, 64, 64)
+    cond = torch.zeros(2, 24)
+    cond[0, [1, 5]] = 1
+    assert mh(x, torch.tensor([1, 2]), cond).shape == x.shape
+
+
+def test_generate_deterministic_and_batch_invariant(tiny_p1_checkpoint):
+    model, cfg = load_unet(tiny_p1_checkpoint)
+    ab = alphas_cumprod(make_betas("linear"))
+    cond = torch.tensor([[d % 10, d % 2] for d in range(6)])
+    for sampler, kw in (("dpmpp2m", {}), ("ddim", {"eta": 0.5}), ("ddpm", {})):
+        if sampler == "ddpm":  # all 1000 steps: keep it to two images
+            c, idx = cond[:2], [0, 1]
+        else:
+            c, idx = cond, range(6)
+        a = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
+        b = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
+        assert torch.equal(a, b), sampler
+        small = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=1, **kw)
+        # fp32 convolutions may round differently per batch size; the noise itself is identical
+        assert torch.allclose(a, small, atol=1e-4), sampler
+        other = generate(model, c, idx, ab, seed=4, sampler=sampler, steps=4, batch_size=6, **kw)
+        assert not torch.allclose(a, other), sampler
+
+
+def _check_folder(folder: Path, digits, count: int):
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"{d}_{i:03d}.png" for d in digits for i in range(1, count + 1))
+    with Image.open(folder / names[0]) as im:
+        assert im.mode == "RGB" and im.size == (28, 28)
+
+
+@pytest.mark.parametrize("layout", ["2023", "2024", "2025"])
+def test_infer_layouts(layout, tiny_p1_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    infer_main(["--layout", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST)
+    if layout == "2023":
+        _check_folder(out, range(10), 100)
+    elif layout == "2024":
+        assert sorted(os.listdir(out)) == ["mnistm", "svhn"]
+        _check_folder(out / "mnistm", range(10), 50)
+        _check_folder(out / "svhn", range(10), 50)
+    else:
+        _check_folder(out / "mnistm", range(0, 10, 2), 50)
+        _check_folder(out / "svhn", range(1, 10, 2), 50)
+
+
+def test_same_image_across_layouts_and_batch_sizes(tiny_p1_checkpoint, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    infer_main(["--layout", "2024", "--out", str(a), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
+    infer_main(["--layout", "2023", "--out", str(b), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9",
+                "--batch-size", "77"] + FAST)
+    x = np.asarray(Image.open(a / "mnistm" / "7_031.png"), dtype=int)
+    y = np.asarray(Image.open(b / "7_031.png"), dtype=int)
+    assert np.abs(x - y).max() <= 1  # fp32 batch-size effects may move a pixel by one level at most
+    c = tmp_path / "c"
+    infer_main(["--layout", "2024", "--out", str(c), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
+    assert (a / "svhn" / "3_050.png").read_bytes() == (c / "svhn" / "3_050.png").read_bytes()
+
+
+def test_plan_conditions():
+    names, cond, idx = plan("2025")
+    assert len(names) == len(set(idx)) == 500
+    assert names[0] == os.path.join("mnistm", "0_001.png") and cond[0].tolist() == [0, 0]
+    assert names[-1] == os.path.join("svhn", "9_050.png") and cond[-1].tolist() == [9, 1]
+
+
+def test_hw2_1_sh_end_to_end(tiny_p1_checkpoint, tmp_path):
+    out = tmp_path / "hw"
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(REPO / "hw2_1.sh"), str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    _check_folder(out / "mnistm", range(10), 50)
+    _check_folder(out / "svhn", range(10), 50)
+    r = subprocess.run(["bash", str(REPO / "hw2_1.sh")], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "usage" in r.stderr
+
+
+def test_infer_bad_inputs(tiny_p1_checkpoint, tmp_path, capsys):
+    from common.checkpoint import save_checkpoint
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, torch.nn.Linear(2, 2).state_dict(), "something.Else", {})
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(tiny_p1_checkpoint.read_bytes()[:1000])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["--checkpoint", str(other), "--out", str(tmp_path / "o1")], "other.safetensors"),
+        (["--checkpoint", str(trunc), "--out", str(tmp_path / "o2")], "trunc.safetensors"),
+        (["--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o3")], "missing.safetensors"),
+        (["--checkpoint", str(tiny_p1_checkpoint), "--out", str(blocker / "sub")], "is a file"),
+    ]
+    for argv, needle in cases:
+        code, err = run_cli(infer_main, argv + FAST, capsys)
+        assert code not in (0, None), argv
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other.json", "other.safetensors", "trunc.safetensors"]
+
+
+def test_wrong_architecture_checkpoint(tmp_path):
+    from common.checkpoint import save_checkpoint
+    from p1_ddpm.model import CHECKPOINT_KIND
+    m = ConditionalUNet(**tiny_unet_config())
+    bad_cfg = {"model": dict(m.config, channels=[8, 24]), "schedule": "linear", "num_train_steps": 1000}
+    save_checkpoint(tmp_path / "w.safetensors", m.state_dict(), CHECKPOINT_KIND, bad_cfg)
+    with pytest.raises(UserError, match="w.safetensors"):
+        load_unet(tmp_path / "w.safetensors")
+
+
+def _train(args, capsys=None):
+    from p1_ddpm.train import main as train_main
+    return train_main(args)
+
+
+def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
+    out = tmp_path / "run"
+    base = ["--data", str(digits_tree), "--out", str(out), "--batch-size", "8", "--channels", "8,16",
+            "--val-every", "2", "--warmup-steps", "1", "--seed", "1"]
+    _train(base + ["--max-steps", "2"])
+    ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 2
+    first = load_unet(out / "model.safetensors")[0].state_dict()
+    assert (out / "samples" / "step_000002.png").is_file()
+    _train(base + ["--max-steps", "4", "--resume"])
+    ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4
+    assert ck["state_dict"]["ema.num_updates"].item() == 4  # the EMA resumed too, not restarted
+    second = load_unet(out / "model.safetensors")[0].state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert (out / "best.safetensors").is_file() and (out / "samples" / "step_000004.png").is_file()
+
+
+def test_train_bad_inputs(digits_tree, tmp_path, capsys):
+    import shutil
+    from p1_ddpm.train import main as train_main
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_tree, broken)
+    lines = (broken / "svhn" / "train.csv").read_text().splitlines()
+    missing_name = lines[1].split(",")[0]
+    (broken / "svhn" / "data" / missing_name).unlink()
+    for data, needle in ((tmp_path / "nope", "nope"), (empty, "mnistm"), (broken, missing_name)):
+        out = tmp_path / f"out_{data.name}"
+        code, err = run_cli(train_main, ["--data", str(data), "--out", str(out), "--max-steps", "1"], capsys)
+        assert code not in (0, None) and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()  # nothing written
+    code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o"), "--resume",
+                                     str(tmp_path / "no.ckpt")], capsys)
+    assert code not in (0, None) and "no.ckpt" in err
