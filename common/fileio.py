@@ -9,6 +9,10 @@ from pathlib import Path
 from common.errors import UserError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create a directory (and parents); a clear error when it cannot be made or written."""
     p = Path(path)
@@ -43,6 +47,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

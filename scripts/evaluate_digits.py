@@ -50,7 +50,7 @@ def label_of(path: Path) -> int:
     return int(head)
 
 
-def find_sets(folder: Path) -> list[tuple[str, str, Path]]:
+def find_sets(folder: Path, notes: bool = True) -> list[tuple[str, str, Path]]:
     """(name, kind, path) of every digits set under `folder`: itself when it holds images, else its subfolders."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
@@ -60,7 +60,7 @@ def find_sets(folder: Path) -> list[tuple[str, str, Path]]:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         kind = folder_kind(sub.name)
         (sets if kind else skipped).append((sub.name, kind, sub))
-    for name, _, _ in skipped:
+    for name, _, _ in (skipped if notes else []):
         print(f"note: skipping {folder / name} (not named mnistm or svhn)", file=sys.stderr)
     if not sets:
         raise UserError(f"{folder}: no PNGs in the folder and no mnistm/ or svhn/ subfolder")
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
 
-    sets = find_sets(Path(args.folder))
+    sets = find_sets(Path(args.folder), notes=False)  # evaluate_folder lists them again, with notes
     kinds = {kind for _, kind, _ in sets}
     lenet = load_course_lenet(args.checkpoint) if "mnistm" in kinds and args.checkpoint else None
     svhn_net = load_svhn_net(args.svhn_checkpoint) if "svhn" in kinds else None

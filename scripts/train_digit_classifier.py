@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from common.datasets import CourseImageFolder, load_image, read_label_csv  # noqa: E402
 from common.device import pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
+from common.fileio import ensure_dir  # noqa: E402
 from common.lightning_utils import EMA  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from scripts.digit_classifiers import SvhnNet, load_svhn_net, predict, save_svhn_net  # noqa: E402
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         raise UserError("--epochs and --batch-size must be at least 1")
     if args.extra != "none" and (args.extra_count < 1 or args.extra_batch < 1):
         raise UserError("--extra-count and --extra-batch must be at least 1 with --extra")
-    check_writable(Path(args.out).parent)  # fail now, not after minutes of training
+    ensure_dir(Path(args.out).parent)  # fail now, not after minutes of training
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 

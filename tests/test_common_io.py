@@ -28,6 +28,10 @@ def test_save_png_exact_name_and_rgb(tmp_path):
         assert im.mode == "RGB" and im.size == (28, 28)
         assert np.array_equal(np.asarray(im), img)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["3_007.png"]  # no temp files left
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "3_007.png").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
