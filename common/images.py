@@ -43,6 +43,21 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
         img.save(tmp, format="PNG")
 
 
+def save_pngs(out: str | os.PathLike, names: Sequence[str], images: np.ndarray) -> None:
+    """Write images[k] to out/names[k] (each atomically); if any write fails, remove the ones this call
+    wrote, so a failed run leaves no partial set behind."""
+    out = Path(out)
+    written = []
+    try:
+        for name, img in zip(names, images, strict=True):
+            save_png(out / name, img)
+            written.append(out / name)
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)

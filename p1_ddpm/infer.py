@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.images import save_png, to_uint8  # noqa: E402
+from common.images import save_pngs, to_uint8  # noqa: E402
 from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
@@ -63,19 +63,6 @@ def plan(layout: str) -> tuple[list[str], torch.Tensor, list[int]]:
             cond.append([d, k])
             indices.append(sample_index(k, d, i))
     return names, torch.tensor(cond, dtype=torch.long), indices
-
-
-def write_images(out: Path, names: list[str], images) -> None:
-    """Write every PNG atomically; on failure remove the ones this call wrote, so no partial set remains."""
-    written = []
-    try:
-        for name, img in zip(names, images):
-            save_png(out / name, img)
-            written.append(out / name)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +106,7 @@ def main(argv=None) -> None:
                       autocast_ctx=lambda: autocast(device, dtype), progress=not args.quiet)
     for sub in {os.path.dirname(n) for n in names}:
         ensure_dir(out / sub)
-    write_images(out, names, to_uint8(images))
+    save_pngs(out, names, to_uint8(images))
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
 

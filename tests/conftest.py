@@ -42,6 +42,16 @@ def digits_tree(tmp_path_factory) -> Path:
     return out
 
 
+def run_cli(main, argv, capsys) -> tuple[int, str]:
+    """Call a CLI main(argv); return (exit code, captured stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 def tiny_unet_config(**overrides) -> dict:
     cfg = dict(image_size=28, channels=(8, 16), num_res_blocks=1, attention_levels=(1,), dropout=0.0,
                condition="digits", num_domains=2, patch_size=2)

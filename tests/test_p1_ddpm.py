@@ -17,19 +17,9 @@ from p1_ddpm.infer import main as infer_main
 from p1_ddpm.infer import plan
 from p1_ddpm.model import ConditionalUNet, load_unet
 from p1_ddpm.samplers import generate
-from tests.conftest import REPO, tiny_unet_config
+from tests.conftest import REPO, run_cli, tiny_unet_config
 
 FAST = ["--steps", "2", "--quiet"]
-
-
-def run_cli(main, argv, capsys):
-    """Call a CLI main; return (exit code, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_unet_shapes_both_conditions():
