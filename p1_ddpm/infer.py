@@ -96,8 +96,6 @@ def main(argv=None) -> None:
     seed_everything(args.seed)
     if config["model"].get("condition") != "digits":
         raise UserError(f"{args.checkpoint}: not a digits model (condition {config['model'].get('condition')!r})")
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
     names, cond, indices = plan(args.layout)
     dtype = autocast_dtype(device, args.precision)

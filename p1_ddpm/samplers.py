@@ -139,9 +139,7 @@ def generate(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod
         idx = indices[start:start + batch_size]
         c = cond[start:start + batch_size].to(device)
         noise = PerSampleNoise(seed, idx, device)
-        x_T = noise.randn(*shape)
-        if device.type == "cuda":
-            x_T = x_T.contiguous(memory_format=torch.channels_last)
+        x_T = noise.randn(*shape).contiguous(memory_format=torch.channels_last)
         eps_fn = guided_eps_fn(model, c, guidance, autocast_ctx)
         outs.append(run_sampler(sampler, eps_fn, x_T, alphas_cumprod, noise, steps, eta, clip_x0,
                                 callback=callback).float().cpu())

@@ -14,7 +14,6 @@ The tables are printed and written into BENCHMARKS.md between the bench_p1 marke
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,29 +26,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from common.errors import cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
 from common.images import to_uint8  # noqa: E402
 from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
 from p1_ddpm.model import load_unet  # noqa: E402
 from p1_ddpm.samplers import generate  # noqa: E402
+from scripts.benchmarks import device_name, replace_section  # noqa: E402
 from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict  # noqa: E402
 from scripts.evaluate_digits import evaluate_folder  # noqa: E402
 
 DEFAULT_SVHN = REPO / "checkpoints" / "svhn_classifier.safetensors"
-MARK_START, MARK_END = "<!-- bench_p1 start -->", "<!-- bench_p1 end -->"
-
-
-def device_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def subset(dataset: int, per_digit: int):
@@ -67,17 +53,6 @@ def timed_generate(model, cond, idx, ab, seed, sampler, steps, guidance):
     t0 = time.perf_counter()
     imgs = generate(model, cond, idx, ab, seed, sampler, steps, guidance, batch_size=1000)
     return imgs, time.perf_counter() - t0
-
-
-def replace_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        pre, rest = text.split(MARK_START, 1)
-        text = pre + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
 
 
 @cli_main
@@ -150,7 +125,7 @@ def main(argv=None) -> None:
 
     body = "\n\n".join(sections) + "\n\nCommand: `python scripts/bench_p1.py " + " ".join(argv or sys.argv[1:]) + "`\n"
     if args.write:
-        replace_section(Path(args.write), body)
+        replace_section(args.write, "bench_p1", body)
         print(f"updated {args.write}")
 
 

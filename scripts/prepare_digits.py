@@ -10,7 +10,6 @@ split. svhn_partial has no test arrays: its images 0-899 are train/val and 900-1
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
