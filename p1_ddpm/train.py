@@ -203,7 +203,8 @@ def main(argv=None) -> None:
         enable_model_summary=False, default_root_dir=out,
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
-    print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")
+    if trainer.is_global_zero:
+        print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")
 
 
 if __name__ == "__main__":
