@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
                              args.p_uncond, channels_last=accelerator == "gpu")
     if args.compile:
-        module.model = torch.compile(module.model)
+        module.model.compile()  # in place: parameter names (checkpoints, EMA) stay as they are
 
     ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
                            every_n_train_steps=args.val_every, auto_insert_metric_name=False)
