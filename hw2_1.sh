@@ -8,9 +8,6 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-  if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
-fi
+PY="$(bash "$HERE/scripts/find_python.sh")"
 OUT="$1"; shift
 exec "$PY" "$HERE/p1_ddpm/infer.py" --layout 2024 --out "$OUT" "$@"

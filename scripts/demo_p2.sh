@@ -5,8 +5,7 @@
 # Writes demo_out/p2/ (one PNG per noise), demo_out/p2_mse.json and demo_out/p2_figs/{eta_grid,slerp,lerp}.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-[ -x "$PY" ] || PY=python3
+PY="$(bash scripts/find_python.sh)"
 OUT="${OUT:-demo_out}"
 FACE_DIR="${FACE_DIR:-}"
 

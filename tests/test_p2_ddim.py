@@ -21,21 +21,11 @@ from p2_ddim.infer import face_alphas_cumprod, generate, load_noises
 from p2_ddim.infer import main as infer_main
 from p2_ddim.interpolation import interpolate, lerp, slerp
 from p2_ddim.model import FaceUNet, SelfAttention, load_face_unet
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, run_cli
 
 MANIFEST = SHARED / "dlcv" / "face_unet_state_dict.txt"
 FAST = ["--steps", "2", "--quiet"]
 SMALL = 32  # GroupNorm has 32 groups: the smallest width
-
-
-def run_cli(main, argv, capsys):
-    """Call a CLI main; return (exit code, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def read_manifest() -> dict[str, tuple[int, ...]]:
