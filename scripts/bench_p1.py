@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from common.errors import cli_main  # noqa: E402
+from common.fileio import write_text_atomic  # noqa: E402
 from common.images import to_uint8  # noqa: E402
 from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
@@ -66,14 +67,17 @@ def main(argv=None) -> None:
     p.add_argument("--guidances", default="1,2,3,4,5")
     p.add_argument("--skip", default="", help="comma-separated tables to skip: A,B,C")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
+    p.add_argument("--json", default=None, help="also write the headline numbers to this JSON file")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     args = p.parse_args(argv)
+    summary: dict = {"device": None}
     skip = {s.strip().upper() for s in args.skip.split(",") if s.strip()}
     lenet = load_course_lenet(args.lenet)
     svhn_net = load_svhn_net(args.svhn_classifier)
     model, cfg = load_unet(args.checkpoint)
     ab = alphas_cumprod(make_betas(cfg["schedule"], cfg["num_train_steps"]))
     dev = device_name()
+    summary["device"] = dev
     sections = [f"## P1: conditional DDPM (scripts/bench_p1.py)\n\nDevice: {dev}. Checkpoint: "
                 f"`{Path(args.checkpoint).relative_to(REPO) if Path(args.checkpoint).is_relative_to(REPO) else args.checkpoint}`; "
                 f"defaults: {DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, guidance {DEFAULTS['guidance']}, seed {args.seed}."]
@@ -81,10 +85,13 @@ def main(argv=None) -> None:
     if "A" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            subprocess.run(["bash", str(REPO / "hw2_1.sh"), f"{tmp}/out", "--quiet"], check=True)
+            subprocess.run(["bash", str(REPO / "hw2_1.sh"), f"{tmp}/out", "--quiet", "--checkpoint", args.checkpoint],
+                           check=True)
             wall = time.perf_counter() - t0
             rep = evaluate_folder(Path(tmp) / "out", lenet, svhn_net)
-        accs = {k: v["accuracy"] for k, v in rep["sets"].items()} if "sets" in rep else rep
+        accs = {k: v["accuracy"] for k, v in rep["sets"].items()}
+        summary["hw2_1_seconds"] = round(wall, 1)
+        summary.update({f"hw2_1_accuracy_{k}": v for k, v in accs.items()})
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in accs.items())
         sections.append(f"### A. `bash hw2_1.sh OUT` (2000 images)\n\nWall time: **{wall:.1f} s** (target <= 120 s).\n\n"
                         f"| folder | accuracy |\n|---|---|\n{rows}\n\nmnistm/ is scored by the course LeNet, svhn/ by "
@@ -101,6 +108,8 @@ def main(argv=None) -> None:
             results.append((sampler, steps, secs / len(idx), accuracy(lenet, imgs, labels)))
             print(results[-1], flush=True)
         ref = results[0][2]
+        summary["samplers"] = [{"sampler": s, "steps": n, "ms_per_image": round(t * 1000, 2),
+                                "speedup_vs_ddpm1000": round(ref / t, 1), "lenet_accuracy": a} for s, n, t, a in results]
         rows = "\n".join(f"| {s} | {n} | {t * 1000:.1f} | {ref / t:.1f}x | {a:.4f} |" for s, n, t, a in results)
         sections.append(f"### B. Samplers side by side ({len(idx)} MNIST-M images, same noise, guidance "
                         f"{DEFAULTS['guidance']})\n\n| sampler | steps | ms / image | speed-up vs DDPM-1000 | LeNet accuracy |\n"
@@ -117,6 +126,7 @@ def main(argv=None) -> None:
                 row.append(accuracy(judge, imgs, cond[:, 0]))
             rows.append(row)
             print(row, flush=True)
+        summary["guidance_sweep"] = [{"guidance": w, "mnistm_lenet": a, "svhn_own": b} for w, a, b in rows]
         table = "\n".join(f"| {w:g} | {a:.4f} | {b:.4f} |" for w, a, b in rows)
         sections.append(f"### C. Guidance scale ({DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, "
                         f"{10 * args.sweep_per_digit} images per dataset)\n\n| w | mnistm LeNet | svhn own classifier |\n"
@@ -127,6 +137,9 @@ def main(argv=None) -> None:
     if args.write:
         replace_section(args.write, "bench_p1", body)
         print(f"updated {args.write}")
+    if args.json:
+        import json
+        write_text_atomic(args.json, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
