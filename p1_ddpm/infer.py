@@ -33,7 +33,7 @@ from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "p1_ddpm.safetensors"
-DEFAULTS = dict(sampler="dpmpp2m", steps=12, guidance=3.0, eta=0.0, seed=42)
+DEFAULTS = dict(sampler="dpmpp2m", steps=12, guidance=7.0, eta=0.0, seed=42)
 LAYOUTS = ("2023", "2024", "2025")
 
 

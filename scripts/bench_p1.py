@@ -4,7 +4,7 @@
     python scripts/bench_p1.py --lenet ../shared/data/dlcv/Classifier.pth
 
 All rows of one table come from one run on one machine (the device is printed with them).
-  A. `bash hw2_1.sh` end to end (process start, model load, 2000 images, PNG writing): wall time;
+  A. `bash hw2_1.sh` end to end (process start, model load, 1000 images, PNG writing): wall time;
      course LeNet accuracy on mnistm/ and this project's SVHN classifier on svhn/.
   B. Samplers on the same MNIST-M subset (same noise): seconds per image and LeNet accuracy, with
      the 1000-step ancestral sampler as the reference (on a subset: it is ~100x slower).
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         summary["hw2_1_seconds"] = round(wall, 1)
         summary.update({f"hw2_1_accuracy_{k}": v for k, v in accs.items()})
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in accs.items())
-        sections.append(f"### A. `bash hw2_1.sh OUT` (2000 images)\n\nWall time: **{wall:.1f} s** (target <= 120 s).\n\n"
+        sections.append(f"### A. `bash hw2_1.sh OUT` (1000 images: 500 MNIST-M, 500 SVHN)\n\nWall time: **{wall:.1f} s** (target <= 120 s).\n\n"
                         f"| folder | accuracy |\n|---|---|\n{rows}\n\nmnistm/ is scored by the course LeNet, svhn/ by "
                         f"this project's SVHN classifier (`checkpoints/svhn_classifier.safetensors`).")
         print(sections[-1], flush=True)

@@ -18,7 +18,7 @@ else
   echo "(P1 evaluation skipped: the course grader Classifier.pth was not found; pass LENET=/path/to/Classifier.pth)"
   "$PY" scripts/evaluate_digits.py --folder "$OUT/p1/svhn" --json "$OUT/p1_svhn_accuracy.json" || true
 fi
-echo "P1 outputs: $OUT/p1/{mnistm,svhn}/ (1000 PNGs each), figures in $OUT/p1_figs/"
+echo "P1 outputs: $OUT/p1/{mnistm,svhn}/ (500 PNGs each), figures in $OUT/p1_figs/"
 
 echo
 OUT="$OUT" bash scripts/demo_p2.sh
