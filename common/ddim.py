@@ -64,6 +64,8 @@ def sample_ddim(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, 
     fresh noise of each step when eta > 0 (use common.seeding.PerSampleNoise for batch-size
     invariance). `callback(i, t, x_t, x0_pred)` sees every step, e.g. to draw the reverse process.
     """
+    if eta > 0 and noise is None:
+        raise ValueError("sample_ddim with eta > 0 needs a noise source")
     ab = alphas_cumprod.to(torch.float64).tolist()
     T = len(ab)
     timesteps = ddim_timesteps(T, num_steps)
@@ -75,9 +77,7 @@ def sample_ddim(eps_fn: EpsFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, 
         eps = eps_fn(x, t_model).to(x.dtype)
         prev = t - step
         a_prev = ab[prev] if prev >= 0 else 1.0
-        z = noise.randn(*sample_shape, dtype=x.dtype).to(x.device) if (eta > 0 and noise is not None) else None
-        if eta > 0 and z is None:
-            raise ValueError("sample_ddim with eta > 0 needs a noise source")
+        z = noise.randn(*sample_shape, dtype=x.dtype).to(x.device) if eta > 0 else None
         x, x0 = ddim_step(x, eps, ab[t], a_prev, eta=eta, noise=z, clip_x0=clip_x0)
         if callback is not None:
             callback(i, t, x, x0)

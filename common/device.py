@@ -41,9 +41,14 @@ def lightning_precision(device_kind: str) -> str:
     return "bf16-mixed" if device_kind in ("gpu", "cuda") else "32-true"
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 matmuls and convolutions on CUDA on or off (cuDNN allows TF32 by default; off = exact fp32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def setup_cuda_fast_math() -> None:
     """TF32 matmuls/convs on Ampere and later: a free speed-up for training, where bit-exactness is not owed."""
     if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(True)
         torch.backends.cudnn.benchmark = True

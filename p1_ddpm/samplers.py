@@ -10,6 +10,7 @@ Guidance: eps = eps_uncond + w * (eps_cond - eps_uncond)   (w = 1: conditional o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -25,7 +26,6 @@ SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
 def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float,
                   autocast_ctx: Callable = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_fn(x, t) for the samplers: one forward of [cond; uncond] and the guidance combination."""
-    import contextlib
     ctx = autocast_ctx or contextlib.nullcontext
     null = model.cond.null_like(cond)
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from common.ddim import sample_ddim  # noqa: E402
-from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
+from common.device import autocast, autocast_dtype, pick_device, set_tf32  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_pngs, to_uint8  # noqa: E402
@@ -103,12 +103,6 @@ def load_noises(noise_dir: str | os.PathLike, only: list[str] | None = None) -> 
     return stems, torch.stack(tensors), [keys[s] for s in stems]
 
 
-def set_fp32_mode(tf32: bool) -> None:
-    """Exact fp32 matmuls and convolutions on CUDA unless TF32 is asked for (cuDNN allows TF32 by default)."""
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 def generate(model: FaceUNet, noises: torch.Tensor, indices: list[int], steps: int = DEFAULTS["steps"],
              eta: float = DEFAULTS["eta"], seed: int = DEFAULTS["seed"],
              timestep_offset: int = DEFAULTS["timestep_offset"], clip_x0: float | None = None,
@@ -175,7 +169,7 @@ def check_sampling_args(args) -> None:
 
 def setup(args) -> tuple[torch.device, torch.dtype | None]:
     device = pick_device(args.device)
-    set_fp32_mode(args.tf32)
+    set_tf32(args.tf32)
     return device, autocast_dtype(device, args.precision)
 
 

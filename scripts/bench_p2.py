@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from common.device import autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.images import to_uint8  # noqa: E402
-from p2_ddim.infer import generate, set_fp32_mode  # noqa: E402
+from common.device import set_tf32  # noqa: E402
+from p2_ddim.infer import generate  # noqa: E402
 from scripts.benchmarks import device_name, replace_section  # noqa: E402
 from p2_ddim.model import FaceUNet  # noqa: E402
 
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
         raise UserError("--count and --steps must be >= 1 and --size a positive multiple of 32")
     device = pick_device(args.device)
     args.device = str(device)
-    set_fp32_mode(args.tf32)
+    set_tf32(args.tf32)
     amp = autocast_dtype(device, args.precision)
     torch.manual_seed(args.seed)
     model = FaceUNet(args.base_channels).eval()  # PyTorch's default initialisation: random weights
