@@ -22,3 +22,6 @@ echo "P1 outputs: $OUT/p1/{mnistm,svhn}/ (500 PNGs each), figures in $OUT/p1_fig
 
 echo
 OUT="$OUT" bash scripts/demo_p2.sh
+
+echo
+OUT="$OUT" bash scripts/demo_p3.sh

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Generate images with Stable Diffusion v1.4 + a trained ControlNet, from control images and prompts.
+
+    python p3_controlnet/infer.py --prompts hw2_data/fill50k/testing/prompt.json \\
+        --source-dir hw2_data/fill50k/testing/source --out OUT --sd sd-v1-4.ckpt --controlnet runs/p3/controlnet
+
+For each line {"source", "target", "prompt"} of --prompts, writes OUT/<target> (RGB PNG, --size px) from
+the control image SOURCE_DIR/<source>. Defaults are the course's: DDIM 50 steps, eta 0, guidance 7.5,
+seed 42; line i starts from latent noise seeded with seed + i, so an image depends only on its line,
+never on --batch-size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLINE before diffusers loads)
+import torch  # noqa: E402
+
+from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import check_writable, ensure_dir  # noqa: E402
+from common.images import save_pngs, to_uint8  # noqa: E402
+from p3_controlnet.data import load_control, read_prompt_file  # noqa: E402
+from p3_controlnet.model import DEFAULT_CONTROLNET, ControlledUNet, check_compatible, generate, load_controlnet, use_sdpa  # noqa: E402
+
+DEFAULTS = dict(steps=50, guidance=7.5, eta=0.0, seed=42)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="prompt.json: one {source, target, prompt} JSON object a line")
+    p.add_argument("--source-dir", required=True, help="folder of the control images named by 'source'")
+    p.add_argument("--out", required=True, help="output folder; OUT/<target> is written for each line")
+    p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt (LDM keys) or a diffusers folder")
+    p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET),
+                   help="ControlNet folder written by train.py (OUT/controlnet); default checkpoints/controlnet")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"],
+                   help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
+    p.add_argument("--eta", type=float, default=DEFAULTS["eta"], help="DDIM eta (only 0, deterministic, is supported)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="line i uses seed + i")
+    p.add_argument("--control-scale", type=float, default=1.0, help="multiplier of the ControlNet residuals")
+    p.add_argument("--size", type=int, default=512, help="output side in pixels; control images are resized to it")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (the guided pass doubles it)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if args.eta != 0:
+        raise UserError(f"--eta {args.eta}: only eta 0 (deterministic DDIM, the course setting) is supported")
+    if args.size % 8:
+        raise UserError(f"--size must be a multiple of 8, got {args.size}")
+    t0 = time.time()
+    items = read_prompt_file(args.prompts)
+    names = [it["target"] for it in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{args.prompts}: target {dup[0]!r} appears more than once")
+    src_dir = Path(args.source_dir)
+    if not src_dir.is_dir():
+        raise UserError(f"{src_dir}: source folder not found")
+    for it in items:
+        if not (src_dir / it["source"]).is_file():
+            raise UserError(f"{src_dir / it['source']}: control image listed in {args.prompts} not found")
+    out = check_writable(args.out)
+    device = pick_device(args.device)
+    ac_dtype = autocast_dtype(device, args.precision)
+    weight_dtype = ac_dtype or torch.float32
+
+    controlnet = load_controlnet(args.controlnet, device, weight_dtype)  # first: its absence is the cheap error
+    sd = sdlib.load_sd(args.sd, device, weight_dtype)
+    check_compatible(controlnet, sd.unet, args.controlnet)
+    sd.freeze()
+    net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()
+    use_sdpa(net.unet, net.controlnet)
+    multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if args.size % multiple:
+        raise UserError(f"--size must be a multiple of {multiple} for this SD (64 for SD v1), got {args.size}")
+
+    with torch.no_grad():
+        sd.text_encoder.to(torch.float32)
+        prompts = sorted({it["prompt"] for it in items})
+        emb = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, prompts, device)
+        uncond1 = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""], device)
+    row = {p: k for k, p in enumerate(prompts)}
+    scheduler = sdlib.make_ddim_scheduler(sd.noise_scheduler)
+    ensure_dir(out)
+    done = 0
+    for start in range(0, len(items), args.batch_size):
+        batch = items[start:start + args.batch_size]
+        control = torch.stack([load_control(src_dir / it["source"], args.size) for it in batch]).to(device)
+        cond = emb[[row[it["prompt"]] for it in batch]]
+        uncond = uncond1.expand(len(batch), -1, -1)
+        images = generate(net, sd.vae, scheduler, cond, uncond, control, [args.seed + start + i for i in range(len(batch))],
+                          steps=args.steps, guidance=args.guidance, control_scale=args.control_scale,
+                          autocast_ctx=lambda: autocast(device, ac_dtype), progress=not args.quiet)
+        save_pngs(out, [it["target"] for it in batch], to_uint8(images))
+        done += len(batch)
+        if not args.quiet:
+            print(f"{done}/{len(items)} images", file=sys.stderr)
+    print(f"wrote {len(items)} images to {out} (DDIM {args.steps} steps, eta 0, guidance {args.guidance}, "
+          f"seed {args.seed}+line) in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

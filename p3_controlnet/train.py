@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Train a ControlNet on a frozen Stable Diffusion v1.4 with Fill50k-style data (course layout).
+
+    python p3_controlnet/make_fill50k.py --out data/fill50k --n 50000       # or the course's hw2_data/fill50k
+    python p3_controlnet/train.py --sd sd-v1-4.ckpt --data data/fill50k --out runs/p3 --max-steps 6000
+
+--sd is the single-file sd-v1-4.ckpt (LDM keys) or a diffusers folder; nothing is downloaded.
+Only the ControlNet (a copy of the UNet encoder with zero convolutions) is trained; SD is frozen.
+Writes to --out:
+  controlnet/            the ControlNet (diffusers folder) after every --sample-every steps: what infer.py /
+                         hw2_3.sh load (pass it as their CONTROLNET argument)
+  samples/step_XXXXXX.png  control | generated | target for the held-out validation items
+  last.ckpt              Lightning checkpoint (ControlNet + optimiser only, not SD) for --resume
+  logs/                  CSV of train and validation losses
+On CUDA: bf16 autocast with the trainable weights in fp32 (frozen SD stored in bf16), SDPA attention,
+gradient checkpointing, fused AdamW; --devices N runs DDP. Each distinct prompt's CLIP embedding is
+computed once at start-up (the text encoder is then dropped).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLINE before diffusers loads)
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+
+from common.device import setup_cuda_fast_math  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import check_writable, ensure_dir  # noqa: E402
+from common.images import save_grid, to_uint8  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, resolve_resume  # noqa: E402
+from common.seeding import seed_everything  # noqa: E402
+from p3_controlnet.data import Fill50kDataModule  # noqa: E402
+from p3_controlnet.model import ControlledUNet, build_controlnet, generate, save_controlnet, use_sdpa  # noqa: E402
+
+
+class ControlNetModule(pl.LightningModule):
+    """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns."""
+
+    def __init__(self, sd, prompts: list[str], empty_prompt_id: int, lr: float = 1e-5, weight_decay: float = 1e-2,
+                 proportion_empty_prompts: float = 0.0, gradient_checkpointing: bool = True,
+                 frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64):
+        super().__init__()
+        self.save_hyperparameters(ignore=["sd", "prompts", "frozen_dtype"])
+        sd.freeze()
+        self.vae, self.text_encoder, self.tokenizer = sd.vae, sd.text_encoder, sd.tokenizer
+        self.noise_scheduler = sd.noise_scheduler
+        self.vae_scale_factor = sd.vae_scale_factor
+        controlnet = build_controlnet(sd.unet, sd.vae_scale_factor)
+        self.net = ControlledUNet(sd.unet, controlnet)
+        use_sdpa(self.net.unet, self.net.controlnet)
+        for m in (sd.unet, sd.vae):  # the text encoder stays fp32: it runs once per prompt, then is dropped
+            sdlib.cast(m, frozen_dtype)
+        self.cache_dtype = frozen_dtype
+        if gradient_checkpointing:
+            # the frozen UNet too: gradients reach the ControlNet through its decoder
+            self.net.controlnet.enable_gradient_checkpointing()
+            self.net.unet.enable_gradient_checkpointing()
+        self.prompts = list(prompts)
+        self.text_cache: torch.Tensor | None = None  # (num_prompts, 77, D), filled at fit start
+        self.register_buffer("alphas_cumprod", sd.noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.strict_loading = False  # checkpoints hold the ControlNet only
+
+    # ---- text embeddings, once per distinct prompt
+    @torch.no_grad()
+    def cache_text_embeddings(self) -> None:
+        if self.text_cache is not None:
+            return
+        te = self.text_encoder.to(self.device)
+        out = []
+        for i in range(0, len(self.prompts), self.hparams.text_batch):
+            chunk = self.prompts[i:i + self.hparams.text_batch]
+            out.append(sdlib.encode_prompts(self.tokenizer, te, chunk, self.device).to(self.cache_dtype).cpu())
+        self.text_cache = torch.cat(out)
+        self.text_encoder = None  # not needed any more: frees its memory on the device
+
+    def on_fit_start(self) -> None:
+        self.cache_text_embeddings()
+
+    def context(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_cache[prompt_ids.cpu()].to(self.device, non_blocking=True)
+
+    # ---- loss
+    def diffusion_loss(self, batch, generator: torch.Generator | None = None, drop_prompts: bool = False) -> torch.Tensor:
+        control, target, pid = batch["control"], batch["target"], batch["prompt_id"]
+        b = target.shape[0]
+        with torch.no_grad():
+            latents = sdlib.encode_images(self.vae, target, generator=generator).float()
+        if drop_prompts and self.hparams.proportion_empty_prompts > 0:
+            drop = torch.rand(b, device=pid.device) < self.hparams.proportion_empty_prompts
+            pid = torch.where(drop, torch.full_like(pid, self.hparams.empty_prompt_id), pid)
+        context = self.context(pid)
+        t = torch.randint(0, len(self.alphas_cumprod), (b,), device=self.device, generator=generator)
+        noise = torch.randn(latents.shape, device=self.device, generator=generator)
+        ab = self.alphas_cumprod[t][:, None, None, None]
+        noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+        eps = self.net(noisy, t, context, control.to(self.net.controlnet.dtype))
+        return F.mse_loss(eps.float(), noise)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.diffusion_loss(batch, drop_prompts=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # the same latent sample, t and noise at every validation, so losses compare across steps
+        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator=g)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["target"]))
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.controlnet.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
+
+    # ---- checkpoints: the ControlNet and optimiser only (SD is reloaded from --sd)
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.controlnet.")}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        if not any(k.startswith("net.controlnet.") for k in checkpoint.get("state_dict", {})):
+            raise UserError("--resume: the checkpoint holds no ControlNet weights (not written by p3_controlnet/train.py?)")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.vae, self.net.unet, self.text_encoder):
+            if m is not None:
+                m.eval()  # frozen parts stay in eval mode (no dropout)
+        return self
+
+
+class ExportAndSample(Callback):
+    """Every `every` steps and at the end (rank 0): export the ControlNet; draw samples for the held-out items."""
+
+    def __init__(self, out: Path, val_set, every: int, steps: int = 20, guidance: float = 7.5, seed: int = 0,
+                 count: int = 4):
+        self.out, self.val_set, self.every, self.steps, self.guidance, self.seed = out, val_set, every, steps, guidance, seed
+        self.count = min(count, len(val_set))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step % self.every == 0 and step > 0 and getattr(self, "_last", None) != step:
+            self._last = step
+            self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_last", None) != trainer.global_step:
+            self.export(trainer, pl_module)
+
+    def export(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        save_controlnet(pl_module.net.controlnet, self.out / "controlnet")
+        if self.count == 0 or self.steps == 0:
+            return
+        items = [self.val_set[i] for i in range(self.count)]
+        dev = pl_module.device
+        control = torch.stack([it["control"] for it in items]).to(dev)
+        cond = pl_module.context(torch.tensor([it["prompt_id"] for it in items]))
+        uncond = pl_module.context(torch.full((self.count,), pl_module.hparams.empty_prompt_id))
+        ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else None
+        was_training = pl_module.net.controlnet.training
+        pl_module.net.controlnet.eval()
+        sched = sdlib.make_ddim_scheduler(pl_module.noise_scheduler)
+        imgs = generate(pl_module.net, pl_module.vae, sched, cond, uncond, control, [self.seed + i for i in range(self.count)],
+                        steps=self.steps, guidance=self.guidance, autocast_ctx=ac)
+        pl_module.net.controlnet.train(was_training)
+        target = torch.stack([it["target"] for it in items]).to(dev)
+        rows = torch.stack([control * 2 - 1, imgs.to(dev).float(), target], 1)
+        save_grid(self.out / "samples" / f"step_{trainer.global_step:06d}.png",
+                  to_uint8(rows.flatten(0, 1).float()), self.count, 3, col_labels=["control", "generated", "target"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt (LDM keys) or a diffusers folder")
+    p.add_argument("--data", required=True, help="fill50k root (holding training/) or a split folder with prompt.json")
+    p.add_argument("--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/)")
+    p.add_argument("--size", type=int, default=512, help="training resolution (images are resized to it)")
+    p.add_argument("--max-steps", type=int, default=6000, help="optimiser steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (--resume continues)")
+    p.add_argument("--batch-size", type=int, default=4, help="per device")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation (effective batch = batch x devices x this)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (ControlNet paper: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--proportion-empty-prompts", type=float, default=0.0,
+                   help="probability of training a sample with the empty prompt (the paper uses 0.5 to make the "
+                        "ControlNet read content from the control image; the Fill50k tutorial 0)")
+    p.add_argument("--val-count", type=int, default=8, help="training items held out for validation loss and samples")
+    p.add_argument("--sample-every", type=int, default=500, help="validate, export controlnet/ and draw samples every N steps")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample images (0: no images)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="write last.ckpt every N steps (default: --sample-every)")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
+    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP) or 'auto'")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
+                   help="auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a Lightning checkpoint (no value: <out>/last.ckpt)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
+    p.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    # the frozen SD is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.size % 64:
+        raise UserError(f"--size must be a multiple of 64 (SD's UNet down-samples latents 3 times), got {args.size}")
+    for name in ("batch_size", "accumulate", "max_steps", "sample_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = check_writable(args.out)
+    seed_everything(args.seed)
+    setup_cuda_fast_math()
+    resume = resolve_resume(args.resume, out)
+    accelerator = args.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = {"auto": "bf16-mixed" if accelerator == "gpu" else "32-true", "32": "32-true", "bf16": "bf16-mixed"}[args.precision]
+    frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+
+    data = Fill50kDataModule(args.data, args.size, args.batch_size, args.val_count, args.seed, args.num_workers, args.limit)
+    t0 = time.time()
+    sd = sdlib.load_sd(args.sd)
+    print(f"loaded SD from {args.sd} in {time.time() - t0:.1f} s; {len(data.train_set)} training items, "
+          f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
+    ensure_dir(out)
+    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, args.lr, args.weight_decay,
+                              args.proportion_empty_prompts, not args.no_gradient_checkpointing, frozen_dtype)
+    if args.compile:
+        module.net.controlnet.compile()
+        module.net.unet.compile()
+
+    every_ckpt = args.checkpoint_every or args.sample_every
+    ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
+                           every_n_train_steps=every_ckpt, auto_insert_metric_name=False)
+    devices = args.devices if args.devices == "auto" else int(args.devices)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, precision=precision,
+        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
+        accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0,
+        val_check_interval=args.sample_every * args.accumulate, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=min(25, args.sample_every),
+        callbacks=[ckpt, ExportAndSample(out, data.val_set, args.sample_every, args.sample_steps, seed=args.seed)],
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=not args.quiet,
+        default_root_dir=out,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.is_global_zero:
+        print(f"done at step {trainer.global_step}: ControlNet in {out / 'controlnet'} "
+              f"(use: bash hw2_3.sh PROMPT_JSON SOURCE_DIR OUT_DIR SD_CKPT {out / 'controlnet'})")
+
+
+if __name__ == "__main__":
+    main()

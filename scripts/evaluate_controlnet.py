@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Score ControlNet outputs (P3) against the targets and prompts, from locally given weights only.
+
+    python scripts/evaluate_controlnet.py --pred OUT --gt hw2_data/fill50k/testing/target \\
+        --prompts hw2_data/fill50k/testing/prompt.json --clip-weights ViT-B-32.pt \\
+        [--fid-weights pt_inception-2015-12-05-6726825d.pth] [--sam2-checkpoint sam2.1_hiera_small.pt --sam2-config ...]
+
+Metrics (each needs only what is named; a missing piece is reported by name and the others still run):
+  colour_iou   circle-mask IoU with the target, where a pixel belongs to the circle when its colour is
+               nearer the prompt's circle colour than its background colour (Fill50k prompts only; no
+               weights). A cheap stand-in for the course's segmentation overlap, not the course metric.
+  clip_score   mean CLIP cosine(image, prompt), also x100 clipped at 0 (torchmetrics' CLIPScore scale);
+               open_clip with --clip-arch and the local --clip-weights file.
+  fid          Frechet Inception Distance between --pred and --gt; InceptionV3 from torch-fidelity with
+               the local --fid-weights file (torch-fidelity's pt_inception-2015-12-05 weights).
+  sam2_iou_x_clip  the course's score as we read it: mean over images of IoU(SAM2 mask of the circle in
+               the generated image, SAM2 mask in the target) x CLIP cosine; needs the `sam2` package,
+               --sam2-checkpoint and --sam2-config. The point prompt is the target circle's centre.
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import os  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.datasets import load_image  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import write_text_atomic  # noqa: E402
+
+PROMPT_RE = re.compile(r"(.+) circle with (.+) background")
+FID_PIP = "torch-fidelity==0.4.0"
+
+
+def colour_masks(image: np.ndarray, circle_rgb, background_rgb) -> np.ndarray:
+    """(H,W) bool: pixels nearer the circle colour than the background colour."""
+    x = image.astype(np.float32)
+    dc = ((x - np.asarray(circle_rgb, np.float32)) ** 2).sum(-1)
+    db = ((x - np.asarray(background_rgb, np.float32)) ** 2).sum(-1)
+    return dc < db
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two (N, D) feature sets."""
+    from scipy import linalg
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the reference FID code does
+        eps = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def load_items(prompts: Path | None, pred: Path) -> list[dict]:
+    if prompts is not None:
+        from p3_controlnet.data import read_prompt_file
+        items = read_prompt_file(prompts)
+    else:
+        items = [{"target": p.name, "prompt": None} for p in sorted(pred.glob("*.png"))]
+    for it in items:
+        if not (pred / it["target"]).is_file():
+            raise UserError(f"{pred / it['target']}: generated image missing (listed in {prompts})")
+    if not items:
+        raise UserError(f"{pred}: no PNG images")
+    return items
+
+
+def clip_scores(model, preprocess, tokenizer, images: list[np.ndarray], prompts: list[str], device) -> np.ndarray:
+    from PIL import Image
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 32):
+            x = torch.stack([preprocess(Image.fromarray(im)) for im in images[i:i + 32]]).to(device)
+            t = tokenizer(prompts[i:i + 32]).to(device)
+            fi = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+            ft = torch.nn.functional.normalize(model.encode_text(t).float(), dim=-1)
+            out.append((fi * ft).sum(-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def load_open_clip(arch: str, weights: str, device):
+    import open_clip
+    if not Path(weights).is_file():
+        raise UserError(f"{weights}: --clip-weights file not found")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: does not fit open_clip {arch} ({str(e).splitlines()[0]}); set --clip-arch") from None
+    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
+
+
+def inception_features(images: list[np.ndarray], weights: str, device) -> np.ndarray:
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        raise UserError(f"FID needs torch-fidelity's InceptionV3: pip install {FID_PIP}") from None
+    if not Path(weights).is_file():
+        raise UserError(f"{weights}: --fid-weights file not found")
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device).eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(images), 32):
+            x = torch.from_numpy(np.stack(images[i:i + 32])).permute(0, 3, 1, 2).contiguous().to(device)  # uint8
+            feats.append(net(x)[0].reshape(len(x), -1).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def sam2_ious(pred_imgs, gt_imgs, centres, checkpoint: str, config: str, device) -> np.ndarray:
+    try:
+        from sam2.build_sam import build_sam2
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+    except ImportError:
+        raise UserError("the SAM2 score needs the `sam2` package (Meta's segment-anything-2) installed") from None
+    if not Path(checkpoint).is_file():
+        raise UserError(f"{checkpoint}: --sam2-checkpoint file not found")
+    predictor = SAM2ImagePredictor(build_sam2(config, checkpoint, device=str(device)))
+    out = []
+    for p, g, (cx, cy) in zip(pred_imgs, gt_imgs, centres):
+        masks = []
+        for im in (p, g):
+            predictor.set_image(im)
+            m, scores, _ = predictor.predict(point_coords=np.array([[cx, cy]]), point_labels=np.array([1]),
+                                             multimask_output=False)
+            masks.append(m[0] > 0)
+        out.append(iou(*masks))
+    return np.asarray(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", required=True, help="folder of generated images (OUT_DIR of hw2_3.sh)")
+    p.add_argument("--gt", default=None, help="folder of target images (fill50k/testing/target)")
+    p.add_argument("--prompts", default=None, help="prompt.json naming the images and their prompts")
+    p.add_argument("--clip-weights", default=None, help="local open_clip checkpoint file for the CLIP score")
+    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--fid-weights", default=None, help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--sam2-checkpoint", default=None, help="local SAM2 checkpoint (e.g. sam2.1_hiera_small.pt)")
+    p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_s.yaml", help="its sam2 config name")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p
+
+
+@cli_main
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    from common.device import pick_device
+    from p3_controlnet.make_fill50k import named_colours
+    device = pick_device(args.device)
+    pred = Path(args.pred)
+    if not pred.is_dir():
+        raise UserError(f"{pred}: --pred folder not found")
+    items = load_items(Path(args.prompts) if args.prompts else None, pred)
+    pred_imgs = [load_image(pred / it["target"]) for it in items]
+    gt_imgs = None
+    if args.gt:
+        gt = Path(args.gt)
+        if not gt.is_dir():
+            raise UserError(f"{gt}: --gt folder not found")
+        gt_imgs = [load_image(gt / it["target"], size=None) for it in items]
+        from PIL import Image
+        pred_imgs = [im if im.shape == g.shape else np.asarray(Image.fromarray(im).resize(g.shape[1::-1], Image.BICUBIC))
+                     for im, g in zip(pred_imgs, gt_imgs)]
+    results: dict = {"images": len(items)}
+    skipped: list[str] = []
+    prompts = [it.get("prompt") for it in items]
+
+    colours = dict(named_colours())
+    parsed = [PROMPT_RE.fullmatch(p) if p else None for p in prompts]
+    clip = None
+    if gt_imgs is not None and all(m and m.group(1) in colours and m.group(2) in colours for m in parsed):
+        ious, centres = [], []
+        for im, g, m in zip(pred_imgs, gt_imgs, parsed):
+            mg = colour_masks(g, colours[m.group(1)], colours[m.group(2)])
+            ious.append(iou(colour_masks(im, colours[m.group(1)], colours[m.group(2)]), mg))
+            ys, xs = np.nonzero(mg)
+            centres.append((float(xs.mean()), float(ys.mean())) if len(xs) else (g.shape[1] / 2, g.shape[0] / 2))
+        results["colour_iou"] = float(np.mean(ious))
+    else:
+        centres = None
+        skipped.append("colour_iou: needs --gt and --prompts with Fill50k prompts ('<colour> circle with <colour> background')")
+
+    if args.clip_weights and all(prompts):
+        model, preprocess, tokenizer = load_open_clip(args.clip_arch, args.clip_weights, device)
+        clip = clip_scores(model, preprocess, tokenizer, pred_imgs, prompts, device)
+        results["clip_cosine"] = float(clip.mean())
+        results["clip_score"] = float(100 * np.clip(clip, 0, None).mean())
+    else:
+        skipped.append("clip_score: needs --prompts and --clip-weights (a local open_clip checkpoint of --clip-arch)")
+
+    if gt_imgs is not None and args.fid_weights:
+        if len(items) < 2:
+            skipped.append("fid: needs at least 2 images")
+        else:
+            results["fid"] = frechet_distance(inception_features(pred_imgs, args.fid_weights, device),
+                                              inception_features(gt_imgs, args.fid_weights, device))
+    else:
+        skipped.append(f"fid: needs --gt and --fid-weights (torch-fidelity's InceptionV3 weights; pip install {FID_PIP})")
+
+    if args.sam2_checkpoint and clip is not None and centres is not None:
+        s = sam2_ious(pred_imgs, gt_imgs, centres, args.sam2_checkpoint, args.sam2_config, device)
+        results["sam2_iou"] = float(s.mean())
+        results["sam2_iou_x_clip"] = float((s * clip).mean())
+    else:
+        skipped.append("sam2_iou_x_clip: needs the `sam2` package, --sam2-checkpoint, --clip-weights, --gt and Fill50k --prompts")
+
+    for k, v in results.items():
+        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    for s in skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    results["skipped"] = skipped
+    if args.json:
+        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""P3: ControlNet on a frozen (tiny, random) Stable Diffusion; Fill50k generator; hw2_3.sh end to end; bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, SHARED, run_cli
+from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
+
+SIZE = TINY_IMAGE  # 64 px images, 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory):
+    from p3_controlnet.make_fill50k import main
+    out = tmp_path_factory.mktemp("fill50k")
+    main(["--out", str(out), "--n", "12", "--n-test", "3", "--size", str(SIZE), "--seed", "5"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_ckpt(tmp_path_factory):
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"), "ldm", seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fill, sd_ckpt):
+    """A 2-step training run (in process), its output folder."""
+    from p3_controlnet.train import main
+    out = tmp_path_factory.mktemp("run")
+    main(["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--size", str(SIZE), "--max-steps", "2",
+          "--batch-size", "2", "--sample-every", "2", "--sample-steps", "2", "--val-count", "2", "--num-workers", "0",
+          "--lr", "1e-3", "--proportion-empty-prompts", "0.5", "--quiet"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def test_controlnet_at_init_leaves_unet_output_unchanged():
+    from p3_controlnet.model import ControlledUNet, build_controlnet
+    sd = tiny_sd_components(seed=2)
+    net = ControlledUNet(sd.unet, build_controlnet(sd.unet, sd.vae_scale_factor)).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, SIZE // 8, SIZE // 8)
+    ctx = torch.randn(2, 77, sd.unet.config.cross_attention_dim)
+    control = torch.rand(2, 3, SIZE, SIZE)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        plain = sd.unet(x, t, encoder_hidden_states=ctx).sample
+        steered = net(x, t, ctx, control)
+        residuals = net.residuals(x, t, ctx, control)
+    assert torch.equal(plain, steered)
+    assert all(r.abs().max() == 0 for r in residuals["down_block_additional_residuals"])
+    # the copy is real: the ControlNet's encoder holds the UNet's weights
+    assert torch.equal(net.controlnet.conv_in.weight, sd.unet.conv_in.weight)
+    # and the residual path is live: non-zero zero-convs change the output
+    with torch.no_grad():
+        for p in net.controlnet.controlnet_down_blocks.parameters():
+            p.normal_(0, 0.1)
+        assert not torch.allclose(net(x, t, ctx, control), plain)
+
+
+def test_one_training_step_changes_controlnet_only(fill):
+    from p3_controlnet.data import Fill50kDataModule
+    from p3_controlnet.train import ControlNetModule
+    sd = tiny_sd_components(seed=2)
+    data = Fill50kDataModule(fill, SIZE, batch_size=4, val_count=2)
+    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, lr=1e-3, gradient_checkpointing=True)
+    module.cache_text_embeddings()
+    assert module.text_encoder is None and module.text_cache.shape[:2] == (len(data.prompts), 77)
+    frozen = {f"{n}.{k}": v.clone() for n, m in (("unet", module.net.unet), ("vae", module.vae))
+              for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in module.net.controlnet.state_dict().items()}
+    batch = next(iter(data.train_dataloader()))
+    opt = module.configure_optimizers()
+    module.train()
+    torch.manual_seed(0)
+    loss = module.diffusion_loss(batch, drop_prompts=True)
+    loss.backward()
+    assert all(p.grad is None for p in module.net.unet.parameters())
+    assert all(p.grad is None for p in module.vae.parameters())
+    opt.step()
+    after_frozen = {f"{n}.{k}": v for n, m in (("unet", module.net.unet), ("vae", module.vae)) for k, v in m.state_dict().items()}
+    assert all(torch.equal(frozen[k], after_frozen[k]) for k in frozen)
+    after = module.net.controlnet.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("controlnet_down_blocks") for k in changed)
+    assert any(k.startswith("controlnet_mid_block") for k in changed)
+    assert not module.net.unet.training and module.net.controlnet.training
+
+
+def test_fit_writes_controlnet_samples_and_resumes(trained, fill, sd_ckpt, capsys):
+    from p3_controlnet.model import load_controlnet
+    from p3_controlnet.train import main
+    first = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 2
+    assert all(k.startswith("net.controlnet.") for k in first["state_dict"])  # SD itself is not saved
+    assert (trained / "samples" / "step_000002.png").is_file()
+    net = load_controlnet(trained / "controlnet")
+    saved = {k: v for k, v in first["state_dict"].items()}
+    assert torch.equal(net.state_dict()["conv_in.weight"], saved["net.controlnet.conv_in.weight"])
+    assert net.controlnet_down_blocks[0].weight.abs().max() > 0  # trained away from zero
+    code, err = run_cli(main, ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(trained), "--size", str(SIZE),
+                               "--max-steps", "3", "--batch-size", "2", "--sample-every", "2", "--sample-steps", "0",
+                               "--val-count", "2", "--num-workers", "0", "--lr", "1e-3", "--resume", "--quiet"], capsys)
+    assert code == 0, err
+    second = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 3
+    w2 = second["state_dict"]["net.controlnet.controlnet_mid_block.weight"]
+    assert not torch.equal(w2, first["state_dict"]["net.controlnet.controlnet_mid_block.weight"])
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+def _read(path):
+    with Image.open(path) as im:
+        return im.mode, im.size, np.asarray(im.convert("RGB"))
+
+
+def test_hw2_3_end_to_end(trained, fill, sd_ckpt, tmp_path, capsys):
+    prompts = fill / "testing" / "prompt.json"
+    lines = [json.loads(line) for line in prompts.read_text().splitlines()]
+    # targets in the course file are "<i>.png"; rename them here so a mix-up with the source names shows
+    renamed = tmp_path / "prompt.json"
+    renamed.write_text("".join(json.dumps({**d, "target": f"out_{d['target']}"}) + "\n" for d in lines))
+    out = tmp_path / "gen"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "hw2_3.sh"), str(renamed), str(fill / "testing" / "source"), str(out),
+                        str(sd_ckpt), str(trained / "controlnet"), "--size", str(SIZE), "--steps", "2",
+                        "--batch-size", "2", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = sorted(os.listdir(out))
+    assert files == sorted(f"out_{d['target']}" for d in lines)
+    images = {}
+    for f in files:
+        mode, size, arr = _read(out / f)
+        assert mode == "RGB" and size == (SIZE, SIZE)
+        images[f] = arr
+    assert not np.array_equal(images[files[0]], images[files[1]])  # seed + line index: different noise
+    # the same images whatever the batch size (line i always starts from seed 42 + i)
+    from p3_controlnet.infer import main
+    out1 = tmp_path / "gen_b1"
+    code, err = run_cli(main, ["--prompts", str(renamed), "--source-dir", str(fill / "testing" / "source"),
+                               "--out", str(out1), "--sd", str(sd_ckpt), "--controlnet", str(trained / "controlnet"),
+                               "--size", str(SIZE), "--steps", "2", "--batch-size", "1", "--quiet"], capsys)
+    assert code == 0, err
+    for f in files:
+        diff = np.abs(_read(out1 / f)[2].astype(int) - images[f].astype(int)).max()
+        assert diff <= 1, f
+
+
+def test_default_controlnet_missing_says_how_to_get_one(monkeypatch, tmp_path, fill, sd_ckpt, capsys):
+    import p3_controlnet.infer as infer
+    import p3_controlnet.model as model
+    monkeypatch.setattr(model, "DEFAULT_CONTROLNET", tmp_path / "checkpoints" / "controlnet")
+    monkeypatch.setattr(infer, "DEFAULT_CONTROLNET", tmp_path / "checkpoints" / "controlnet")
+    out = tmp_path / "gen"
+    code, err = run_cli(infer.main, ["--prompts", str(fill / "testing" / "prompt.json"), "--source-dir",
+                                     str(fill / "testing" / "source"), "--out", str(out), "--sd", str(sd_ckpt)], capsys)
+    assert code == 2
+    assert "no trained ControlNet" in err and "p3_controlnet/train.py" in err and "5th argument" in err
+    assert not out.exists()
+
+
+def test_report_two_circles(trained, sd_ckpt, tmp_path, capsys):
+    from p3_controlnet.report import PROMPTS, main
+    out = tmp_path / "report.png"
+    code, err = run_cli(main, ["--sd", str(sd_ckpt), "--controlnet", str(trained / "controlnet"), "--out", str(out),
+                               "--size", str(SIZE), "--steps", "2"], capsys)
+    assert code == 0, err
+    assert len(PROMPTS) == 2 and "red circle and a blue circle" in PROMPTS[0]
+    with Image.open(out) as im:
+        assert im.width > 3 * SIZE  # control + two generated
+    control = np.asarray(Image.open(tmp_path / "report_control.png").convert("L"))
+    assert control.shape == (SIZE, SIZE) and (control > 128).sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+def test_fill50k_generator_layout_and_colours(fill):
+    from p3_controlnet.make_fill50k import named_colours
+    rgb = dict(named_colours())
+    for split, n in (("training", 12), ("testing", 3)):
+        root = fill / split
+        lines = [json.loads(line) for line in (root / "prompt.json").read_text().splitlines()]
+        assert len(lines) == n and sorted(os.listdir(root / "source")) == sorted(d["source"] for d in lines)
+        for d in lines:
+            circle, background = re.fullmatch(r"(.+) circle with (.+) background", d["prompt"]).groups()
+            src = np.asarray(Image.open(root / "source" / d["source"]))
+            tgt = np.asarray(Image.open(root / "target" / d["target"]))
+            assert src.shape == tgt.shape == (SIZE, SIZE, 3)
+            assert tuple(tgt[0, 0]) == rgb[background] and tuple(tgt[-1, -1]) == rgb[background]
+            # the outline is white on black and encloses pixels of the circle colour
+            outline = (src == 255).all(-1)
+            assert outline.any() and ((src == 0).all(-1) | outline).mean() > 0.9
+            ys, xs = np.nonzero(outline)
+            cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+            assert tuple(tgt[cy, cx]) == rgb[circle]
+    training = (fill / "training" / "prompt.json").read_text()
+    assert training != (fill / "testing" / "prompt.json").read_text()
+
+
+def test_generator_is_deterministic_and_names_match_course_prompts(tmp_path):
+    from p3_controlnet.make_fill50k import main, named_colours, split_colour_name
+    for k in (1, 2):
+        main(["--out", str(tmp_path / f"d{k}"), "--n", "3", "--size", "32", "--seed", "9"])
+    a, b = tmp_path / "d1" / "training", tmp_path / "d2" / "training"
+    assert (a / "prompt.json").read_bytes() == (b / "prompt.json").read_bytes()
+    assert (a / "target" / "2.png").read_bytes() == (b / "target" / "2.png").read_bytes()
+    assert split_colour_name("lightgoldenrodyellow") == "light golden rod yellow"
+    assert split_colour_name("mediumaquamarine") == "medium aquamarine"
+    course = SHARED / "dlcv" / "fill50k_testing_prompt.json"
+    if course.is_file():  # every colour of the course's test prompts is one the generator can draw
+        names = {n for n, _ in named_colours()}
+        for line in course.read_text().splitlines():
+            circle, background = re.fullmatch(r"(.+) circle with (.+) background", json.loads(line)["prompt"]).groups()
+            assert circle in names and background in names
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs(tmp_path, fill, sd_ckpt, trained, capsys):
+    from p3_controlnet.infer import main as infer
+    from p3_controlnet.make_fill50k import main as make
+    from p3_controlnet.train import main as train
+    src = str(fill / "testing" / "source")
+    base = ["--source-dir", src, "--sd", str(sd_ckpt), "--controlnet", str(trained / "controlnet"), "--size", str(SIZE)]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"source": "0.png", "target": "0.png", "prompt": "red circle with blue background"}\nnot json\n')
+    code, err = run_cli(infer, ["--prompts", str(bad), "--out", str(tmp_path / "o1")] + base, capsys)
+    assert code == 2 and "bad.json:2: not a JSON object" in err
+
+    missing = tmp_path / "missing.json"
+    missing.write_text('{"source": "nope.png", "target": "x.png", "prompt": "p"}\n')
+    code, err = run_cli(infer, ["--prompts", str(missing), "--out", str(tmp_path / "o2")] + base, capsys)
+    assert code == 2 and "nope.png: control image listed in" in err and not (tmp_path / "o2").exists()
+
+    escape = tmp_path / "escape.json"
+    escape.write_text('{"source": "0.png", "target": "../evil.png", "prompt": "p"}\n')
+    code, err = run_cli(infer, ["--prompts", str(escape), "--out", str(tmp_path / "o3")] + base, capsys)
+    assert code == 2 and "must be a file name inside the folder" in err
+
+    code, err = run_cli(infer, ["--prompts", str(fill / "testing" / "prompt.json"), "--out", str(tmp_path / "o4"),
+                                "--source-dir", src, "--sd", str(tmp_path / "sd-v1-4.ckpt"),
+                                "--controlnet", str(trained / "controlnet")], capsys)
+    assert code == 2 and "sd-v1-4.ckpt: not found. --sd takes" in err
+
+    code, err = run_cli(infer, ["--prompts", str(fill / "testing" / "prompt.json"), "--out", str(tmp_path / "o5"),
+                                "--controlnet", str(tmp_path)] + base[:4], capsys)
+    assert code == 2 and "not a ControlNet folder" in err
+
+    run = ["--sd", str(sd_ckpt), "--out", str(tmp_path / "run"), "--size", str(SIZE)]
+    code, err = run_cli(train, ["--data", str(tmp_path / "nowhere")] + run, capsys)
+    assert code == 2 and "nowhere: data folder not found" in err
+    code, err = run_cli(train, ["--data", str(fill), "--proportion-empty-prompts", "1.5"] + run, capsys)
+    assert code == 2 and "--proportion-empty-prompts" in err
+    code, err = run_cli(train, ["--data", str(fill), "--size", "100"] + run[:-2], capsys)
+    assert code == 2 and "multiple of 64" in err
+    assert not (tmp_path / "run").exists()
+
+    code, err = run_cli(make, ["--out", str(tmp_path / "f"), "--n", "2", "--size", "30"], capsys)
+    assert code == 2 and "--size" in err
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def test_evaluate_controlnet_colour_iou_fid_math_and_missing_weights(fill, tmp_path, capsys):
+    from scripts.evaluate_controlnet import frechet_distance, main
+    testing = fill / "testing"
+    code, err = run_cli(main, ["--pred", str(testing / "target"), "--gt", str(testing / "target"),
+                               "--prompts", str(testing / "prompt.json"), "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["colour_iou"] == 1.0 and res["images"] == 3
+    assert "clip_weights" not in res and any("--clip-weights" in s for s in res["skipped"])
+    assert "--fid-weights" in err and "sam2" in err
+    # the control images as "predictions": no circle colour anywhere near the target's
+    code, err = run_cli(main, ["--pred", str(testing / "source"), "--gt", str(testing / "target"),
+                               "--prompts", str(testing / "prompt.json"), "--json", str(tmp_path / "r2.json")], capsys)
+    assert json.loads((tmp_path / "r2.json").read_text())["colour_iou"] < 0.9
+    code, err = run_cli(main, ["--pred", str(testing / "target"), "--prompts", str(testing / "prompt.json"),
+                               "--clip-weights", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and "nope.pt: --clip-weights file not found" in err
+    # Frechet distance of two Gaussians: ||mu1-mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)); here S = I and 4I
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 3))
+    b = 2 * rng.standard_normal((20000, 3)) + 1
+    assert abs(frechet_distance(a, b) - (3 * 1 + 3 * (1 + 4 - 2 * 2))) < 0.15
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_bf16_step_keeps_trainable_weights_fp32(fill):
+    """The CUDA recipe (frozen SD in bf16, ControlNet in fp32, bf16 autocast), run on the CPU."""
+    from p3_controlnet.data import Fill50kDataModule
+    from p3_controlnet.train import ControlNetModule
+    sd = tiny_sd_components(seed=2)
+    data = Fill50kDataModule(fill, SIZE, batch_size=2, val_count=2)
+    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, lr=1e-3, frozen_dtype=torch.bfloat16)
+    module.cache_text_embeddings()
+    assert module.net.unet.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16
+    assert module.text_cache.dtype == torch.bfloat16
+    opt = module.configure_optimizers()
+    before = module.net.controlnet.controlnet_mid_block.weight.clone()
+    module.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.diffusion_loss(next(iter(data.train_dataloader())))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in module.net.controlnet.parameters())
+    assert module.net.controlnet.controlnet_mid_block.weight.grad.dtype == torch.float32
+    assert not torch.equal(before, module.net.controlnet.controlnet_mid_block.weight)

@@ -1,0 +1,135 @@
+"""common.stable_diffusion: the CLIP tokenizer from open_clip's BPE, both checkpoint formats, offline, bad paths."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from common.errors import UserError
+from common.stable_diffusion import (build_clip_tokenizer, encode_prompts, initial_latents, load_sd,
+                                     make_ddim_scheduler, sample_latents)
+from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    comps = tiny_sd_components(seed=3)
+    root = tmp_path_factory.mktemp("tiny_sd")
+    paths = {fmt: write_tiny_sd(root / fmt, fmt, comps=comps) for fmt in ("diffusers", "ldm", "ldm-safetensors")}
+    return comps, paths
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def test_tokenizer_matches_clip_ids(no_network):
+    tok = build_clip_tokenizer()
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    padded = tok(["red circle with blue background"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert padded.shape == (1, 77) and padded[0, 0] == 49406 and (padded[0, -5:] == 49407).all()
+    # the same ids as open_clip's own tokenizer on the BPE it ships (open_clip pads with 0 instead of eos)
+    import open_clip
+    text = "Light golden-rod YELLOW circle, with coral background!"
+    ref = [int(i) for i in open_clip.tokenize([text])[0] if i != 0]
+    assert tok(text).input_ids == ref
+
+
+def _outputs(comps):
+    torch.manual_seed(0)
+    ids_prompt = ["a photo of a cat", "blue circle with red background"]
+    with torch.no_grad():
+        ctx = encode_prompts(comps.tokenizer, comps.text_encoder, ids_prompt, "cpu")
+        x = torch.randn(2, 4, TINY_IMAGE // 8, TINY_IMAGE // 8)
+        eps = comps.unet(x, torch.tensor([10, 900]), encoder_hidden_states=ctx).sample
+        img = comps.vae.decode(x).sample
+        z = comps.vae.encode(img).latent_dist.mean
+    return ctx, eps, img, z
+
+
+@pytest.mark.parametrize("fmt", ["ldm", "ldm-safetensors"])
+def test_single_file_ldm_matches_diffusers_folder(tiny, fmt, no_network):
+    comps, paths = tiny
+    if fmt == "ldm":  # like sd-v1-4.ckpt, the pickle holds a class torch's weights-only unpickler refuses
+        import pickle
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(paths[fmt], weights_only=True)
+    from_folder = load_sd(paths["diffusers"])
+    from_file = load_sd(paths[fmt])
+    assert from_file.unet.config.block_out_channels == list(comps.unet.config.block_out_channels)
+    assert from_file.unet.config.down_block_types == list(comps.unet.config.down_block_types)
+    assert from_file.vae.config.block_out_channels == list(comps.vae.config.block_out_channels)
+    assert from_file.text_encoder.config.hidden_size == comps.text_encoder.config.hidden_size
+    ref = _outputs(comps)
+    for loaded in (from_folder, from_file):
+        for a, b in zip(_outputs(loaded), ref):
+            assert torch.equal(a, b)
+    # and the weights really matter: a different tiny SD gives different outputs
+    other = _outputs(tiny_sd_components(seed=4))
+    assert not torch.allclose(other[1], ref[1])
+
+
+def test_loaded_schedulers_are_sd_v1(tiny):
+    comps, paths = tiny
+    sd = load_sd(paths["ldm"])
+    cfg = sd.noise_scheduler.config
+    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type) == \
+        (1000, "scaled_linear", 0.00085, 0.012, "epsilon")
+    ddim = make_ddim_scheduler(sd.noise_scheduler)
+    ddim.set_timesteps(50)
+    assert ddim.timesteps[0] == 981 and ddim.timesteps[-1] == 1  # LDM's uniform DDIM grid with offset 1
+    assert ddim.config.set_alpha_to_one is False
+
+
+def test_load_sd_dtype_and_sampling_is_batch_invariant(tiny):
+    comps, paths = tiny
+    sd = load_sd(paths["diffusers"], dtype=torch.bfloat16)
+    assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16
+    sd = load_sd(paths["diffusers"])
+    with torch.no_grad():
+        cond = encode_prompts(sd.tokenizer, sd.text_encoder, ["a", "b", "c"], "cpu")
+        uncond = encode_prompts(sd.tokenizer, sd.text_encoder, [""] * 3, "cpu")
+    lat = initial_latents([42, 43, 44], (4, 8, 8), "cpu")
+    sched = make_ddim_scheduler(sd.noise_scheduler)
+    whole = sample_latents(sd.unet, sched, lat, cond, uncond, steps=3, guidance=7.5)
+    one = sample_latents(sd.unet, sched, lat[1:2], cond[1:2], uncond[1:2], steps=3, guidance=7.5)
+    assert torch.allclose(whole[1:2], one, atol=1e-5)
+    assert torch.equal(initial_latents([43], (4, 8, 8), "cpu")[0], lat[1])
+
+
+def test_bad_paths(tmp_path, tiny):
+    with pytest.raises(UserError, match="not found.*--sd"):
+        load_sd(tmp_path / "missing.ckpt")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match="not a diffusers Stable Diffusion folder"):
+        load_sd(tmp_path / "empty_dir")
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="garbage.ckpt: not a readable checkpoint"):
+        load_sd(bad)
+    with pytest.raises(UserError, match="unrecognised file type"):
+        load_sd(_touch(tmp_path / "sd.txt"))
+    from safetensors.torch import save_file
+    other = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(UserError, match="not an SD v1.x LDM checkpoint: no UNet"):
+        load_sd(other)
+    # a checkpoint cut short (interrupted download)
+    data = tiny[1]["ldm-safetensors"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.safetensors: not a readable checkpoint"):
+        load_sd(cut)
+
+
+def _touch(p):
+    p.write_text("x")
+    return p
