@@ -25,3 +25,6 @@ OUT="$OUT" bash scripts/demo_p2.sh
 
 echo
 OUT="$OUT" bash scripts/demo_p3.sh
+
+echo
+OUT="$OUT" bash scripts/demo_p5.sh

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Course entry point, textual inversion: bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]
+# Writes OUT_DIR/<concept>/<prompt index>/source<concept>_prompt<prompt index>_<k>.png, 25 images per prompt
+# of INPUT_JSON, with Stable Diffusion v1.4 from SD_CKPT (sd-v1-4.ckpt, a .safetensors or a diffusers folder)
+# and the tokens learned by p5_personalization/train_ti.py, read from EMBEDDINGS_DIR (its --out folder;
+# default checkpoints/textual_inversion). Extra flags go to p5_personalization/infer_ti.py (see its --help).
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]" >&2
+  exit 2
+fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="$(bash "$HERE/scripts/find_python.sh")"
+JSON="$1"; OUT="$2"; SD="$3"; shift 3
+EMB="$HERE/checkpoints/textual_inversion"
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then EMB="$1"; shift; fi
+exec "$PY" "$HERE/p5_personalization/infer_ti.py" --json "$JSON" --out "$OUT" --sd "$SD" --embeddings "$EMB" "$@"

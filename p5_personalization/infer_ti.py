@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Generate the course's textual-inversion images: 25 per prompt of input.json, with the learned tokens.
+
+    python p5_personalization/infer_ti.py --json hw2_data/textual_inversion/input.json --out OUT \\
+        --sd sd-v1-4.ckpt --embeddings checkpoints/textual_inversion
+    bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR]          # the same, as the course runs it
+
+Writes OUT/<concept>/<prompt index>/source<concept>_prompt<prompt index>_<k>.png, k = 0..24 (512x512).
+Every <token> that a prompt or token_name mentions is loaded from EMBEDDINGS_DIR/<token name>.safetensors
+(what train_ti.py --out writes: '<new1>' -> new1.safetensors), so prompts holding several learned tokens
+work. If EMBEDDINGS_DIR also holds cross_attn_kv.safetensors (train_ti.py --method joint-kv), the UNet's
+cross-attention keys/values are replaced by the jointly fine-tuned ones (--no-kv: do not).
+Sampling: DDIM (LDM's grid), 50 steps, classifier-free guidance 7.5 against the empty prompt, eta 0;
+image k of prompt p starts from noise seeded by (--seed, concept, p, k) only, so an image does not
+depend on --batch-size or on the other prompts. bf16 on CUDA, exact fp32 on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common.stable_diffusion as sdlib  # noqa: E402  (sets the offline environment first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common.device import autocast, autocast_dtype, pick_device, setup_cuda_fast_math  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from common.fileio import check_writable  # noqa: E402
+from common.images import save_pngs, to_uint8  # noqa: E402
+from common.seeding import sample_seed  # noqa: E402
+from p5_personalization.concepts import read_input_json, token_file_stem  # noqa: E402
+from p5_personalization.textual_inversion import KV_FILE, add_tokens, expand_prompt, load_embedding, load_kv  # noqa: E402
+
+DEFAULT_EMBEDDINGS = REPO / "checkpoints" / "textual_inversion"
+IMAGES_PER_PROMPT = 25
+
+
+def how_to_train(emb_dir: Path, token: str = "<new1>") -> str:
+    return (f"train it first: python p5_personalization/train_ti.py --sd SD_CKPT --images <the concept's photos> "
+            f"--token '{token}' --init-word <a word for it> --out {emb_dir}")
+
+
+def find_embeddings(emb_dir: Path, tokens: list[str]) -> dict[str, Path]:
+    if not emb_dir.is_dir():
+        raise UserError(f"{emb_dir}: learned-embeddings folder not found; {how_to_train(emb_dir, tokens[0])} "
+                        f"(once per token_name), or pass the folder as EMBEDDINGS_DIR")
+    files = {}
+    for t in tokens:
+        f = emb_dir / f"{token_file_stem(t)}.safetensors"
+        if not f.is_file():
+            raise UserError(f"{f}: no learned embedding for {t}; {how_to_train(emb_dir, t)}")
+        files[t] = f
+    return files
+
+
+def image_seed(seed: int, case_index: int, prompt_index: int, k: int) -> int:
+    return sample_seed(seed, (case_index * 1000 + prompt_index) * 1000 + k)
+
+
+@torch.no_grad()
+def generate(sd, text: str, seeds: list[int], resolution: int = 512, steps: int = 50, guidance: float = 7.5,
+             negative: str = "", batch_size: int = 25, amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """(len(seeds), H, W, 3) uint8 images of one (already expanded) prompt; image i starts from noise seeded
+    by seeds[i] only."""
+    device = sd.unet.device
+    f = sd.vae_scale_factor
+    shape = (sd.unet.config.in_channels, resolution // f, resolution // f)
+    sched = sdlib.make_ddim_scheduler(sd.noise_scheduler)
+    cond1 = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [text], device).to(sd.unet.dtype)
+    uncond1 = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [negative], device).to(sd.unet.dtype)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        lat = sdlib.initial_latents(chunk, shape, device, sd.unet.dtype)
+        with autocast(device, amp_dtype):
+            lat = sdlib.sample_latents(sd.unet, sched, lat, cond1.expand(len(chunk), -1, -1),
+                                       uncond1.expand(len(chunk), -1, -1), steps=steps, guidance=guidance)
+            out.append(to_uint8(sdlib.decode_latents(sd.vae, lat)))
+    return np.concatenate(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=True, help="input.json: {\"0\": {\"src_image\", \"token_name\", \"prompt\": [...]}, ...}")
+    p.add_argument("--out", required=True, help="output folder (OUT/<concept>/<prompt index>/*.png)")
+    p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder")
+    p.add_argument("--embeddings", default=str(DEFAULT_EMBEDDINGS),
+                   help="folder of learned embeddings written by train_ti.py --out (default: checkpoints/textual_inversion)")
+    p.add_argument("--no-kv", action="store_true", help=f"ignore {KV_FILE} in the embeddings folder")
+    p.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance")
+    p.add_argument("--resolution", type=int, default=512, help="image side (a multiple of 8)")
+    p.add_argument("--batch-size", type=int, default=25, help="images per UNet batch (x2 with guidance)")
+    p.add_argument("--only", nargs="+", default=None, help="generate only these concepts (keys of input.json)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 UNet/VAE on CUDA, fp32 elsewhere")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+@cli_main
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.images_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("--images-per-prompt, --steps and --batch-size must be >= 1")
+    if args.resolution < 8 or args.resolution % 8:
+        raise UserError("--resolution must be a positive multiple of 8")
+    cases = read_input_json(args.json)
+    if args.only:
+        unknown = sorted(set(args.only) - {c.key for c in cases})
+        if unknown:
+            raise UserError(f"--only {unknown[0]}: not a key of {args.json}")
+    tokens = []
+    for c in cases:
+        if args.only and c.key not in args.only:
+            continue
+        tokens += [t for t in c.prompt_tokens() if t not in tokens]
+    emb_dir = Path(args.embeddings)
+    files = find_embeddings(emb_dir, tokens)
+    learned = dict(load_embedding(f, t) for t, f in files.items())
+    out = check_writable(args.out)
+    device = pick_device(args.device)
+    setup_cuda_fast_math()
+    amp = autocast_dtype(device, args.precision)
+
+    sd = sdlib.load_sd(args.sd).freeze()
+    add_tokens(sd.tokenizer, sd.text_encoder, learned)
+    kv_note = ""
+    if (emb_dir / KV_FILE).is_file() and not args.no_kv:
+        n = load_kv(emb_dir / KV_FILE, sd.unet)
+        kv_note = f", joint cross-attention K/V ({n} tensors) from {emb_dir / KV_FILE}"
+    if amp is not None:
+        sd.unet.to(amp)
+        sd.vae.to(amp)
+    sd.to(device)
+    if device.type == "cuda":
+        sd.unet.to(memory_format=torch.channels_last)
+    num_vectors = {t: len(v) for t, v in learned.items()}
+    print(f"{len(tokens)} learned token(s) {', '.join(f'{t} ({num_vectors[t]} vectors)' for t in tokens)} "
+          f"from {emb_dir}{kv_note}", flush=True)
+
+    jobs = [(ci, c, p) for ci, c in enumerate(cases) if not args.only or c.key in args.only
+            for p in range(len(c.prompts))]
+    written = 0
+    t0 = time.perf_counter()
+    n = args.images_per_prompt
+    for ci, case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
+        images = generate(sd, expand_prompt(case.prompts[p], num_vectors), [image_seed(args.seed, ci, p, k) for k in range(n)],
+                          args.resolution, args.steps, args.guidance, args.negative_prompt, args.batch_size, amp)
+        names = [f"source{case.key}_prompt{p}_{k}.png" for k in range(n)]
+        folder = out / case.key / str(p)
+        save_pngs(folder, names, images)
+        # a previous run with more images per prompt must not leave extra files behind
+        for stale in set(folder.glob(f"source{case.key}_prompt{p}_*.png")) - {folder / name for name in names}:
+            stale.unlink()
+        written += n
+    secs = time.perf_counter() - t0
+    print(f"wrote {written} images ({len(jobs)} prompts x {args.images_per_prompt}) to {out} in {secs:.1f} s "
+          f"({secs / max(1, len(jobs)):.1f} s per prompt)")
+    return {"images": written, "prompts": len(jobs), "seconds": secs}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""P5 textual inversion on tiny random SD components: what learns, the file format, generation and hw2_ti.sh."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, run_cli, shared_data
+from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
+
+RES = str(TINY_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    root = shared_data() / "dreambooth"
+    return {"dog": root / "dog", "cat": root / "cat"}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    comps = tiny_sd_components(seed=0)
+    return {"diffusers": write_tiny_sd(root / "diffusers", "diffusers", comps=comps),
+            "ldm": write_tiny_sd(root / "ldm", "ldm", comps=comps)}
+
+
+def train_args(sd, out, photos_dir, token="<new1>", word="dog", *extra):
+    return ["--sd", str(sd), "--images", str(photos_dir), "--token", token, "--init-word", word, "--out", str(out),
+            "--resolution", RES, "--batch-size", "2", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd, photos, tmp_path_factory):
+    """<new1> (2 vectors, object) and <new2> (style) trained for 2 steps each into one folder."""
+    from p5_personalization import train_ti
+    out = tmp_path_factory.mktemp("emb")
+    r1 = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--vectors", "2",
+                                  "--steps", "2", "--sample-every", "2", "--sample-steps", "2"))
+    r2 = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["cat"], "<new2>", "painting", "--property",
+                                  "style", "--steps", "2"))
+    return out, r1, r2
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    """Every tensor of the frozen SD, plus the full token table as the text encoder sees it."""
+    sd = module.sd
+    out = {}
+    for name, m in (("unet", sd.unet), ("vae", sd.vae), ("te", sd.text_encoder)):
+        for k, v in m.state_dict().items():
+            if not k.endswith("token_embedding.new"):  # the trained vectors: compared through the table
+                out[f"{name}.{k}"] = v.detach().clone()
+    out["table"] = sd.text_encoder.get_input_embeddings().weight.detach().clone()
+    return out
+
+
+def one_step(module, photos_dir, seed=0):
+    from p5_personalization.train_ti import ConceptImages
+    ds = ConceptImages(module.hparams.concepts, TINY_IMAGE, seed=seed)
+    batch = [ds[i] for i in range(2)]
+    pixels = torch.stack([b["pixel_values"] for b in batch])
+    opt = module.configure_optimizers()["optimizer"]
+    loss = module.diffusion_loss(pixels, [b["prompt"] for b in batch], generator=torch.Generator().manual_seed(seed))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("method", ["ti", "joint-kv"])
+def test_a_step_changes_only_what_is_trained(photos, method):
+    from p5_personalization.train_ti import TextualInversionModule
+    concepts = [{"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 2},
+                {"images": str(photos["cat"]), "token": "<new2>", "init_word": "painting", "property": "style", "vectors": 1}]
+    module = TextualInversionModule("unused", concepts, method, lr=1e-2, kv_lr=1e-2, components=tiny_sd_components())
+    vocab = 49408
+    assert module.token_ids == {"<new1>": [vocab, vocab + 1], "<new2>": [vocab + 2]}
+    before = snapshot(module)
+    one_step(module, photos["dog"])
+    after = snapshot(module)
+    table_b, table_a = before.pop("table"), after.pop("table")
+    assert torch.equal(table_a[:vocab], table_b[:vocab])              # every original row bit-identical
+    assert (table_a[vocab:] != table_b[vocab:]).any(dim=1).all()      # each new vector moved
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    if method == "ti":
+        assert changed == []
+    else:
+        assert changed and all(k.startswith("unet.") and (".attn2.to_k." in k or ".attn2.to_v." in k) for k in changed)
+        assert len(changed) == len(module.kv) > 0
+    trained = {id(p) for p in module.parameters()}
+    frozen = [n for n, p in module.sd.unet.named_parameters() if p.requires_grad and id(p) not in trained]
+    assert frozen == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(photos):
+    from p5_personalization.train_ti import TextualInversionModule
+    concepts = [{"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 1}]
+    grads = []
+    for ckpt in (False, True):
+        module = TextualInversionModule("unused", concepts, "ti", gradient_checkpointing=ckpt,
+                                        components=tiny_sd_components())
+        from p5_personalization.train_ti import ConceptImages
+        b = ConceptImages(concepts, TINY_IMAGE)[0]
+        loss = module.diffusion_loss(b["pixel_values"][None], [b["prompt"]], generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        assert module.sd.unet.down_blocks[0].gradient_checkpointing is ckpt
+        assert all(layer.gradient_checkpointing is ckpt for layer in module.sd.text_encoder.encoder.layers)
+        grads.append((loss.detach(), module.token_vectors.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-8)
+    assert grads[0][1].abs().sum() > 0
+
+
+def test_saved_embeddings_round_trip_and_load_into_diffusers(trained, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    import common.stable_diffusion as sdlib
+    from p5_personalization.textual_inversion import add_tokens, expand_prompt, load_embedding
+    out, r1, _ = trained
+    token, vec = load_embedding(out / "new1.safetensors")
+    assert token == "<new1>" and vec.shape == (2, 64)
+    assert torch.equal(vec, r1["module"].learned()["<new1>"])
+    with Image.open(out / "runs" / "new1" / "samples" / "step_000002.png") as grid:   # --sample-every 2
+        assert grid.width > TINY_IMAGE and grid.height >= TINY_IMAGE
+    meta = json.loads((out / "new1.json").read_text())
+    assert meta["token"] == "<new1>" and meta["vectors"] == 2 and meta["steps"] == 2 and meta["method"] == "ti"
+    fresh = sdlib.load_sd(tiny_sd["diffusers"])
+    init = fresh.text_encoder.get_input_embeddings().weight[fresh.tokenizer.encode("dog", add_special_tokens=False)]
+    assert not torch.allclose(vec, init.expand(2, -1))                  # it learned something
+
+    # ours: a fresh SD, tokens added from the file
+    ids = add_tokens(fresh.tokenizer, fresh.text_encoder, {"<new1>": vec})
+    prompt = "a photo of <new1> on the beach"
+    with torch.no_grad():
+        ours = sdlib.encode_prompts(fresh.tokenizer, fresh.text_encoder, [expand_prompt(prompt, {"<new1>": 2})])
+    # diffusers: the same file through its own loader
+    other = sdlib.load_sd(tiny_sd["diffusers"])
+    pipe = StableDiffusionPipeline(vae=other.vae, text_encoder=other.text_encoder, tokenizer=other.tokenizer,
+                                   unet=other.unet, scheduler=sdlib.make_ddim_scheduler(other.noise_scheduler),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(out / "new1.safetensors"))
+    assert pipe.tokenizer.convert_tokens_to_ids(["<new1>", "<new1>_1"]) == ids["<new1>"]
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[ids["<new1>"]], vec)
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_resume_continues_from_the_checkpoint(trained, tiny_sd, photos):
+    from p5_personalization import train_ti
+    from p5_personalization.textual_inversion import load_embedding
+    out, _, _ = trained
+    _, before = load_embedding(out / "new2.safetensors")
+    args = train_args(tiny_sd["diffusers"], out, photos["cat"], "<new2>", "painting", "--property", "style")
+    r = train_ti.main(args + ["--steps", "2", "--resume"])                # already at step 2: nothing to do
+    assert r["steps"] == 2
+    _, same = load_embedding(out / "new2.safetensors")
+    assert torch.equal(same, before)                                     # the vectors came from last.ckpt
+    r = train_ti.main(args + ["--steps", "3", "--resume"])
+    assert r["steps"] == 3 and json.loads((out / "new2.json").read_text())["steps"] == 3
+    _, moved = load_embedding(out / "new2.safetensors")
+    assert not torch.equal(moved, before)
+
+
+def test_training_is_reproducible_and_resume_is_exact(tiny_sd, photos, tmp_path):
+    from p5_personalization import train_ti
+    vecs = []
+    for run in ("a", "b"):
+        r = train_ti.main(train_args(tiny_sd["diffusers"], tmp_path / run, photos["dog"], "<new1>", "dog",
+                                     "--steps", "3", "--seed", "3"))
+        vecs.append(r["module"].learned()["<new1>"])
+    assert torch.equal(vecs[0], vecs[1])
+    # 2 steps, then resumed to 3: the same data, noise and optimiser state as the uninterrupted run
+    args = train_args(tiny_sd["diffusers"], tmp_path / "c", photos["dog"], "<new1>", "dog", "--seed", "3")
+    train_ti.main(args + ["--steps", "2", "--save-every", "2"])
+    r = train_ti.main(args + ["--steps", "3", "--resume"])
+    assert r["steps"] == 3
+    assert torch.equal(r["module"].learned()["<new1>"], vecs[0])
+
+
+def write_input_json(path: Path) -> Path:
+    path.write_text(json.dumps({
+        "0": {"src_image": "dog", "token_name": "<new1>",
+              "prompt": ["a <new1> on the grass", "a <new1> in the style of <new2>"],
+              "prompt_4_clip_eval": ["a dog on the grass", "a dog in the style of David Revoy"],
+              "baseline": [[60, 30], [60, 30]]},
+        "1": {"src_image": "David Revoy", "token_name": "<new2>", "prompt": ["a cat in the style of <new2>"],
+              "prompt_4_clip_eval": ["a cat in the style of David Revoy"], "baseline": [[60, 30]]},
+    }))
+    return path
+
+
+def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
+    out_emb, _, _ = trained
+    js = write_input_json(tmp_path / "input.json")
+    out = tmp_path / "out"
+    (out / "0" / "0").mkdir(parents=True)
+    (out / "0" / "0" / "source0_prompt0_25.png").write_bytes(b"left by an earlier run with 26 images a prompt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(out), str(tiny_sd["ldm"]), str(out_emb),
+                           "--steps", "2", "--resolution", RES, "--quiet"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = {f"{c}/{p}/source{c}_prompt{p}_{k}.png" for c, n in (("0", 2), ("1", 1)) for p in range(n) for k in range(25)}
+    found = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
+    assert found == expected
+    with Image.open(out / "1" / "0" / "source1_prompt0_3.png") as im:
+        assert im.size == (TINY_IMAGE, TINY_IMAGE) and im.mode == "RGB"
+    first = np.asarray(Image.open(out / "0" / "0" / "source0_prompt0_0.png")).astype(int)
+    other = np.asarray(Image.open(out / "0" / "0" / "source0_prompt0_1.png")).astype(int)
+    assert np.abs(first - other).max() > 0                               # different noise per image
+
+    # an image depends on (seed, concept, prompt, k) only: another batch size and --only give the same pixels
+    from p5_personalization import infer_ti
+    code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / "again"), "--sd", str(tiny_sd["ldm"]),
+                                        "--embeddings", str(out_emb), "--steps", "2", "--resolution", RES, "--quiet",
+                                        "--only", "1", "--batch-size", "7"], capsys)
+    assert code == 0, err
+    for k in (0, 13, 24):
+        a = np.asarray(Image.open(out / "1" / "0" / f"source1_prompt0_{k}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "again" / "1" / "0" / f"source1_prompt0_{k}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+    assert not (tmp_path / "again" / "0").exists()
+
+
+def test_hw2_ti_sh_without_embeddings_says_how_to_train(tiny_sd, tmp_path):
+    js = write_input_json(tmp_path / "input.json")
+    default = REPO / "checkpoints" / "textual_inversion"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    missing = tmp_path / "no_embeddings"
+    proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(tmp_path / "out"), str(tiny_sd["ldm"]),
+                           str(missing)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "learned-embeddings folder not found" in proc.stderr and "train_ti.py" in proc.stderr
+    assert "--token '<new1>'" in proc.stderr and not (tmp_path / "out").exists()
+    if not default.is_dir():  # the default folder is used when EMBEDDINGS_DIR is left out
+        proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(tmp_path / "out"), str(tiny_sd["ldm"])],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 2 and str(default) in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_joint_kv_composes_two_tokens(tiny_sd, photos, tmp_path, capsys):
+    from p5_personalization import infer_ti, train_ti
+    from p5_personalization.textual_inversion import KV_FILE
+    emb = tmp_path / "joint"
+    r = train_ti.main(["--sd", str(tiny_sd["diffusers"]), "--images", str(photos["dog"]), "--token", "<new1>",
+                       "--init-word", "dog", "--images", str(photos["cat"]), "--token", "<new2>", "--init-word", "painting",
+                       "--property", "object", "--property", "style", "--method", "joint-kv", "--kv-lr", "1e-2",
+                       "--steps", "2", "--out", str(emb), "--resolution", RES, "--batch-size", "2", "--quiet"])
+    assert {Path(f).name for f in r["files"]} == {"new1.safetensors", "new2.safetensors", KV_FILE}
+    assert json.loads((emb / "cross_attn_kv.json").read_text())["tokens"] == ["<new1>", "<new2>"]
+    js = write_input_json(tmp_path / "input.json")
+    common = ["--json", str(js), "--sd", str(tiny_sd["diffusers"]), "--embeddings", str(emb), "--steps", "2",
+              "--resolution", RES, "--quiet", "--only", "0", "--images-per-prompt", "2"]
+    code, err = run_cli(infer_ti.main, common + ["--out", str(tmp_path / "kv")], capsys)
+    assert code == 0, err
+    code, err = run_cli(infer_ti.main, common + ["--out", str(tmp_path / "nokv"), "--no-kv"], capsys)
+    assert code == 0, err
+    a = np.asarray(Image.open(tmp_path / "kv" / "0" / "1" / "source0_prompt1_0.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "nokv" / "0" / "1" / "source0_prompt1_0.png")).astype(int)
+    assert np.abs(a - b).max() > 0                                       # the fine-tuned K/V were applied
+
+
+def test_bad_inputs(trained, tiny_sd, photos, tmp_path, capsys):
+    from p5_personalization import infer_ti, train_ti
+    from p5_personalization.textual_inversion import save_embedding
+    sd = tiny_sd["diffusers"]
+    out = tmp_path / "emb"
+    code, err = run_cli(train_ti.main, train_args(sd, out, tmp_path / "nowhere", "<new1>", "dog", "--steps", "1"), capsys)
+    assert code == 2 and "--images folder not found" in err
+    code, err = run_cli(train_ti.main, train_args(sd, out, photos["dog"], "<|endoftext|>", "dog", "--steps", "1"), capsys)
+    assert code == 2 and "already in the tokenizer's vocabulary" in err
+    code, err = run_cli(train_ti.main, train_args(sd, out, photos["dog"], "new1", "dog", "--steps", "1"), capsys)
+    assert code == 2 and "write it as <name>" in err
+    code, err = run_cli(train_ti.main, train_args(sd, out, photos["dog"]) + ["--images", str(photos["cat"])], capsys)
+    assert code == 2 and "once per concept" in err
+    code, err = run_cli(train_ti.main, train_args(tmp_path / "no_sd", out, photos["dog"]), capsys)
+    assert code == 2 and "--sd" in err
+    assert not out.exists()
+
+    emb, _, _ = trained
+    base = ["--out", str(tmp_path / "gen"), "--sd", str(sd), "--embeddings", str(emb), "--steps", "1",
+            "--resolution", RES, "--quiet"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"0\": {\"src_image\": \"dog\", ")
+    code, err = run_cli(infer_ti.main, ["--json", str(bad)] + base, capsys)
+    assert code == 2 and "malformed JSON" in err
+    bad.write_text(json.dumps({"0": {"src_image": "dog", "token_name": "<new1>"}}))
+    code, err = run_cli(infer_ti.main, ["--json", str(bad)] + base, capsys)
+    assert code == 2 and "missing \"prompt\"" in err
+    bad.write_text(json.dumps({"../x": {"src_image": "dog", "token_name": "<new1>", "prompt": ["a <new1>"]}}))
+    code, err = run_cli(infer_ti.main, ["--json", str(bad)] + base, capsys)
+    assert code == 2 and "plain name" in err
+    bad.write_text(json.dumps({"0": {"src_image": "dog", "token_name": "<new1>", "prompt": ["a <new1> and <new3>"]}}))
+    code, err = run_cli(infer_ti.main, ["--json", str(bad)] + base, capsys)
+    assert code == 2 and "no learned embedding for <new3>" in err
+    wrong = tmp_path / "wrong"
+    save_embedding(wrong / "new1.safetensors", "<new1>", torch.zeros(1, 32), {})
+    bad.write_text(json.dumps({"0": {"src_image": "dog", "token_name": "<new1>", "prompt": ["a <new1>"]}}))
+    code, err = run_cli(infer_ti.main, ["--json", str(bad), "--out", str(tmp_path / "gen"), "--sd", str(sd),
+                                        "--embeddings", str(wrong), "--quiet"], capsys)
+    assert code == 2 and "does not fit this text encoder" in err
+    assert not (tmp_path / "gen").exists()
+
+
+def test_demo_without_sd_says_what_it_needs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_PATH", "CLIP_WEIGHTS", "CLIP_DATA")}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo_p5.sh")], capture_output=True, text=True,
+                          env=dict(env, OUT=str(tmp_path / "demo")))
+    assert proc.returncode == 0, proc.stderr
+    assert "needs SD_PATH=" in proc.stdout and "needs CLIP_WEIGHTS=" in proc.stdout
+    assert not (tmp_path / "demo").exists()
+
+
+def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys):
+    """The CUDA set-up (bf16 autocast, frozen UNet/VAE in bf16, checkpointing), exercised on the CPU."""
+    from p5_personalization import infer_ti, train_ti
+    from p5_personalization.textual_inversion import load_embedding
+    r = train_ti.main(train_args(tiny_sd["diffusers"], tmp_path / "emb", photos["dog"], "<new1>", "dog", "--steps", "2",
+                                 "--precision", "bf16", "--gradient-checkpointing"))
+    assert r["module"].sd.unet.dtype == torch.bfloat16 and r["module"].token_vectors.dtype == torch.float32
+    _, vec = load_embedding(tmp_path / "emb" / "new1.safetensors")
+    assert torch.isfinite(vec).all()
+    emb, _, _ = trained
+    js = write_input_json(tmp_path / "input.json")
+    images = {}
+    for prec in ("fp32", "bf16"):
+        code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / prec), "--sd", str(tiny_sd["diffusers"]),
+                                            "--embeddings", str(emb), "--steps", "2", "--resolution", RES, "--quiet",
+                                            "--only", "1", "--images-per-prompt", "2", "--precision", prec], capsys)
+        assert code == 0, err
+        images[prec] = np.asarray(Image.open(tmp_path / prec / "1" / "0" / "source1_prompt0_0.png")).astype(int)
+    diff = np.abs(images["fp32"] - images["bf16"])
+    assert 0 < diff.mean() < 6                       # bf16 rounding (about 1.8 here), not a different image
