@@ -55,3 +55,17 @@ def resolve_resume(resume: str | None, out: Path) -> str | None:
     if not os.path.isfile(resume):
         raise UserError(f"{resume}: --resume checkpoint not found")
     return resume
+
+
+def devices_and_strategy(devices: str) -> tuple[int | str, str]:
+    """--devices: 'auto' or a count; more than one device trains with DDP (one process per device)."""
+    from common.errors import UserError
+    if devices == "auto":
+        return "auto", "auto"
+    try:
+        n = int(devices)
+    except ValueError:
+        raise UserError(f"--devices {devices!r}: give a number of devices or 'auto'") from None
+    if n < 1:
+        raise UserError(f"--devices {devices!r}: must be at least 1")
+    return n, ("ddp" if n > 1 else "auto")

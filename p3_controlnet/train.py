@@ -37,7 +37,7 @@ from common.device import setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p3_controlnet.data import Fill50kDataModule  # noqa: E402
 from p3_controlnet.model import ControlledUNet, build_controlnet, generate, save_controlnet, use_sdpa  # noqa: E402
@@ -251,10 +251,9 @@ def main(argv=None) -> None:
     every_ckpt = args.checkpoint_every or args.sample_every
     ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
                            every_n_train_steps=every_ckpt, auto_insert_metric_name=False)
-    devices = args.devices if args.devices == "auto" else int(args.devices)
+    devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, precision=precision,
-        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        accelerator=accelerator, devices=devices, precision=precision, strategy=strategy,
         max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0,
         val_check_interval=args.sample_every * args.accumulate, check_val_every_n_epoch=None,

@@ -46,7 +46,7 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from common.device import setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import sample_seed, seed_everything  # noqa: E402
 from p5_personalization.concepts import IMAGE_SUFFIXES, TOKEN_RE, token_file_stem  # noqa: E402
 from p5_personalization.textual_inversion import (KV_FILE, add_tokens, check_new_token,  # noqa: E402
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt for the samples (default: one caption per concept)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP, batch per device) or 'auto'")
     p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
                    help="auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -413,8 +414,9 @@ def main(argv=None) -> dict:
                               args.resolution, args.seed)
     ckpt = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
                            every_n_train_steps=args.save_every, auto_insert_metric_name=False)
+    devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, precision={"32": "32-true", "bf16": "bf16-mixed"}[precision],
+        accelerator=accelerator, devices=devices, strategy=strategy, precision={"32": "32-true", "bf16": "bf16-mixed"}[precision],
         max_steps=args.steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         logger=CSVLogger(run_dir, name="logs"), log_every_n_steps=min(25, args.steps), callbacks=[ckpt, export],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=not args.quiet,
@@ -424,7 +426,8 @@ def main(argv=None) -> dict:
     files = [out / f"{token_file_stem(c['token'])}.safetensors" for c in concepts]
     if args.method == "joint-kv":
         files.append(out / KV_FILE)
-    print(f"done after {trainer.global_step} steps: " + ", ".join(str(f) for f in files))
+    if trainer.is_global_zero:
+        print(f"done after {trainer.global_step} steps: " + ", ".join(str(f) for f in files))
     return {"steps": trainer.global_step, "files": [str(f) for f in files], "module": module}
 
 

@@ -186,6 +186,21 @@ def test_training_is_reproducible_and_resume_is_exact(tiny_sd, photos, tmp_path)
     assert torch.equal(r["module"].learned()["<new1>"], vecs[0])
 
 
+def test_train_ddp_on_cpu(tiny_sd, photos, tmp_path):
+    """--devices 2 runs Lightning's DDP (gloo on CPU), the multi-GPU code path; rank 0 alone exports."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, str(REPO / "p5_personalization" / "train_ti.py"),
+                        *train_args(tiny_sd["diffusers"], out, photos["dog"]), "--steps", "2",
+                        "--accelerator", "cpu", "--devices", "2"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done after 2 steps") == 1
+    assert "distributed_backend=gloo" in r.stderr or "world_size=2" in r.stderr
+    from p5_personalization.textual_inversion import load_embedding
+    token, vectors = load_embedding(out / "new1.safetensors")
+    assert token == "<new1>" and torch.isfinite(vectors).all()
+
+
 def write_input_json(path: Path) -> Path:
     path.write_text(json.dumps({
         "0": {"src_image": "dog", "token_name": "<new1>",
