@@ -8,6 +8,14 @@
 Files are named {digit}_{index:03d}.png (index from 001), 28x28 RGB. Image k's noise comes only from
 --seed and (dataset, digit, index), so any image is the same whatever the layout or --batch-size.
 Sampler: DPM-Solver++(2M) by default (see BENCHMARKS.md for why); --sampler ddim|ddpm for the others.
+
+i-CLEVR (--task iclevr, the multi-label lab variant, 64x64):
+    python p1_ddpm/infer.py --task iclevr --out OUT        # test.json and new_test.json from assets/iclevr/
+    python p1_ddpm/infer.py --task iclevr --labels test.json --out OUT
+    python p1_ddpm/infer.py --task iclevr --denoise "red sphere,cyan cylinder,cyan cube" --out OUT
+writes OUT/<labels stem>/{0..N-1}.png (one image per label list, in file order; image k's noise comes
+from --seed and k), OUT/<labels stem>_grid.png (8 per row, 8x4 for the lab's 32 lists), and with
+--denoise OUT/denoise.png: the sample for that label list from pure noise (left) to the result (right).
 """
 from __future__ import annotations
 
@@ -19,14 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.images import save_pngs, to_uint8  # noqa: E402
+from common.images import save_grid, save_pngs, to_uint8  # noqa: E402
 from common.schedules import alphas_cumprod, make_betas  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
+from common.seeding import PerSampleNoise, seed_everything  # noqa: E402
 from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
 from p1_ddpm.model import load_unet  # noqa: E402
 from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
@@ -34,6 +43,11 @@ from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "p1_ddpm.safetensors"
 DEFAULTS = dict(sampler="dpmpp2m", steps=12, guidance=7.0, eta=0.0, seed=42)
+ICLEVR_CHECKPOINT = REPO / "checkpoints" / "p1_iclevr.safetensors"
+ICLEVR_ASSETS = REPO / "assets" / "iclevr"
+# stochastic DDIM (eta 1): on this model the deterministic samplers leave grain on the floor (BENCHMARKS.md)
+ICLEVR_DEFAULTS = dict(sampler="ddim", steps=50, guidance=3.0, eta=1.0, seed=42)
+GRID_COLUMNS = 8
 LAYOUTS = ("2023", "2024", "2025")
 
 
@@ -68,14 +82,31 @@ def plan(layout: str) -> tuple[list[str], torch.Tensor, list[int]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--layout", choices=LAYOUTS, default="2024", help="which year's output layout")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="weights written by p1_ddpm/train.py")
-    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
-                   help="dpmpp2m (fast, default), ddim, or ddpm (ancestral, all 1000 steps)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps (ignored by ddpm)")
-    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"],
-                   help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
-    p.add_argument("--eta", type=float, default=DEFAULTS["eta"], help="DDIM eta (0 = deterministic)")
+    p.add_argument("--task", choices=("digits", "iclevr"), default="digits",
+                   help="digits (the course's P1) or iclevr (multi-label objects, 64x64)")
+    p.add_argument("--layout", choices=LAYOUTS, default="2024", help="digits: which year's output layout")
+    p.add_argument("--checkpoint", default=None, help="weights written by p1_ddpm/train.py; default: "
+                   "checkpoints/p1_ddpm.safetensors (digits), checkpoints/p1_iclevr.safetensors (iclevr)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="iclevr: label files (lists of 1-3 object names each); default: assets/iclevr/test.json "
+                        "and new_test.json (unless only --denoise is given)")
+    p.add_argument("--objects", default=None,
+                   help="iclevr: objects.json; default: the mapping stored in the checkpoint")
+    p.add_argument("--denoise", default=None,
+                   help='iclevr: comma-separated object names, e.g. "red sphere,cyan cylinder,cyan cube": write '
+                        "OUT/denoise.png, the denoising process from noise to the result")
+    p.add_argument("--denoise-frames", type=int, default=10, help="iclevr: images in the denoising grid (>= 8)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="dpmpp2m (fast, the digits default), ddim (the iclevr default, with --eta 1), "
+                        "or ddpm (ancestral, all 1000 steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (ignored by ddpm); default {DEFAULTS['steps']} (digits), "
+                        f"{ICLEVR_DEFAULTS['steps']} (iclevr)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance; "
+                        f"default {DEFAULTS['guidance']} (digits), {ICLEVR_DEFAULTS['guidance']} (iclevr)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (0 = deterministic); default 0 (digits), 1 (iclevr)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per batch (the guided forward doubles it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -87,8 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    task_defaults = DEFAULTS if args.task == "digits" else ICLEVR_DEFAULTS
+    for key in ("sampler", "steps", "guidance", "eta"):
+        if getattr(args, key) is None:
+            setattr(args, key, task_defaults[key])
+    if args.checkpoint is None:
+        args.checkpoint = str(DEFAULT_CHECKPOINT if args.task == "digits" else ICLEVR_CHECKPOINT)
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.task == "iclevr":
+        return main_iclevr(args)
     t0 = time.time()
     device = pick_device(args.device)
     model, config = load_unet(args.checkpoint, device)
@@ -107,6 +146,80 @@ def main(argv=None) -> None:
     save_pngs(out, names, to_uint8(images))
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
+
+
+def denoise_frame_indices(num_states: int, frames: int) -> list[int]:
+    """`frames` indices into the num_states sampler states (0 = noise, last = result), evenly spaced."""
+    frames = min(frames, num_states)
+    return sorted({round(i * (num_states - 1) / (frames - 1)) for i in range(frames)})
+
+
+def main_iclevr(args) -> None:
+    from p1_ddpm.iclevr_data import load_label_lists, load_objects, multi_hot
+    t0 = time.time()
+    if args.denoise_frames < 8:
+        raise UserError(f"--denoise-frames must be >= 8, got {args.denoise_frames}")
+    device = pick_device(args.device)
+    if not Path(args.checkpoint).is_file() and Path(args.checkpoint) == ICLEVR_CHECKPOINT:
+        raise UserError(f"{ICLEVR_CHECKPOINT}: no i-CLEVR model ships yet; train one with "
+                        "`python p1_ddpm/train.py --task iclevr --data DIR --out RUN` and pass --checkpoint RUN/model.safetensors")
+    model, config = load_unet(args.checkpoint, device)
+    if config["model"].get("condition") != "multihot":
+        raise UserError(f"{args.checkpoint}: not an i-CLEVR model (condition {config['model'].get('condition')!r})")
+    if args.objects is not None:
+        objects = load_objects(args.objects)
+    elif "objects" in config:
+        objects = config["objects"]
+    else:
+        objects = load_objects(ICLEVR_ASSETS / "objects.json")
+    if len(objects) != config["model"]["num_labels"]:
+        raise UserError(f"{args.objects or args.checkpoint}: {len(objects)} objects, but the model has "
+                        f"{config['model']['num_labels']} labels")
+    label_files = args.labels
+    if label_files is None:
+        label_files = [] if args.denoise else [str(ICLEVR_ASSETS / "test.json"), str(ICLEVR_ASSETS / "new_test.json")]
+    jobs = [(Path(f).stem, *load_label_lists(f, objects)) for f in label_files]
+    stems = [j[0] for j in jobs]
+    if len(set(stems)) != len(stems):
+        raise UserError(f"label files share a name ({', '.join(stems)}): their outputs would collide")
+    denoise_cond = None
+    if args.denoise is not None:
+        names = [n.strip() for n in args.denoise.split(",") if n.strip()]
+        denoise_cond = multi_hot(names, objects, "--denoise")[None]
+    out = check_writable(args.out)  # every input checked: only now spend time sampling
+    seed_everything(args.seed)
+    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    dtype = autocast_dtype(device, args.precision)
+    ctx = lambda: autocast(device, dtype)  # noqa: E731
+    common = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                  batch_size=args.batch_size, device=device, autocast_ctx=ctx)
+    size = config["model"]["image_size"]
+    for stem, lists, cond in jobs:
+        images = to_uint8(generate(model, cond, range(len(cond)), ab, args.seed, progress=not args.quiet, **common))
+        ensure_dir(out / stem)
+        save_pngs(out / stem, [f"{k}.png" for k in range(len(images))], images)
+        rows = -(-len(images) // GRID_COLUMNS)
+        cols = min(GRID_COLUMNS, len(images))
+        blank = np.full((rows * cols - len(images), size, size, 3), 255, np.uint8)
+        save_grid(out / f"{stem}_grid.png", np.concatenate([images, blank]), rows, cols)
+        print(f"wrote {len(images)} images to {out / stem} and the grid {out / (stem + '_grid.png')}")
+    if denoise_cond is not None:
+        states = []
+
+        def record(i, t, x, x0):
+            states.append(x.detach().float().cpu().clone())
+
+        x_T = PerSampleNoise(args.seed, [0]).randn(3, size, size)  # what generate() starts from for index 0
+        generate(model, denoise_cond, [0], ab, args.seed, callback=record, **common)
+        states = [x_T] + states
+        keep = denoise_frame_indices(len(states), args.denoise_frames)
+        if len(keep) < 8:
+            raise UserError(f"--denoise needs at least 8 frames: use --steps >= 7 (got --steps {args.steps})")
+        frames = to_uint8(torch.cat([states[i] for i in keep]))
+        save_grid(out / "denoise.png", frames, 1, len(frames))
+        print(f"wrote {out / 'denoise.png'} ({len(frames)} frames from noise to result: {args.denoise})")
+    print(f"done in {time.time() - t0:.1f} s ({args.sampler} {args.steps} steps, guidance {args.guidance}, "
+          f"seed {args.seed})")
 
 
 if __name__ == "__main__":

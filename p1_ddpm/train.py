@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Train the class-conditional DDPM on the union of MNIST-M and SVHN (course layout).
+"""Train the class-conditional DDPM on the union of MNIST-M and SVHN (course layout), or (--task iclevr)
+the multi-label i-CLEVR variant.
 
     python p1_ddpm/train.py --data hw2_data/digits --out runs/p1 --max-steps 8000
+    python p1_ddpm/train.py --task iclevr --data runs/iclevr/data --out runs/iclevr/ddpm --max-minutes 90
 
-Reads <data>/{mnistm,svhn}/{train,val}.csv + data/*.png. Writes to --out:
+digits: reads <data>/{mnistm,svhn}/{train,val}.csv + data/*.png.
+iclevr: reads <data>/train.json, <data>/objects.json and the images (in <data>/images/ or <data>),
+  resized to 64x64 (p1_ddpm/render_iclevr.py writes such a folder); a validation split is cut from
+  train.json. The condition is the 24-way multi-hot vector; --judge scores samples of the
+  validation label lists with a multi-label judge after every validation (judge_acc in the log).
+Writes to --out:
   last.ckpt              Lightning checkpoint (model, EMA, optimiser) for --resume
   model.safetensors/json EMA weights + config after every validation (what infer.py loads)
   best.safetensors/json  EMA weights with the lowest validation loss (fixed noise), for model choice
-  samples/step_XXXXXX.png  a 10x2 grid (digits x datasets) after every validation
+  samples/step_XXXXXX.png  a 10x2 grid (digits x datasets), or 4x8 validation label lists, after every validation
   metrics.csv            losses, from Lightning's CSV logger
 On CUDA it trains in bf16 autocast with channels_last; --devices N runs DDP.
 """
@@ -36,6 +43,15 @@ from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
 from p1_ddpm.samplers import generate  # noqa: E402
+
+
+TASKS = ("digits", "iclevr")
+TASK_DEFAULTS = {
+    "digits": dict(batch_size=128, schedule="linear", channels="48,96", patch_size=2),
+    # patch 2 into 32 channels: with patch 4 (48 values) into 64 channels the output head cannot pass the
+    # noise through (SiLU needs ~2 channels per signed value) and samples stay pure noise (ICLEVR.md)
+    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2),
+}
 
 
 class DiffusionModule(pl.LightningModule):
@@ -93,21 +109,33 @@ class DiffusionModule(pl.LightningModule):
 
     def export_config(self) -> dict:
         h = self.hparams
-        return {"model": self.model.config, "schedule": h.schedule, "num_train_steps": h.num_train_steps}
+        # extra_config: what inference needs beyond the network (i-CLEVR: the objects.json mapping)
+        return {"model": self.model.config, "schedule": h.schedule, "num_train_steps": h.num_train_steps,
+                **getattr(self, "extra_config", {})}
 
 
 class ExportAndSample(Callback):
-    """After each validation (rank 0): export EMA weights, keep the best by val loss, draw a sample grid."""
+    """After each validation (rank 0): export EMA weights, keep the best by val loss, draw a sample grid.
 
-    def __init__(self, out: Path, grid_steps: int = 12, guidance: float = 3.0, seed: int = 0):
+    grid: None for the digits' 10 x datasets grid, else (multi-hot conditions, rows, cols) to sample.
+    judge: (network, conditions) to score samples of those conditions with (i-CLEVR); the EMA weights
+    with the best judge accuracy are kept as best_judge.safetensors.
+    sampler, eta: the validation sampler (i-CLEVR uses stochastic DDIM: see ICLEVR.md).
+    """
+
+    def __init__(self, out: Path, grid_steps: int = 12, guidance: float = 3.0, seed: int = 0, grid=None, judge=None,
+                 sampler: str = "dpmpp2m", eta: float = 0.0):
         self.out, self.grid_steps, self.guidance, self.seed = out, grid_steps, guidance, seed
+        self.grid, self.judge, self.sampler, self.eta = grid, judge, sampler, eta
         self.best = math.inf
+        self.best_judge = -math.inf
 
     def state_dict(self):
-        return {"best": self.best}
+        return {"best": self.best, "best_judge": self.best_judge}
 
     def load_state_dict(self, state):
         self.best = state.get("best", math.inf)
+        self.best_judge = state.get("best_judge", -math.inf)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -120,32 +148,65 @@ class ExportAndSample(Callback):
         if val < self.best:
             self.best = val
             save_checkpoint(self.out / "best.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics)
-        num_domains = ema.config["num_domains"]
-        cond = torch.tensor([[d, k] for d in range(10) for k in range(num_domains)])
-        imgs = generate(ema, cond, range(len(cond)), pl_module.alphas_cumprod.cpu(), self.seed, steps=self.grid_steps,
-                        guidance=self.guidance, device=pl_module.device)
-        save_grid(self.out / "samples" / f"step_{trainer.global_step:06d}.png", to_uint8(imgs), 10, num_domains,
-                  row_labels=[str(d) for d in range(10)], scale=2)
+        grid_path = self.out / "samples" / f"step_{trainer.global_step:06d}.png"
+        ab = pl_module.alphas_cumprod.cpu()
+        if self.grid is None:
+            num_domains = ema.config["num_domains"]
+            cond = torch.tensor([[d, k] for d in range(10) for k in range(num_domains)])
+            imgs = generate(ema, cond, range(len(cond)), ab, self.seed, steps=self.grid_steps,
+                            guidance=self.guidance, device=pl_module.device)
+            save_grid(grid_path, to_uint8(imgs), 10, num_domains, row_labels=[str(d) for d in range(10)], scale=2)
+        else:
+            cond, rows, cols = self.grid
+            imgs = generate(ema, cond, range(len(cond)), ab, self.seed, self.sampler, self.grid_steps,
+                            self.guidance, self.eta, device=pl_module.device)
+            save_grid(grid_path, to_uint8(imgs), rows, cols)
+        if self.judge is not None:
+            from scripts.evaluate_iclevr import judge_scores, topk_accuracy
+            net, cond = self.judge
+            imgs = generate(ema, cond, range(len(cond)), ab, self.seed + 1, self.sampler, self.grid_steps,
+                            self.guidance, self.eta, device=pl_module.device)
+            hits, total = topk_accuracy(judge_scores(net, torch.from_numpy(to_uint8(imgs)).permute(0, 3, 1, 2)), cond)
+            acc = hits / total
+            metrics["judge_acc"] = acc
+            print(f"step {trainer.global_step}: val_loss {val:.4f}, judge accuracy of {len(cond)} samples {acc:.4f}",
+                  flush=True)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"judge_acc": acc}, step=trainer.global_step)
+            if acc > self.best_judge:
+                self.best_judge = acc
+                save_checkpoint(self.out / "best_judge.safetensors", ema.state_dict(), CHECKPOINT_KIND,
+                                pl_module.export_config(), metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="course digits root holding mnistm/ and svhn/")
+    p.add_argument("--task", choices=TASKS, default="digits",
+                   help="digits: MNIST-M + SVHN, (digit, dataset) condition; iclevr: 64x64 multi-label objects")
+    p.add_argument("--data", required=True,
+                   help="digits: course root holding mnistm/ and svhn/; iclevr: folder with train.json, "
+                        "objects.json and the images")
     p.add_argument("--out", required=True, help="output folder (checkpoints, samples, logs)")
     p.add_argument("--datasets", default="mnistm,svhn", help="comma-separated data sets, in condition-index order")
     p.add_argument("--max-steps", type=int, default=20000, help="optimiser steps to train for")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (digits), 64 (iclevr)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the digit label (CFG)")
     p.add_argument("--temperature", type=float, default=0.5,
                    help="data set k is drawn with probability ~ size_k**temperature (0 = balanced)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    p.add_argument("--channels", default="48,96", help="UNet widths per resolution level")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: linear (digits), cosine (iclevr)")
+    p.add_argument("--channels", default=None, help="UNet widths per resolution level; default: 48,96 (digits), "
+                   "32,64,128,192 (iclevr)")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
-    p.add_argument("--patch-size", type=int, default=2, help="fold PxP pixels into channels (2: run at 14x14)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="fold PxP pixels into channels; default: 2 (digits: run at 14x14; iclevr: 32x32)")
+    p.add_argument("--judge", default=None,
+                   help="iclevr: a judge checkpoint (scripts/train_iclevr_judge.py) to score validation samples")
+    p.add_argument("--judge-samples", type=int, default=64, help="iclevr: validation label lists sampled for --judge")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the validation samples")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--val-every", type=int, default=500, help="validate, export and sample every N steps")
     p.add_argument("--limit-val-batches", type=float, default=1.0)
@@ -164,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()
@@ -171,21 +235,43 @@ def main(argv=None) -> None:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
         raise UserError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     resume = resolve_resume(args.resume, out)
 
-    from p1_ddpm.data import DigitsDataModule
-    data = DigitsDataModule(args.data, args.batch_size, args.temperature, args.seed, args.num_workers, datasets)
-    data.setup()  # decode every image now: a bad file fails here, before any training output exists
+    grid = judge = None
+    sample_settings = {}
+    if args.task == "digits":
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        from p1_ddpm.data import DigitsDataModule
+        data = DigitsDataModule(args.data, args.batch_size, args.temperature, args.seed, args.num_workers, datasets)
+        data.setup()  # decode every image now: a bad file fails here, before any training output exists
+        model_config = dict(image_size=28, channels=channels, num_res_blocks=args.res_blocks,
+                            attention_levels=(len(channels) - 1,), dropout=args.dropout, condition="digits",
+                            num_domains=len(datasets), patch_size=args.patch_size)
+    else:
+        from p1_ddpm.iclevr_data import IMAGE_SIZE, ICLEVRDataModule
+        if args.judge is not None:
+            from scripts.evaluate_iclevr import load_own_judge
+            judge_net = load_own_judge(args.judge)
+        data = ICLEVRDataModule(args.data, args.batch_size, args.seed, args.num_workers)
+        data.setup()
+        val_cond = data.val_set.cond
+        grid = (val_cond[:32], 4, 8) if len(val_cond) >= 32 else (val_cond, 1, len(val_cond))
+        if args.judge is not None:
+            judge = (judge_net, val_cond[:args.judge_samples])
+        # deterministic samplers leave grain on a part-trained model; stochastic DDIM does not
+        sample_settings = dict(sampler="ddim", eta=1.0, grid_steps=25)
+        # attention on every level but the first: objects must agree on where each one stands
+        model_config = dict(image_size=IMAGE_SIZE, channels=channels, num_res_blocks=args.res_blocks,
+                            attention_levels=tuple(range(1, len(channels))) or (0,), dropout=args.dropout,
+                            condition="multihot", num_labels=len(data.objects), patch_size=args.patch_size)
     ensure_dir(out)
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    model_config = dict(image_size=28, channels=channels, num_res_blocks=args.res_blocks,
-                        attention_levels=(len(channels) - 1,), dropout=args.dropout, condition="digits",
-                        num_domains=len(datasets), patch_size=args.patch_size)
     module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
                              args.p_uncond, channels_last=accelerator == "gpu")
+    if args.task == "iclevr":
+        module.extra_config = {"objects": data.objects}
     if args.compile:
         module.model.compile()  # in place: parameter names (checkpoints, EMA) stay as they are
 
@@ -199,7 +285,8 @@ def main(argv=None) -> None:
         max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.limit_val_batches,
         num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,
-        callbacks=[ckpt, ExportAndSample(out, seed=args.seed)], plugins=[AtomicCheckpointIO()],
+        callbacks=[ckpt, ExportAndSample(out, guidance=args.guidance, seed=args.seed, grid=grid, judge=judge,
+                                          **sample_settings)], plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, default_root_dir=out,
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
