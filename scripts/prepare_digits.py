@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write the course's digits layout from numpy arrays.
 
-Reads `<npz-dir>/{mnistm,svhn_partial,usps}.npz` (keys x_train y_train [x_test y_test], as in
-../shared/data/digits) and writes `<out>/{mnistm,svhn,usps}/data/*.png` with `train.csv`, `val.csv`
-and `test.csv` (header `image_name,label`), every image 28x28 RGB. `val.csv` is a random
+Reads `<npz-dir>/{mnistm,svhn_partial,usps,mnist}.npz` (keys x_train y_train [x_test y_test], as in
+../shared/data/digits) and writes `<out>/{mnistm,svhn,usps,mnist}/data/*.png` with `train.csv`,
+`val.csv` and `test.csv` (header `image_name,label`), every image 28x28 RGB (grey USPS and MNIST
+are copied into all three channels; USPS is resized from 16x16). `val.csv` is a random
 `--val-fraction` of the training arrays (seeded), so models are chosen without touching the test
 split. svhn_partial has no test arrays: its images 0-899 are train/val and 900-1082 are test.
 """
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import atomic_path, ensure_dir, write_text_atomic  # noqa: E402
 
-SOURCES = {"mnistm": "mnistm.npz", "svhn": "svhn_partial.npz", "usps": "usps.npz"}
+SOURCES = {"mnistm": "mnistm.npz", "svhn": "svhn_partial.npz", "usps": "usps.npz", "mnist": "mnist.npz"}
+DEFAULT_DATASETS = "mnistm,svhn,usps"  # the course's three; mnist (for P4's MNIST -> MNIST-M) on request
 SVHN_TRAIN_COUNT = 900
 
 
@@ -80,14 +82,16 @@ def prepare(npz_dir: Path, out: Path, names, val_fraction: float, seed: int, lim
 @cli_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--npz-dir", default="../shared/data/digits", help="folder with mnistm.npz, svhn_partial.npz, usps.npz")
+    p.add_argument("--npz-dir", default="../shared/data/digits",
+                   help="folder with mnistm.npz, svhn_partial.npz, usps.npz (and mnist.npz for --datasets mnist)")
     p.add_argument("--out", required=True, help="output root, e.g. hw2_data/digits")
-    p.add_argument("--datasets", default="mnistm,svhn,usps", help="comma-separated subset of mnistm,svhn,usps")
+    p.add_argument("--datasets", default=DEFAULT_DATASETS,
+                   help=f"comma-separated subset of {','.join(SOURCES)}, or 'all' (default: {DEFAULT_DATASETS})")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training arrays held out as val.csv")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N images of each split (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    names = list(SOURCES) if args.datasets.strip() == "all" else [n.strip() for n in args.datasets.split(",") if n.strip()]
     for n in names:
         if n not in SOURCES:
             raise UserError(f"--datasets: unknown data set {n!r} (choose from {', '.join(SOURCES)})")
