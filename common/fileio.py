@@ -58,3 +58,15 @@ def atomic_path(path: str | os.PathLike):
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Parse a JSON file; UserError naming the file when it is missing or not valid JSON."""
+    import json
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: malformed JSON ({e})") from None

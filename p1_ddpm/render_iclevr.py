@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir, write_text_atomic  # noqa: E402
+from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TRAIN_JSON = REPO.parent / "shared" / "data" / "iclevr" / "train.json"
@@ -95,13 +95,7 @@ def label_lists_from(path: Path, n: int, rng: np.random.Generator) -> list[list[
 
 
 def load_json(path: str | os.PathLike):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def _layout(k: int, rng: np.random.Generator, tries: int = 200) -> np.ndarray:

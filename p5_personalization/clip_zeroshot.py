@@ -33,7 +33,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from common.device import autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic  # noqa: E402
+from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
 from p5_personalization.clip_utils import encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
 
 # "A photo of a {}." is the course's single template; the others are a short ensemble in the spirit of
@@ -55,12 +55,7 @@ FILE_RE = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 def read_labels(path: str) -> dict[int, str]:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: label file not found (expected id2label.json)")
-    try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: malformed JSON ({e})") from None
+    raw = read_json(p, "label file (id2label.json)")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{p}: expected a JSON object mapping class ids to names")
     labels = {}

@@ -9,12 +9,12 @@ input.json maps "0", "1", ... to
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
+from common.fileio import read_json
 
 TOKEN_RE = re.compile(r"<[^<>\s]+>")
 
@@ -49,12 +49,7 @@ def _strings(v, where: str) -> list[str]:
 def read_input_json(path: str, need_eval: bool = False) -> list[Case]:
     """Parse and check input.json; `need_eval` also requires prompt_4_clip_eval (baseline stays optional)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: input json not found")
-    try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: malformed JSON ({e})") from None
+    raw = read_json(p, "input json")
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"{p}: expected an object mapping \"0\", \"1\", ... to concept entries")
     cases = []

@@ -234,7 +234,7 @@ def test_iclevr_bad_label_files(tiny_iclevr_checkpoint, tmp_path, capsys):
     unknown.write_text(json.dumps([["red cube"], ["pink sphere"]]))
     not_json = tmp_path / "broken.json"
     not_json.write_text("[[")
-    for path, needle in ((too_long, "1-3 objects"), (unknown, "pink sphere"), (not_json, "not valid JSON"),
+    for path, needle in ((too_long, "1-3 objects"), (unknown, "pink sphere"), (not_json, "malformed JSON"),
                          (tmp_path / "none.json", "none.json")):
         out = tmp_path / f"out_{path.stem}"
         code, err = run_cli(infer_main, ["--task", "iclevr", "--checkpoint", str(tiny_iclevr_checkpoint),
