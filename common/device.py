@@ -36,9 +36,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lightning_precision(device_kind: str) -> str:
-    """Lightning's precision string: bf16 mixed on GPUs, 32-bit on CPUs."""
-    return "bf16-mixed" if device_kind in ("gpu", "cuda") else "32-true"
+def lightning_precision(device_kind: str, precision: str = "auto", cpu_native_bf16: bool = False) -> str:
+    """Lightning's precision string for --precision auto|32|bf16. auto: bf16 mixed on GPUs; on CPUs 32-bit,
+    or bf16 mixed when `cpu_native_bf16` is asked for and the CPU has native bf16 (avx512_bf16/AMX)."""
+    if precision in ("32", "fp32"):
+        return "32-true"
+    if precision == "bf16":
+        return "bf16-mixed"
+    if precision != "auto":
+        raise UserError(f"--precision must be auto, 32 or bf16, got {precision!r}")
+    if device_kind in ("gpu", "cuda"):
+        return "bf16-mixed"
+    return "bf16-mixed" if cpu_native_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
 def set_tf32(enabled: bool) -> None:

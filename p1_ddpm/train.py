@@ -38,7 +38,7 @@ from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E40
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
@@ -277,11 +277,10 @@ def main(argv=None) -> None:
 
     ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
                            every_n_train_steps=args.val_every, auto_insert_metric_name=False)
-    devices = args.devices if args.devices == "auto" else int(args.devices)
+    devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, precision=lightning_precision(accelerator) if args.precision == "auto" else
-        {"32": "32-true", "bf16": "bf16-mixed"}[args.precision],
-        strategy="ddp" if isinstance(devices, int) and devices > 1 else "auto",
+        accelerator=accelerator, devices=devices, precision=lightning_precision(accelerator, args.precision),
+        strategy=strategy,
         max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.limit_val_batches,
         num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,

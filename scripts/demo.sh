@@ -27,4 +27,7 @@ echo
 OUT="$OUT" bash scripts/demo_p3.sh
 
 echo
+OUT="$OUT" bash scripts/demo_p4.sh
+
+echo
 OUT="$OUT" bash scripts/demo_p5.sh

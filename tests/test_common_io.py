@@ -123,3 +123,21 @@ def test_course_layout_bad_inputs(digits_tree, tmp_path):
     (root / "mnistm" / "val.csv").write_text("image_name,label\n")
     with pytest.raises(UserError, match="no rows"):
         CourseImageFolder(root, "mnistm", "val")
+
+
+def test_lightning_precision_choice(monkeypatch):
+    from common.device import lightning_precision
+    from common.lightning_utils import devices_and_strategy
+    assert lightning_precision("gpu") == "bf16-mixed"
+    assert lightning_precision("cpu") == "32-true"
+    assert lightning_precision("gpu", "32") == "32-true" and lightning_precision("cpu", "bf16") == "bf16-mixed"
+    for native in (True, False):  # the CPU-bf16 branch taken on CPUs with and without native bf16
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert lightning_precision("cpu", cpu_native_bf16=True) == ("bf16-mixed" if native else "32-true")
+        assert lightning_precision("cpu") == "32-true"
+    with pytest.raises(UserError, match="--precision"):
+        lightning_precision("cpu", "fp8")
+    assert devices_and_strategy("auto") == ("auto", "auto")
+    assert devices_and_strategy("1") == (1, "auto") and devices_and_strategy("2") == (2, "ddp")
+    with pytest.raises(UserError, match="--devices"):
+        devices_and_strategy("two")

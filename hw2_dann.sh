@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Course entry point, problem 4 (DANN): bash hw2_dann.sh IMAGE_DIR OUT_CSV [--target usps|svhn]
+# Predicts the digit of every image in IMAGE_DIR and writes OUT_CSV (`image_name,label`, header first)
+# with the shipped checkpoint for the target domain, which is read from IMAGE_DIR's path (it contains
+# usps or svhn) unless --target says. Extra flags go to p4_dann/infer.py (see its --help).
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: bash hw2_dann.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]" >&2
+  exit 2
+fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="$(bash "$HERE/scripts/find_python.sh")"
+exec "$PY" "$HERE/p4_dann/infer.py" "$@"
