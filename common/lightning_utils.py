@@ -1,4 +1,5 @@
-"""Lightning pieces shared by the trainers: atomic checkpoint files, and an EMA copy of a model."""
+"""Lightning pieces shared by the trainers: atomic checkpoint files, an EMA copy of a model, and the
+command-line flags every trainer has (devices, precision, resume, seed)."""
 from __future__ import annotations
 
 import copy
@@ -69,3 +70,17 @@ def devices_and_strategy(devices: str) -> tuple[int | str, str]:
     if n < 1:
         raise UserError(f"--devices {devices!r}: must be at least 1")
     return n, ("ddp" if n > 1 else "auto")
+
+
+def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/last.ckpt", num_workers: int = 0) -> None:
+    """The flags every trainer shares: --accelerator, --devices, --precision, --resume, --num-workers, --seed.
+
+    `precision_help` says what --precision auto picks for that trainer; `resume_help` where --resume
+    without a value looks."""
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    parser.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP, batch per device) or 'auto'")
+    parser.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto", help=precision_help)
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help=f"resume from a Lightning checkpoint (no value: {resume_help})")
+    parser.add_argument("--num-workers", type=int, default=num_workers, help="data-loading worker processes")
+    parser.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,7 @@ from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E40
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
@@ -210,15 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--val-every", type=int, default=500, help="validate, export and sample every N steps")
     p.add_argument("--limit-val-batches", type=float, default=1.0)
-    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP) or 'auto'")
-    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
-                   help="auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a Lightning checkpoint (no value: <out>/last.ckpt)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX")
     return p
 
 

@@ -37,7 +37,7 @@ from common.device import setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p3_controlnet.data import Fill50kDataModule  # noqa: E402
 from p3_controlnet.model import ControlledUNet, build_controlnet, generate, save_controlnet, use_sdpa  # noqa: E402
@@ -200,16 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample images (0: no images)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="write last.ckpt every N steps (default: --sample-every)")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
-    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP) or 'auto'")
-    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
-                   help="auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a Lightning checkpoint (no value: <out>/last.ckpt)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
-    p.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, default=0)
+    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU", num_workers=4)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

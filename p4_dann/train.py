@@ -42,7 +42,7 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.device import lightning_precision  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p4_dann.augment import AugmentConfig, augment  # noqa: E402
 from p4_dann.data import DATASETS, MODES, DomainAdaptationData, check_dataset_name  # noqa: E402
@@ -246,15 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{prefix}-colourize", type=float, default=None,
                        help=f"{who}: probability of painting the (grey) digit on a random colour texture")
     p.add_argument("--val-every", type=int, default=250, help="validate and export every N steps")
-    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP) or 'auto'")
-    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
-                   help="auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a Lightning checkpoint (no value: <out>/last.ckpt)")
-    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--refresh-rate", type=int, default=1, help="progress bar refresh every N steps (0 = no bar)")
-    p.add_argument("--seed", type=int, default=0)
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
     return p
 
 

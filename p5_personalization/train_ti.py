@@ -46,7 +46,7 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from common.device import setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import sample_seed, seed_everything  # noqa: E402
 from p5_personalization.concepts import IMAGE_SUFFIXES, TOKEN_RE, token_file_stem  # noqa: E402
 from p5_personalization.textual_inversion import (KV_FILE, add_tokens, check_new_token,  # noqa: E402
@@ -347,14 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-prompt", action="append", default=None,
                    help="prompt for the samples (default: one caption per concept)")
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP, batch per device) or 'auto'")
-    p.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto",
-                   help="auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a Lightning checkpoint (no value: <out>/runs/<run>/last.ckpt)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    add_trainer_flags(p, "auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU",
+                      resume_help="<out>/runs/<run>/last.ckpt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
