@@ -1,5 +1,5 @@
 # make test : create .venv if missing, install the pinned requirements, run the test suite
-# make demo : install, then run problem 1 end to end (images, report figures, evaluation) into demo_out/
+# make demo : install, then run the demos into demo_out/ (P1 and P4 on shipped weights; P2, P3, P5 when given their weights)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
