@@ -59,18 +59,23 @@ def tiny_unet_config(**overrides) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="session")
-def tiny_p1_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised tiny digits UNet saved as train.py would (non-zero output layer, so samples vary)."""
+def save_random_p1_unet(path: Path, unet_config: dict, **config) -> Path:
+    """A randomly initialised (seed 0) p1_ddpm UNet saved as train.py would; the zero-initialised output
+    layers are filled with noise so that samples vary. `config` joins the checkpoint config beside 'model'."""
     from common.checkpoint import save_checkpoint
     from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet
     torch.manual_seed(0)
-    model = ConditionalUNet(**tiny_unet_config())
+    model = ConditionalUNet(**unet_config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, model.state_dict(), CHECKPOINT_KIND,
-                    {"model": model.config, "schedule": "linear", "num_train_steps": 1000})
+    save_checkpoint(path, model.state_dict(), CHECKPOINT_KIND, {"model": model.config, **config})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_p1_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny digits UNet saved as train.py would."""
+    return save_random_p1_unet(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", tiny_unet_config(),
+                               schedule="linear", num_train_steps=1000)

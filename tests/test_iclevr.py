@@ -15,7 +15,7 @@ from common.errors import UserError
 from p1_ddpm.iclevr_data import ICLEVRDataset, load_label_lists, multi_hot
 from p1_ddpm.render_iclevr import COLOURS, OBJECTS, RGB, SHAPES, render
 from p1_ddpm.render_iclevr import main as render_main
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, save_random_p1_unet
 
 ASSETS = REPO / "assets" / "iclevr"
 FAST = ["--quiet", "--steps", "2"]
@@ -30,19 +30,11 @@ def rendered(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_iclevr_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny multi-hot UNet saved as train.py would (non-zero output layer, so samples vary)."""
-    from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet
-    torch.manual_seed(0)
-    model = ConditionalUNet(image_size=64, channels=(8, 16), num_res_blocks=1, attention_levels=(1,), dropout=0.0,
-                            condition="multihot", num_labels=24, patch_size=4)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    path = tmp_path_factory.mktemp("ck") / "tiny_iclevr.safetensors"
-    save_checkpoint(path, model.state_dict(), CHECKPOINT_KIND,
-                    {"model": model.config, "schedule": "cosine", "num_train_steps": 1000, "objects": OBJECTS})
-    return path
+    """A random tiny multi-hot UNet saved as train.py would."""
+    unet = dict(image_size=64, channels=(8, 16), num_res_blocks=1, attention_levels=(1,), dropout=0.0,
+                condition="multihot", num_labels=24, patch_size=4)
+    return save_random_p1_unet(tmp_path_factory.mktemp("ck") / "tiny_iclevr.safetensors", unet,
+                               schedule="cosine", num_train_steps=1000, objects=OBJECTS)
 
 
 @pytest.fixture(scope="module")
