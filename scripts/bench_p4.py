@@ -15,6 +15,7 @@ The tables are printed and written into BENCHMARKS.md between the bench_p4 marke
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import subprocess
@@ -47,7 +48,7 @@ def ship(run_dir: Path, dst: Path, data: str, target: str, report_row: dict, not
     domain = config["eval_domain"]
     fp32_val = predict_logits(model, val.images, domain).argmax(1)
     half = {k: (v.half().float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    model16, _ = load_dann(run_dir / "best.safetensors")
+    model16 = copy.deepcopy(model)  # the same network with fp16-rounded weights
     model16.load_state_dict(half)
     same = bool(torch.equal(predict_logits(model16, val.images, domain).argmax(1), fp32_val))
     dtype = torch.float16 if same else None
