@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Train a ControlNet on a frozen Stable Diffusion v1.4 with Fill50k-style data (course layout).
 
-    python p3_controlnet/make_fill50k.py --out data/fill50k --n 50000       # or the course's hw2_data/fill50k
-    python p3_controlnet/train.py --sd sd-v1-4.ckpt --data data/fill50k --out runs/p3 --max-steps 6000
+    python p3_controlnet/train.py --sd sd-v1-4.ckpt --out runs/p3 --max-steps 6000     # generates runs/p3/fill50k
+    python p3_controlnet/train.py --sd sd-v1-4.ckpt --data hw2_data/fill50k --out runs/p3 --max-steps 6000
 
 --sd is the single-file sd-v1-4.ckpt (LDM keys) or a diffusers folder; nothing is downloaded.
+Without --data, a Fill50k-style set (--generate-n samples at --size, generator seed --seed) is drawn by
+make_fill50k.py into <out>/fill50k once and reused by later runs (--resume included) with the same settings.
 Only the ControlNet (a copy of the UNet encoder with zero convolutions) is trained; SD is frozen.
 Writes to --out:
   controlnet/            the ControlNet (diffusers folder) after every --sample-every steps: what infer.py /
@@ -12,6 +14,7 @@ Writes to --out:
   samples/step_XXXXXX.png  control | generated | target for the held-out validation items
   last.ckpt              Lightning checkpoint (ControlNet + optimiser only, not SD) for --resume
   logs/                  CSV of train and validation losses
+  fill50k/               the generated training set (only without --data)
 On CUDA: bf16 autocast with the trainable weights in fp32 (frozen SD stored in bf16), SDPA attention,
 gradient checkpointing, fused AdamW; --devices N runs DDP. Each distinct prompt's CLIP embedding is
 computed once at start-up (the text encoder is then dropped).
@@ -19,6 +22,7 @@ computed once at start-up (the text encoder is then dropped).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -33,13 +37,14 @@ import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from common.device import setup_cuda_fast_math  # noqa: E402
+from common.device import autocast, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
+from common.fileio import check_writable, ensure_dir, write_text_atomic  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
 from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p3_controlnet.data import Fill50kDataModule  # noqa: E402
+from p3_controlnet.make_fill50k import write_split  # noqa: E402
 from p3_controlnet.model import ControlledUNet, build_controlnet, generate, save_controlnet, use_sdpa  # noqa: E402
 
 
@@ -167,7 +172,10 @@ class ExportAndSample(Callback):
         control = torch.stack([it["control"] for it in items]).to(dev)
         cond = pl_module.context(torch.tensor([it["prompt_id"] for it in items]))
         uncond = pl_module.context(torch.full((self.count,), pl_module.hparams.empty_prompt_id))
-        ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else None
+        # the autocast training runs under (Lightning's bf16-mixed, on any device): the frozen UNet and the
+        # text cache are bf16 then, while the latents and the ControlNet are fp32
+        amp_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+        ac = lambda: autocast(dev, amp_dtype)  # noqa: E731
         was_training = pl_module.net.controlnet.training
         pl_module.net.controlnet.eval()
         sched = sdlib.make_ddim_scheduler(pl_module.noise_scheduler)
@@ -180,11 +188,37 @@ class ExportAndSample(Callback):
                   to_uint8(rows.flatten(0, 1).float()), self.count, 3, col_labels=["control", "generated", "target"])
 
 
+def generated_fill50k(root: Path, n: int, size: int, seed: int) -> Path:
+    """<root>/training/ drawn by make_fill50k.py: reused when <root>/settings.json records the same n, size
+    and seed, otherwise (re)generated; settings.json is written last, so an interrupted run regenerates."""
+    settings = {"generator": "p3_controlnet/make_fill50k.py", "n": n, "size": size, "seed": seed}
+    record = root / "settings.json"
+    try:
+        done = json.loads(record.read_text()) == settings and (root / "training" / "prompt.json").is_file()
+    except (OSError, ValueError):
+        done = False
+    if done:
+        print(f"--data not given: reusing {n} generated Fill50k samples ({size}x{size}, seed {seed}) in {root}",
+              file=sys.stderr)
+        return root
+    print(f"--data not given: generating {n} Fill50k samples ({size}x{size}, seed {seed}) into {root} with "
+          f"make_fill50k.py (once; later runs with the same settings reuse them)", file=sys.stderr)
+    record.unlink(missing_ok=True)
+    write_split(ensure_dir(root) / "training", n, size, seed)
+    write_text_atomic(record, json.dumps(settings) + "\n")
+    return root
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt (LDM keys) or a diffusers folder")
-    p.add_argument("--data", required=True, help="fill50k root (holding training/) or a split folder with prompt.json")
-    p.add_argument("--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/)")
+    p.add_argument("--data", default=None,
+                   help="fill50k root (holding training/) or a split folder with prompt.json (default: generate "
+                        "one into <out>/fill50k, see --generate-n)")
+    p.add_argument("--generate-n", type=int, default=50000,
+                   help="without --data: how many training samples to generate (Fill50k has 50000); "
+                        "drawn at --size with generator seed --seed")
+    p.add_argument("--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/; fill50k/ without --data)")
     p.add_argument("--size", type=int, default=512, help="training resolution (images are resized to it)")
     p.add_argument("--max-steps", type=int, default=6000, help="optimiser steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (--resume continues)")
@@ -216,7 +250,7 @@ def main(argv=None) -> None:
         raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.size % 64:
         raise UserError(f"--size must be a multiple of 64 (SD's UNet down-samples latents 3 times), got {args.size}")
-    for name in ("batch_size", "accumulate", "max_steps", "sample_every"):
+    for name in ("batch_size", "accumulate", "max_steps", "sample_every", "generate_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = check_writable(args.out)
@@ -229,10 +263,24 @@ def main(argv=None) -> None:
     precision = {"auto": "bf16-mixed" if accelerator == "gpu" else "32-true", "32": "32-true", "bf16": "bf16-mixed"}[args.precision]
     frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
-    data = Fill50kDataModule(args.data, args.size, args.batch_size, args.val_count, args.seed, args.num_workers, args.limit)
-    t0 = time.time()
-    sd = sdlib.load_sd(args.sd)
-    print(f"loaded SD from {args.sd} in {time.time() - t0:.1f} s; {len(data.train_set)} training items, "
+    if args.data is None and args.generate_n < args.val_count + args.batch_size:
+        raise UserError(f"--generate-n {args.generate_n}: need at least --val-count {args.val_count} "
+                        f"+ --batch-size {args.batch_size} samples")
+
+    def load_sd():
+        t0 = time.time()
+        sd = sdlib.load_sd(args.sd)
+        return sd, time.time() - t0
+
+    sd = None
+    data_root = args.data
+    if data_root is None:
+        sd, load_seconds = load_sd()  # first: a bad --sd fails before minutes of generation
+        data_root = generated_fill50k(out / "fill50k", args.generate_n, args.size, args.seed)
+    data = Fill50kDataModule(data_root, args.size, args.batch_size, args.val_count, args.seed, args.num_workers, args.limit)
+    if sd is None:
+        sd, load_seconds = load_sd()
+    print(f"loaded SD from {args.sd} in {load_seconds:.1f} s; {len(data.train_set)} training items, "
           f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
     ensure_dir(out)
     module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, args.lr, args.weight_decay,

@@ -319,3 +319,67 @@ def test_bf16_step_keeps_trainable_weights_fp32(fill):
     assert all(p.dtype == torch.float32 for p in module.net.controlnet.parameters())
     assert module.net.controlnet.controlnet_mid_block.weight.grad.dtype == torch.float32
     assert not torch.equal(before, module.net.controlnet.controlnet_mid_block.weight)
+
+
+def test_fit_bf16_on_cpu_exports_samples(fill, sd_ckpt, tmp_path, capsys):
+    """--precision bf16 (the CUDA recipe) through Lightning on the CPU, including the sample export:
+    the frozen UNet and text cache are bf16, so sampling must run under the same bf16 autocast as training."""
+    from p3_controlnet.train import main
+    out = tmp_path / "bf16"
+    code, err = run_cli(main, ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--size", str(SIZE),
+                               "--max-steps", "1", "--batch-size", "2", "--sample-every", "1", "--sample-steps", "2",
+                               "--val-count", "2", "--num-workers", "0", "--accelerator", "cpu", "--precision", "bf16",
+                               "--quiet"], capsys)
+    assert code == 0, err
+    with Image.open(out / "samples" / "step_000001.png") as im:
+        grid = np.asarray(im.convert("RGB"))
+    assert grid.std() > 0
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # trainable weights stay fp32
+
+
+def test_fit_without_data_generates_fill50k_once(sd_ckpt, tmp_path, capsys):
+    """No --data: make_fill50k's generator draws <out>/fill50k at the training size; a later run reuses it."""
+    from p3_controlnet.train import main
+    out = tmp_path / "gen_run"
+    args = ["--sd", str(sd_ckpt), "--out", str(out), "--size", str(SIZE), "--generate-n", "5", "--batch-size", "2",
+            "--sample-every", "2", "--sample-steps", "0", "--val-count", "2", "--num-workers", "0", "--quiet"]
+    code, err = run_cli(main, args + ["--max-steps", "2"], capsys)
+    assert code == 0, err
+    assert "--data not given: generating 5 Fill50k samples" in err and str(out / "fill50k") in err
+    training = out / "fill50k" / "training"
+    lines = (training / "prompt.json").read_text().splitlines()
+    assert len(lines) == 5 and "3 training items" in err
+    with Image.open(training / "target" / "4.png") as im:
+        assert im.size == (SIZE, SIZE)
+    assert json.loads((out / "fill50k" / "settings.json").read_text())["n"] == 5
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    stamp = (training / "prompt.json").stat().st_mtime_ns
+    code, err = run_cli(main, args + ["--max-steps", "3", "--resume"], capsys)
+    assert code == 0, err
+    assert "reusing 5 generated Fill50k samples" in err and "generating" not in err
+    assert (training / "prompt.json").stat().st_mtime_ns == stamp
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    code, err = run_cli(main, args + ["--generate-n", "3"], capsys)  # fewer than --val-count + --batch-size
+    assert code == 2 and "--generate-n 3: need at least" in err
+    bad_sd = ["--sd", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "never")]
+    code, err = run_cli(main, bad_sd + args[4:], capsys)  # a bad --sd fails before any generation
+    assert code == 2 and "nope.ckpt" in err and not (tmp_path / "never").exists()
+
+
+def test_fit_ddp_on_cpu(sd_ckpt, tmp_path):
+    """--devices 2 runs Lightning's DDP (gloo on CPU), the multi-GPU code path: the data set is generated
+    once (the second rank, started by Lightning at fit time, reuses it) and rank 0 alone exports."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, str(REPO / "p3_controlnet" / "train.py"), "--sd", str(sd_ckpt), "--out", str(out),
+                        "--size", str(SIZE), "--generate-n", "8", "--max-steps", "2", "--batch-size", "2",
+                        "--sample-every", "2", "--sample-steps", "1", "--val-count", "2", "--num-workers", "0",
+                        "--accelerator", "cpu", "--devices", "2", "--quiet"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done at step 2") == 1
+    assert "distributed_backend=gloo" in r.stderr or "world_size=2" in r.stderr
+    assert r.stderr.count("generating 8 Fill50k samples") == 1 and r.stderr.count("reusing 8 generated") == 1
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
+    assert (out / "samples" / "step_000002.png").is_file() and (out / "controlnet").is_dir()
