@@ -2,7 +2,7 @@
 """Zero-shot image classification with CLIP (open_clip) from a local weights file.
 
     python p5_personalization/clip_zeroshot.py --data hw2_data/clip_zeroshot/val \\
-        --labels hw2_data/clip_zeroshot/id2label.json --model ViT-B-32 --weights ViT-B-32.pt --out runs/p5_zeroshot
+        --labels hw2_data/clip_zeroshot/id2label.json --model ViT-B-32 --weights ViT-B-32.pt [--out runs/p5_zeroshot]
 
 --data holds `<classid>_<n>.png` files; --labels maps class ids ("0", "1", ...) to class names. Every
 class name is put into each prompt template; a class's text embedding is the normalised mean of its
@@ -10,7 +10,7 @@ templates' normalised embeddings (prompt ensembling, Radford et al. 2021). The i
 class of highest cosine similarity; confidence is the softmax of CLIP's scaled logits.
 
 Accuracy is measured for each template alone and for the ensemble, in one pass over the images.
-Writes to --out:
+Writes to --out (default runs/p5_zeroshot, relative to the current folder):
   predictions.csv   file, true id/label, predicted id/label, confidence, correct (the ensemble's predictions)
   summary.json      accuracy of every single template and of the ensemble, model, weights, counts
   cases.png         5 successes and 5 failures (most confident of each) with true label, prediction, confidence
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from common.device import autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
-from p5_personalization.clip_utils import encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
+from common.clip_loading import encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
 
 # "A photo of a {}." is the course's single template; the others are a short ensemble in the spirit of
 # CLIP's ImageNet prompt set (photos of objects and animals at different qualities and sizes)
@@ -50,6 +50,7 @@ DEFAULT_TEMPLATES = (
     "a good photo of a {}.",
     "a cropped photo of a {}.",
 )
+DEFAULT_OUT = "runs/p5_zeroshot"
 FILE_RE = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 
@@ -158,11 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip architecture (ViT-B-32, ViT-L-14, ...) or a JSON file with a model config")
     p.add_argument("--weights", required=True, help="local CLIP weights: OpenAI .pt or open_clip .safetensors/.bin/.pt")
     p.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto",
-                   help="QuickGELU activations (OpenAI's models use them); auto: on for OpenAI files (see clip_utils)")
+                   help="QuickGELU activations (OpenAI's models use them); auto: on for OpenAI files (see common/clip_loading.py)")
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with one '{}' for the class name, or text files of one template a line "
                         f"(default: {len(DEFAULT_TEMPLATES)} built-in templates, the first being 'A photo of a {{}}.')")
-    p.add_argument("--out", required=True, help="output folder (predictions.csv, summary.json, cases.png)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output folder for predictions.csv, summary.json and cases.png (default: {DEFAULT_OUT})")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

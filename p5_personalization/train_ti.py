@@ -16,8 +16,9 @@ the text encoder. SD is loaded offline as P3 does (common.stable_diffusion; --sd
 Several concepts at once: repeat --images/--token/--init-word (and --property) once per concept. With
 --method ti they are independent embeddings trained side by side; with --method joint-kv the
 cross-attention key and value projections of the UNet are fine-tuned too, shared by the concepts (the
-multi-concept recipe of Custom Diffusion, Kumari et al. 2023), which composes both concepts in one prompt
-better than two independently learned embeddings.
+multi-concept recipe of Custom Diffusion, Kumari et al. 2023, meant to help several concepts appear
+together in one prompt; the real-image regularisation of that paper is not implemented). No comparison
+of the two methods has been run here: score both with scripts/evaluate_ti.py to see which composes better.
 
 Writes to --out (the folder hw2_ti.sh reads):
   <token name>.safetensors / .json   the learned vectors in diffusers' textual-inversion format (+ how)
@@ -43,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from common.device import setup_cuda_fast_math  # noqa: E402
+from common.device import autocast, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
@@ -266,22 +267,31 @@ class TextualInversionModule(pl.LightningModule):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, resolution: int = 512):
-        """Images in [-1, 1] from the current embeddings (DDIM, classifier-free guidance)."""
+        """Images in [-1, 1] from the current embeddings (DDIM, classifier-free guidance).
+
+        Called from a callback, outside Lightning's autocast, so it opens the same one itself: with the UNet
+        held in bf16 that is bf16 autocast, which also lets joint-kv's fp32 K/V weights take bf16 inputs."""
         sd = self.sd
         was_training = sd.text_encoder.training
         sd.text_encoder.eval()
+        amp = sd.unet.dtype if sd.unet.dtype != torch.float32 else None
         try:
-            texts = [expand_prompt(p, self.num_vectors) for p in prompts]
-            cond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, texts, self.device).to(sd.unet.dtype)
-            uncond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""] * len(texts), self.device).to(sd.unet.dtype)
-            f = sd.vae_scale_factor
-            lat = sdlib.initial_latents([seed + i for i in range(len(texts))], (sd.unet.config.in_channels,
-                                        resolution // f, resolution // f), self.device, sd.unet.dtype)
-            sched = sdlib.make_ddim_scheduler(sd.noise_scheduler)
-            lat = sdlib.sample_latents(sd.unet, sched, lat, cond, uncond, steps=steps, guidance=guidance)
-            return sdlib.decode_latents(sd.vae, lat)
+            with autocast(self.device, amp):
+                return self._sample(prompts, seed, steps, guidance, resolution)
         finally:
             sd.text_encoder.train(was_training)
+
+    def _sample(self, prompts: list[str], seed: int, steps: int, guidance: float, resolution: int) -> torch.Tensor:
+        sd = self.sd
+        texts = [expand_prompt(p, self.num_vectors) for p in prompts]
+        cond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, texts, self.device).to(sd.unet.dtype)
+        uncond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""] * len(texts), self.device).to(sd.unet.dtype)
+        f = sd.vae_scale_factor
+        lat = sdlib.initial_latents([seed + i for i in range(len(texts))], (sd.unet.config.in_channels,
+                                    resolution // f, resolution // f), self.device, sd.unet.dtype)
+        sched = sdlib.make_ddim_scheduler(sd.noise_scheduler)
+        lat = sdlib.sample_latents(sd.unet, sched, lat, cond, uncond, steps=steps, guidance=guidance)
+        return sdlib.decode_latents(sd.vae, lat)
 
 
 class ExportEmbeddings(Callback):
@@ -329,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", type=int, default=1, help="embedding vectors per token (multi-vector tokens)")
     p.add_argument("--method", choices=METHODS, default="ti",
                    help="ti: only the token vectors learn; joint-kv: also the UNet's cross-attention K/V, shared "
-                        "by the concepts (better composition of several concepts in one prompt)")
+                        "by the concepts (Custom Diffusion's multi-concept recipe, designed for prompts that "
+                        "combine several concepts; not measured against ti here)")
     p.add_argument("--out", required=True, help="folder for the learned embeddings (what hw2_ti.sh reads)")
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")

@@ -10,7 +10,8 @@ Metrics (each needs only what is named; a missing piece is reported by name and 
                nearer the prompt's circle colour than its background colour (Fill50k prompts only; no
                weights). A cheap stand-in for the course's segmentation overlap, not the course metric.
   clip_score   mean CLIP cosine(image, prompt), also x100 clipped at 0 (torchmetrics' CLIPScore scale);
-               open_clip with --clip-arch and the local --clip-weights file.
+               open_clip architecture --clip-arch with the local --clip-weights file: OpenAI's TorchScript
+               ViT-B-32.pt (QuickGELU on) or an open_clip checkpoint (common/clip_loading.py, as P5 loads it).
   fid          Frechet Inception Distance between --pred and --gt; InceptionV3 from torch-fidelity with
                the local --fid-weights file (torch-fidelity's pt_inception-2015-12-05 weights).
   sam2_iou_x_clip  the course's score as we read it: mean over images of IoU(SAM2 mask of the circle in
@@ -82,28 +83,18 @@ def load_items(prompts: Path | None, pred: Path) -> list[dict]:
     return items
 
 
-def clip_scores(model, preprocess, tokenizer, images: list[np.ndarray], prompts: list[str], device) -> np.ndarray:
+def clip_scores(bundle, images: list[np.ndarray], prompts: list[str], batch_size: int = 32) -> np.ndarray:
+    """(N,) CLIP cosine of each image with its prompt; `bundle` from common.clip_loading.load_clip."""
     from PIL import Image
+
+    from common.clip_loading import encode_images, encode_texts
     out = []
-    with torch.no_grad():
-        for i in range(0, len(images), 32):
-            x = torch.stack([preprocess(Image.fromarray(im)) for im in images[i:i + 32]]).to(device)
-            t = tokenizer(prompts[i:i + 32]).to(device)
-            fi = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-            ft = torch.nn.functional.normalize(model.encode_text(t).float(), dim=-1)
-            out.append((fi * ft).sum(-1).cpu())
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([bundle.preprocess(Image.fromarray(im)) for im in images[i:i + batch_size]])
+        fi = encode_images(bundle, x)
+        ft = encode_texts(bundle, prompts[i:i + batch_size])
+        out.append((fi * ft).sum(-1).cpu())
     return torch.cat(out).numpy()
-
-
-def load_open_clip(arch: str, weights: str, device):
-    import open_clip
-    if not Path(weights).is_file():
-        raise UserError(f"{weights}: --clip-weights file not found")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
-    except RuntimeError as e:
-        raise UserError(f"{weights}: does not fit open_clip {arch} ({str(e).splitlines()[0]}); set --clip-arch") from None
-    return model.eval(), preprocess, open_clip.get_tokenizer(arch)
 
 
 def inception_features(images: list[np.ndarray], weights: str, device) -> np.ndarray:
@@ -148,8 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of generated images (OUT_DIR of hw2_3.sh)")
     p.add_argument("--gt", default=None, help="folder of target images (fill50k/testing/target)")
     p.add_argument("--prompts", default=None, help="prompt.json naming the images and their prompts")
-    p.add_argument("--clip-weights", default=None, help="local open_clip checkpoint file for the CLIP score")
-    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--clip-weights", default=None,
+                   help="local CLIP weights for the CLIP score: OpenAI's TorchScript .pt (ViT-B-32.pt) or an "
+                        "open_clip .safetensors/.bin/.pt")
+    p.add_argument("--clip-arch", default="ViT-B-32",
+                   help="open_clip architecture of --clip-weights (ViT-B-32, ViT-L-14, ...) or a JSON model config")
+    p.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto",
+                   help="QuickGELU activations (OpenAI's models use them); auto: on for TorchScript archives, file "
+                        "names containing 'openai' and -quickgelu architectures")
     p.add_argument("--fid-weights", default=None, help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--sam2-checkpoint", default=None, help="local SAM2 checkpoint (e.g. sam2.1_hiera_small.pt)")
     p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_s.yaml", help="its sam2 config name")
@@ -198,12 +195,14 @@ def main(argv=None) -> dict:
         skipped.append("colour_iou: needs --gt and --prompts with Fill50k prompts ('<colour> circle with <colour> background')")
 
     if args.clip_weights and all(prompts):
-        model, preprocess, tokenizer = load_open_clip(args.clip_arch, args.clip_weights, device)
-        clip = clip_scores(model, preprocess, tokenizer, pred_imgs, prompts, device)
+        from common.clip_loading import load_clip
+        bundle = load_clip(args.clip_arch, args.clip_weights, device, args.quick_gelu, model_flag="--clip-arch",
+                           weights_flag="--clip-weights")
+        clip = clip_scores(bundle, pred_imgs, prompts)
         results["clip_cosine"] = float(clip.mean())
         results["clip_score"] = float(100 * np.clip(clip, 0, None).mean())
     else:
-        skipped.append("clip_score: needs --prompts and --clip-weights (a local open_clip checkpoint of --clip-arch)")
+        skipped.append("clip_score: needs --prompts and --clip-weights (a local CLIP weights file of --clip-arch)")
 
     if gt_imgs is not None and args.fid_weights:
         if len(items) < 2:

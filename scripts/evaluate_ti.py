@@ -115,10 +115,11 @@ def main(argv=None) -> dict:
                 raise UserError(f"{gen_dir}: no generated images for concept {case.key!r}, prompt {p}")
             jobs.append((case, p, photos, gen))
 
-    from p5_personalization.clip_utils import encode_image_files, encode_texts, load_clip
+    from common.clip_loading import encode_image_files, encode_texts, load_clip
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)
-    bundle = load_clip(args.clip_model, args.clip_weights, device, args.quick_gelu)
+    bundle = load_clip(args.clip_model, args.clip_weights, device, args.quick_gelu, model_flag="--clip-model",
+                       weights_flag="--clip-weights")
     photo_cache: dict[Path, torch.Tensor] = {}
     results = []
     for case, p, photos, gen in jobs:

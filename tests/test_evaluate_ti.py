@@ -134,7 +134,7 @@ def test_cli_scores_and_report(ti_setup, tmp_path, capsys):
     assert set(multi["image_score_per_concept"]) == {"dog", "1"}
     assert multi["image_score"] == pytest.approx(np.mean(list(multi["image_score_per_concept"].values())))
     # text score agrees with a direct computation
-    from p5_personalization.clip_utils import encode_image_files, encode_texts, load_clip
+    from common.clip_loading import encode_image_files, encode_texts, load_clip
     b = load_clip(str(cfg), weights)
     gen = sorted((root / "gen" / "0" / "0").glob("*.png"))[:1]
     direct = 100 * float(encode_image_files(b, gen)[0] @ encode_texts(b, ["a dog on grass"])[0])

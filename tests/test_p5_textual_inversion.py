@@ -356,3 +356,20 @@ def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys):
         images[prec] = np.asarray(Image.open(tmp_path / prec / "1" / "0" / "source1_prompt0_0.png")).astype(int)
     diff = np.abs(images["fp32"] - images["bf16"])
     assert 0 < diff.mean() < 6                       # bf16 rounding (about 1.8 here), not a different image
+
+
+def test_joint_kv_bf16_training_writes_samples(tiny_sd, photos, tmp_path):
+    """CUDA's default (bf16, UNet held in bf16) with joint-kv keeps the trained K/V weights in fp32; the samples
+    taken during training must run with them (they once failed with a dtype mismatch in attn2.to_k)."""
+    from p5_personalization import train_ti
+    out = tmp_path / "emb"
+    r = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--method", "joint-kv",
+                                 "--precision", "bf16", "--steps", "2", "--sample-every", "1", "--sample-steps", "2"))
+    module = r["module"]
+    assert module.sd.unet.dtype == torch.bfloat16
+    kv = list(module.kv.values())
+    assert kv and all(p.dtype == torch.float32 for p in kv)
+    for step in (1, 2):
+        with Image.open(out / "runs" / "new1_joint-kv" / "samples" / f"step_{step:06d}.png") as grid:
+            pixels = np.asarray(grid.convert("RGB"))
+        assert grid.width >= TINY_IMAGE and pixels.std() > 0       # an image, not a blank

@@ -76,7 +76,7 @@ def zeroshot_data(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_weight_formats_load_the_same_model(tmp_path):
     """open_clip safetensors, a torch.save'd 'state_dict' with DDP prefixes and an OpenAI-style TorchScript archive."""
-    from p5_personalization.clip_utils import encode_texts, load_clip
+    from common.clip_loading import encode_texts, load_clip
     cfg, st = write_tiny_clip(tmp_path, "tiny-fmt", seed=3, fmt="safetensors")
     _, pt = write_tiny_clip(tmp_path, "tiny-fmt", seed=3, fmt="pt")
     _, jit = write_tiny_clip(tmp_path, "tiny-fmt", seed=3, fmt="jit")
@@ -94,7 +94,7 @@ def test_weight_formats_load_the_same_model(tmp_path):
 
 def test_zeroshot_csv_summary_and_figure_agree(tiny_clip, zeroshot_data, tmp_path, capsys):
     from p5_personalization import clip_zeroshot
-    from p5_personalization.clip_utils import encode_images, encode_texts, load_clip
+    from common.clip_loading import encode_images, encode_texts, load_clip
     cfg, weights = tiny_clip
     out = tmp_path / "out"
     templates = ["A photo of a {}.", "a drawing of a {}."]
@@ -141,6 +141,22 @@ def test_single_template_ensemble_equals_that_template(tiny_clip, zeroshot_data,
     assert code == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["ensemble"]["accuracy"] == s["single_template"][0]["accuracy"]
+
+
+def test_issue_command_line_without_out_writes_the_default_folder(tiny_clip, zeroshot_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """The command line of the issue (--data --labels --model --weights, no --out) runs."""
+    from p5_personalization import clip_zeroshot
+    cfg, weights = tiny_clip
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(clip_zeroshot.main, ["--data", str(zeroshot_data / "val"), "--labels",
+                                             str(zeroshot_data / "id2label.json"), "--model", str(cfg),
+                                             "--weights", str(weights), "--quiet"], capsys)
+    assert code == 0, err
+    out = tmp_path / clip_zeroshot.DEFAULT_OUT
+    assert out == tmp_path / "runs" / "p5_zeroshot"
+    assert {f.name for f in out.iterdir()} == {"predictions.csv", "summary.json", "cases.png"}
+    assert "runs/p5_zeroshot" in clip_zeroshot.build_parser().format_help()
 
 
 def test_zeroshot_bad_inputs(tiny_clip, zeroshot_data, tmp_path, capsys):

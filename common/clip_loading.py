@@ -1,16 +1,18 @@
-"""CLIP from a local weights file, never downloaded: the zero-shot classifier and the textual-inversion grader.
+"""CLIP from a local weights file, never downloaded: shared by P3 (the ControlNet CLIP score,
+scripts/evaluate_controlnet.py) and P5 (the zero-shot classifier and the textual-inversion grader).
 
 `load_clip(model, weights)` builds the open_clip architecture named by `model` (a built-in name such as
 ViT-B-32, or a JSON file holding a model config) with random weights, then loads the state dict read
 from `weights`:
-  * OpenAI's TorchScript archives (ViT-B-32.pt, ViT-L-14.pt from the CLIP repository),
+  * OpenAI's TorchScript archives (ViT-B-32.pt, ViT-L-14.pt from the CLIP repository; their weights are
+    fp16 and are loaded into an fp32 model),
   * open_clip checkpoints (.safetensors / .bin / .pt; a plain state dict, or one under 'state_dict').
 A file whose tensors do not match the architecture fails with one line naming both.
 
-OpenAI's models (and open_clip's re-releases of them) were trained with QuickGELU. `--quick-gelu auto`
-turns it on for TorchScript archives, for file names containing "openai" and for `-quickgelu` model
-names; other files (e.g. an OpenAI model re-saved as open_clip_pytorch_model.bin) need `--quick-gelu on`,
-or the features are subtly wrong (accuracy drops by a few points; nothing fails).
+OpenAI's models (and open_clip's re-releases of them) were trained with QuickGELU. `quick_gelu="auto"`
+(`--quick-gelu auto`) turns it on for TorchScript archives, for file names containing "openai" and for
+`-quickgelu` model names; other files (e.g. an OpenAI model re-saved as open_clip_pytorch_model.bin) need
+`--quick-gelu on`, or the features are subtly wrong (accuracy drops by a few points; nothing fails).
 """
 from __future__ import annotations
 
@@ -51,12 +53,11 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
-    """(state dict, is an OpenAI TorchScript archive) of a CLIP weights file."""
+def read_clip_state_dict(path: str | os.PathLike, flag: str = "--weights") -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, is an OpenAI TorchScript archive) of a CLIP weights file; `flag` names it in errors."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: CLIP weights file not found (pass a local file with --weights / --clip-weights; "
-                        f"nothing is downloaded)")
+        raise UserError(f"{path}: {flag} file not found (a local CLIP weights file; nothing is downloaded)")
     jit = False
     try:
         if path.suffix == ".safetensors":
@@ -81,7 +82,7 @@ def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     return sd, jit
 
 
-def _resolve_model_name(model: str) -> str:
+def _resolve_model_name(model: str, flag: str = "--model") -> str:
     import open_clip
     if model.endswith(".json"):
         p = Path(model)
@@ -98,19 +99,20 @@ def _resolve_model_name(model: str) -> str:
         model = p.stem
     if model not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:6]
-        raise UserError(f"--model {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
+        raise UserError(f"{flag} {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
                         f"or a JSON config file)")
     cfg = open_clip.get_model_config(model)
     text_cfg = cfg.get("text_cfg", {})
     if "hf_tokenizer_name" in text_cfg or "hf_model_name" in text_cfg:
-        raise UserError(f"--model {model}: uses a Hugging Face text tower/tokenizer, which would be downloaded; "
+        raise UserError(f"{flag} {model}: uses a Hugging Face text tower/tokenizer, which would be downloaded; "
                         f"use a CLIP architecture with open_clip's own tokenizer (e.g. ViT-B-32, ViT-L-14)")
     if "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise UserError(f"--model {model}: uses a timm image tower; only open_clip's own towers are supported offline")
+        raise UserError(f"{flag} {model}: uses a timm image tower; only open_clip's own towers are supported offline")
     return model
 
 
-def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, name: str) -> dict:
+def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, name: str,
+                    flag: str = "--model") -> dict:
     from open_clip.model import convert_to_custom_text_state_dict
     if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
         sd = convert_to_custom_text_state_dict(sd)
@@ -136,19 +138,23 @@ def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: s
             detail.append(f"{len(bad)} of another shape (e.g. {k}: file {tuple(sd[k].shape)}, "
                           f"model {tuple(own[k].shape)})")
         raise UserError(f"{path}: weights do not fit the open_clip model {name}: {'; '.join(detail)} "
-                        f"(pass the --model these weights belong to)")
+                        f"(pass the {flag} these weights belong to)")
     return {k: v.to(own[k].dtype) for k, v in sd.items()}
 
 
 def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str = "cpu",
-              quick_gelu: str = "auto") -> ClipBundle:
-    """An open_clip CLIP of architecture `model` with the weights in `weights`; never downloads."""
+              quick_gelu: str = "auto", model_flag: str = "--model", weights_flag: str = "--weights") -> ClipBundle:
+    """An open_clip CLIP of architecture `model` with the weights in `weights`; never downloads.
+
+    `model_flag` / `weights_flag` are the caller's command-line flags, named in the error messages."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
-    name = _resolve_model_name(model)
-    sd, jit = read_clip_state_dict(weights)
+    name = _resolve_model_name(model, model_flag)
+    sd, jit = read_clip_state_dict(weights, weights_flag)
     if quick_gelu == "auto":
-        use_qg = jit or "openai" in Path(weights).name.lower() or name.endswith("-quickgelu")
+        # -quickgelu architectures (and JSON configs) say so in their config
+        use_qg = (jit or "openai" in Path(weights).name.lower()
+                  or bool(open_clip.get_model_config(name).get("quick_gelu", False)))
     elif quick_gelu in ("on", "off"):
         use_qg = quick_gelu == "on"
     else:
@@ -156,11 +162,12 @@ def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(max(quiet, logging.ERROR))  # open_clip warns that the new model is random
     try:
-        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_qg, pretrained_image=False,
-                                      pretrained_text=False, device="cpu")
+        # quick_gelu as a model argument overrides the config both ways (force_quick_gelu can only turn it on)
+        clip = open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False,
+                                      device="cpu", quick_gelu=use_qg)
     finally:
         logging.getLogger().setLevel(quiet)
-    clip.load_state_dict(_fit_state_dict(clip, sd, str(weights), name), strict=True)
+    clip.load_state_dict(_fit_state_dict(clip, sd, str(weights), name, model_flag), strict=True)
     device = torch.device(device)
     clip = clip.to(device).eval().requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(clip)
