@@ -383,3 +383,27 @@ def test_fit_ddp_on_cpu(sd_ckpt, tmp_path):
     assert r.stderr.count("generating 8 Fill50k samples") == 1 and r.stderr.count("reusing 8 generated") == 1
     assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
     assert (out / "samples" / "step_000002.png").is_file() and (out / "controlnet").is_dir()
+
+
+def test_demo_p3_trains_a_demo_controlnet_when_none_is_given(sd_ckpt, tmp_path):
+    """make demo's P3 section: without SD it says what it needs; with SD and no ControlNet it trains a short one
+    (forced here with P3_DEMO_TRAIN=1: on CUDA that is the default) and then generates, scores and draws."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_PATH", "CONTROLNET", "CLIP_WEIGHTS", "FID_WEIGHTS")}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, P3_DEMO_SIZE=str(SIZE), CONTROLNET=str(tmp_path / "none"))
+    script = str(REPO / "scripts" / "demo_p3.sh")
+    r = subprocess.run(["bash", script], capture_output=True, text=True, env=dict(env, OUT=str(tmp_path / "a")))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SD_PATH is not set" in r.stdout and not (tmp_path / "a" / "p3").exists()
+    r = subprocess.run(["bash", script], capture_output=True, text=True,
+                       env=dict(env, OUT=str(tmp_path / "b"), SD_PATH=str(sd_ckpt), P3_DEMO_TRAIN="0"))
+    assert r.returncode == 0 and "no trained ControlNet" in r.stdout and not (tmp_path / "b" / "p3_run").exists()
+    out = tmp_path / "c"
+    r = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600,
+                       env=dict(env, OUT=str(out), SD_PATH=str(sd_ckpt), P3_DEMO_TRAIN="1", P3_DEMO_STEPS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "p3_run" / "controlnet" / "config.json").is_file()
+    lines = [json.loads(line) for line in (out / "p3_fill50k" / "testing" / "prompt.json").read_text().splitlines()]
+    assert sorted(os.listdir(out / "p3")) == sorted(d["target"] for d in lines) and len(lines) == 20
+    assert _read(out / "p3" / lines[0]["target"])[:2] == ("RGB", (SIZE, SIZE))
+    assert "colour_iou" in json.loads((out / "p3_scores.json").read_text())
+    assert (out / "p3_figs" / "two_circles.png").is_file()
