@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from common.device import autocast, setup_cuda_fast_math  # noqa: E402
+from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir, write_text_atomic  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    precision = {"auto": "bf16-mixed" if accelerator == "gpu" else "32-true", "32": "32-true", "bf16": "bf16-mixed"}[args.precision]
+    precision = lightning_precision(accelerator, args.precision)
     frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
     if args.data is None and args.generate_n < args.val_count + args.batch_size:

@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from common.device import autocast, setup_cuda_fast_math  # noqa: E402
+from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise UserError("--accelerator gpu: CUDA is not available on this machine")
-    precision = args.precision if args.precision != "auto" else ("bf16" if accelerator == "gpu" else "32")
+    precision = lightning_precision(accelerator, args.precision)
     ckpt_grad = args.gradient_checkpointing if args.gradient_checkpointing is not None else accelerator == "gpu"
     run_name = "_".join(token_file_stem(c["token"]) for c in concepts) + ("_joint-kv" if args.method == "joint-kv" else "")
     run_dir = out / "runs" / run_name
@@ -410,10 +410,10 @@ def main(argv=None) -> dict:
                              args.steps)
     data.setup()  # decode every photo now: a bad file fails before anything is written
     module = TextualInversionModule(args.sd, concepts, args.method, args.lr, args.kv_lr, args.weight_decay,
-                                    args.warmup_steps, ckpt_grad, "bf16" if precision == "bf16" else "fp32", args.seed)
+                                    args.warmup_steps, ckpt_grad, "bf16" if precision == "bf16-mixed" else "fp32", args.seed)
     ensure_dir(run_dir)
     info = {"method": args.method, "sd": str(args.sd), "concepts": concepts, "resolution": args.resolution,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": precision}
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": precision.split("-")[0]}
     prompts = args.sample_prompt or [TEMPLATES[c["property"]][0].format(c["token"]) for c in concepts]
     export = ExportEmbeddings(out, run_dir, info, args.save_every, args.sample_every, prompts, args.sample_steps,
                               args.resolution, args.seed)
@@ -421,7 +421,7 @@ def main(argv=None) -> dict:
                            every_n_train_steps=args.save_every, auto_insert_metric_name=False)
     devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, precision={"32": "32-true", "bf16": "bf16-mixed"}[precision],
+        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
         max_steps=args.steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         logger=CSVLogger(run_dir, name="logs"), log_every_n_steps=min(25, args.steps), callbacks=[ckpt, export],
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=not args.quiet,
