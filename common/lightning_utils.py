@@ -1,5 +1,5 @@
-"""Lightning pieces shared by the trainers: atomic checkpoint files, an EMA copy of a model, and the
-command-line flags every trainer has (devices, precision, resume, seed)."""
+"""Lightning pieces shared by the trainers: atomic checkpoint files, the `last.ckpt` callback, an EMA copy of
+a model, and the command-line flags every trainer has (devices, precision, resume, seed)."""
 from __future__ import annotations
 
 import copy
@@ -20,6 +20,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def last_checkpoint_callback(out: str | os.PathLike, every_n_train_steps: int):
+    """Writes `<out>/last.ckpt` every N optimiser steps, always to that name.
+
+    Lightning's version counter would write `last-v1.ckpt` beside an existing `last.ckpt` whenever the
+    callback's saved state is not restored, which happens when a run is resumed with another save interval
+    (Lightning keys that state by the interval); `--resume` would then silently read the stale `last.ckpt`."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    return ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
+                           every_n_train_steps=every_n_train_steps, auto_insert_metric_name=False,
+                           enable_version_counter=False)
 
 
 class EMA(torch.nn.Module):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
 from common.checkpoint import save_checkpoint  # noqa: E402
@@ -38,7 +38,7 @@ from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E40
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-samples", type=int, default=64, help="iclevr: validation label lists sampled for --judge")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the validation samples")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm to this (0: off); an i-CLEVR run at lr 5e-4 diverged without it")
     p.add_argument("--val-every", type=int, default=500, help="validate, export and sample every N steps")
     p.add_argument("--limit-val-batches", type=float, default=1.0)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
@@ -221,6 +223,8 @@ def main(argv=None) -> None:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()
@@ -268,8 +272,7 @@ def main(argv=None) -> None:
     if args.compile:
         module.model.compile()  # in place: parameter names (checkpoints, EMA) stay as they are
 
-    ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=args.val_every, auto_insert_metric_name=False)
+    ckpt = last_checkpoint_callback(out, args.val_every)
     devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, precision=lightning_precision(accelerator, args.precision),
@@ -277,6 +280,7 @@ def main(argv=None) -> None:
         max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.limit_val_batches,
         num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,
+        gradient_clip_val=args.grad_clip or None,
         callbacks=[ckpt, ExportAndSample(out, guidance=args.guidance, seed=args.seed, grid=grid, judge=judge,
                                           **sample_settings)], plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, default_root_dir=out,

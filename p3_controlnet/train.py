@@ -34,14 +34,14 @@ import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLI
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
 from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir, write_text_atomic  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p3_controlnet.data import Fill50kDataModule  # noqa: E402
 from p3_controlnet.make_fill50k import write_split  # noqa: E402
@@ -290,8 +290,7 @@ def main(argv=None) -> None:
         module.net.unet.compile()
 
     every_ckpt = args.checkpoint_every or args.sample_every
-    ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=every_ckpt, auto_insert_metric_name=False)
+    ckpt = last_checkpoint_callback(out, every_ckpt)
     devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, precision=precision, strategy=strategy,

@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar  # noqa: E402
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.device import lightning_precision  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p4_dann.augment import AugmentConfig, augment  # noqa: E402
 from p4_dann.data import DATASETS, MODES, DomainAdaptationData, check_dataset_name  # noqa: E402
@@ -300,8 +300,7 @@ def train(args) -> Path:
             "train": {**hyper, "aug_source": aug_config(args, "src").as_dict(),
                       "aug_target": aug_config(args, "tgt").as_dict()}}
     exporter = ExportBest(out, info)
-    ckpt = ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=args.val_every, auto_insert_metric_name=False)
+    ckpt = last_checkpoint_callback(out, args.val_every)
     callbacks = [ckpt, exporter]
     if args.refresh_rate > 0:
         callbacks.append(TQDMProgressBar(refresh_rate=args.refresh_rate))

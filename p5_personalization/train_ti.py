@@ -41,13 +41,13 @@ import common.stable_diffusion as sdlib  # noqa: E402  (sets the offline environ
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
 from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
 from common.seeding import sample_seed, seed_everything  # noqa: E402
 from p5_personalization.concepts import IMAGE_SUFFIXES, TOKEN_RE, token_file_stem  # noqa: E402
 from p5_personalization.textual_inversion import (KV_FILE, add_tokens, check_new_token,  # noqa: E402
@@ -417,8 +417,7 @@ def main(argv=None) -> dict:
     prompts = args.sample_prompt or [TEMPLATES[c["property"]][0].format(c["token"]) for c in concepts]
     export = ExportEmbeddings(out, run_dir, info, args.save_every, args.sample_every, prompts, args.sample_steps,
                               args.resolution, args.seed)
-    ckpt = ModelCheckpoint(dirpath=run_dir, filename="step{step:06d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=args.save_every, auto_insert_metric_name=False)
+    ckpt = last_checkpoint_callback(run_dir, args.save_every)
     devices, strategy = devices_and_strategy(args.devices)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,

@@ -158,6 +158,12 @@ def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
     second = load_unet(out / "model.safetensors")[0].state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
     assert (out / "best.safetensors").is_file() and (out / "samples" / "step_000004.png").is_file()
+    # resumed with another save interval (and no clipping): Lightning keys the checkpoint callback's state by
+    # the interval, so without a fixed name it would write last-v1.ckpt and a later --resume would read step 4
+    every3 = [("3" if prev == "--val-every" else a) for prev, a in zip([None] + base, base)]
+    _train(every3 + ["--max-steps", "6", "--grad-clip", "0", "--resume"])
+    ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 6 and not list(out.glob("last-v*.ckpt"))
 
 
 def test_train_ddp_on_cpu(digits_tree, tmp_path):
@@ -203,3 +209,6 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o"), "--resume",
                                      str(tmp_path / "no.ckpt")], capsys)
     assert code not in (0, None) and "no.ckpt" in err
+    code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o2"), "--grad-clip", "-1"],
+                        capsys)
+    assert code == 2 and "--grad-clip" in err and not (tmp_path / "o2").exists()
