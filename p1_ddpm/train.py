@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=20000, help="optimiser steps to train for")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 (digits), 64 (iclevr)")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate")
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the digit label (CFG)")
