@@ -196,12 +196,14 @@ def test_infer_grid_and_denoise(tiny_iclevr_checkpoint, tmp_path):
     from common.images import to_uint8
     from common.schedules import alphas_cumprod, make_betas
     from common.seeding import PerSampleNoise
+    from p1_ddpm.infer import ICLEVR_DEFAULTS
     from p1_ddpm.model import load_unet
     from p1_ddpm.samplers import generate
     assert np.array_equal(tile[0], to_uint8(PerSampleNoise(3, [0]).randn(3, 64, 64))[0])
     model, cfg = load_unet(tiny_iclevr_checkpoint)
     cond = multi_hot(["red sphere", "cyan cylinder", "cyan cube"], OBJECTS)[None]
-    final = generate(model, cond, [0], alphas_cumprod(make_betas("cosine")), 3, "ddim", 9, 3.0, eta=1.0)
+    final = generate(model, cond, [0], alphas_cumprod(make_betas("cosine")), 3, "ddim", 9,
+                     ICLEVR_DEFAULTS["guidance"], eta=1.0)
     assert np.array_equal(tile[-1], to_uint8(final)[0])
     assert all(not np.array_equal(a, b) for a, b in zip(tile, tile[1:]))
     # the grid's tiles are the images, and the same seed gives the same bytes
