@@ -30,8 +30,17 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 
+QUICK_GELU_CHOICES = ("auto", "on", "off")
+
 # keys OpenAI's TorchScript archives carry beside the weights
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def add_quick_gelu_flag(parser) -> None:
+    """The `--quick-gelu` flag of every command that loads CLIP with `load_clip`."""
+    parser.add_argument("--quick-gelu", choices=QUICK_GELU_CHOICES, default="auto",
+                        help="QuickGELU activations (OpenAI's models use them); auto: on for OpenAI's TorchScript "
+                             "archives, file names containing 'openai' and -quickgelu architectures")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from common.device import autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
-from common.clip_loading import encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
+from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
 
 # "A photo of a {}." is the course's single template; the others are a short ensemble in the spirit of
 # CLIP's ImageNet prompt set (photos of objects and animals at different qualities and sizes)
@@ -158,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32",
                    help="open_clip architecture (ViT-B-32, ViT-L-14, ...) or a JSON file with a model config")
     p.add_argument("--weights", required=True, help="local CLIP weights: OpenAI .pt or open_clip .safetensors/.bin/.pt")
-    p.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto",
-                   help="QuickGELU activations (OpenAI's models use them); auto: on for OpenAI files (see common/clip_loading.py)")
+    add_quick_gelu_flag(p)
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with one '{}' for the class name, or text files of one template a line "
                         f"(default: {len(DEFAULT_TEMPLATES)} built-in templates, the first being 'A photo of a {{}}.')")

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.clip_loading import add_quick_gelu_flag  # noqa: E402
 from common.datasets import load_image  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import write_text_atomic  # noqa: E402
@@ -144,9 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "open_clip .safetensors/.bin/.pt")
     p.add_argument("--clip-arch", default="ViT-B-32",
                    help="open_clip architecture of --clip-weights (ViT-B-32, ViT-L-14, ...) or a JSON model config")
-    p.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto",
-                   help="QuickGELU activations (OpenAI's models use them); auto: on for TorchScript archives, file "
-                        "names containing 'openai' and -quickgelu architectures")
+    add_quick_gelu_flag(p)
     p.add_argument("--fid-weights", default=None, help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--sam2-checkpoint", default=None, help="local SAM2 checkpoint (e.g. sam2.1_hiera_small.pt)")
     p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_s.yaml", help="its sam2 config name")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from common.clip_loading import add_quick_gelu_flag  # noqa: E402
 from common.device import autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import write_text_atomic  # noqa: E402
@@ -78,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="generated images: <key>/<prompt index>/*.png (what hw2_ti.sh writes)")
     p.add_argument("--clip-weights", required=True, help="local CLIP weights (OpenAI .pt or open_clip file)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (or a JSON config)")
-    p.add_argument("--quick-gelu", choices=("auto", "on", "off"), default="auto",
-                   help="QuickGELU activations; auto: on for OpenAI files")
+    add_quick_gelu_flag(p)
     p.add_argument("--top-k", type=int, default=TOP_K, help="images kept per prompt (by image + 2.5 x text)")
     p.add_argument("--report", default=None, help="write the scores as JSON here")
     p.add_argument("--strict", action="store_true", help="exit 1 when any prompt misses its baseline")
