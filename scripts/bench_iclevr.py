@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     body = "\n".join([
         "## i-CLEVR (multi-label conditional DDPM, rendered data)",
         "",
+        "Command: `python scripts/bench_iclevr.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+        "",
         f"Device: {device_name()}. Images: `p1_ddpm/render_iclevr.py` renders (the real i-CLEVR images and the lab's "
         "evaluator weights are not available), so every accuracy below is the lab's top-k accuracy judged by this "
         "project's own CNN (`checkpoints/iclevr_judge.safetensors`), not by the lab's evaluator.",
