@@ -1,4 +1,4 @@
-"""A compact conditional UNet that predicts the noise in x_t from (x_t, t, condition).
+"""A compact conditional UNet that predicts the noise in x_t (or v) from (x_t, t, condition).
 
 Conditioning is added to the time embedding and enters every residual block as a GroupNorm
 scale/shift (the "AdaGN" of Dhariwal & Nichol, 2021). Two condition encoders:
@@ -7,6 +7,15 @@ scale/shift (the "AdaGN" of Dhariwal & Nichol, 2021). Two condition encoders:
   "no condition" (learned embeddings), used for classifier-free guidance.
 * MultiHotCondition: a float (B, K) multi-hot vector; the all-zero vector means "no condition"
   (every real label list has at least one object).
+
+What the network predicts (config "prediction"):
+
+* "eps": the noise (Ho et al., 2020); the P1 digits default.
+* "v": v = sqrt(a) * eps - sqrt(1 - a) * x0 (Salimans & Ho, 2022), a = alpha_bar_t. Where the signal is
+  nearly gone (cosine schedule: a = 2.4e-9 at t = 999), an eps network's x0 = (x_t - sqrt(1-a) eps) / sqrt(a)
+  multiplies its error by 1 / sqrt(a), and the eps loss barely weighs x0 there, so the layout and colours
+  decided at those steps are poorly learnt; v keeps x0's weight near 1 at every t. The samplers take eps,
+  so `eps_from_output` converts.
 """
 from __future__ import annotations
 
@@ -18,8 +27,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_into, read_checkpoint
+from common.errors import UserError
 
 CHECKPOINT_KIND = "p1_ddpm.ConditionalUNet"
+PREDICTIONS = ("eps", "v")
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the network is trained to output for x_t = sqrt(a) x0 + sqrt(1-a) noise (alpha_bar broadcastable)."""
+    if prediction == "eps":
+        return noise
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+def eps_from_output(out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The noise implied by the network's output (eps: itself; v: sqrt(a) v + sqrt(1-a) x_t)."""
+    if prediction == "eps":
+        return out
+    return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -122,12 +147,14 @@ class ConditionalUNet(nn.Module):
     def __init__(self, image_size: int = 28, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128),
                  num_res_blocks: int = 2, attention_levels: tuple[int, ...] = (2,), dropout: float = 0.1,
                  condition: str = "digits", num_classes: int = 10, num_domains: int = 2, num_labels: int = 24,
-                 patch_size: int = 1):
+                 patch_size: int = 1, prediction: str = "eps"):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         self.config = dict(image_size=image_size, in_channels=in_channels, channels=list(channels), patch_size=patch_size,
                            num_res_blocks=num_res_blocks, attention_levels=list(attention_levels),
                            dropout=dropout, condition=condition, num_classes=num_classes,
-                           num_domains=num_domains, num_labels=num_labels)
+                           num_domains=num_domains, num_labels=num_labels, prediction=prediction)
         ch0 = channels[0]
         emb_dim = 4 * ch0
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -198,7 +225,10 @@ class ConditionalUNet(nn.Module):
 def load_unet(path: str | Path, device: torch.device | str = "cpu") -> tuple[ConditionalUNet, dict]:
     """Build a ConditionalUNet from a checkpoint written by p1_ddpm/train.py; returns (model, full config)."""
     state, config = read_checkpoint(path, CHECKPOINT_KIND)
-    model = ConditionalUNet(**config["model"])
+    try:
+        model = ConditionalUNet(**config["model"])  # files from before "prediction" existed predict eps
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad model config: {e}") from None
     load_into(model, state, path)
     # channels_last: faster convolutions with oneDNN on CPU (~15% here) and with cuDNN on GPU
     return model.to(device, memory_format=torch.channels_last).eval(), config

@@ -19,23 +19,31 @@ from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
 from common.seeding import PerSampleNoise
+from p1_ddpm.model import eps_from_output
 
 SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
 
 
-def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float,
+def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, alphas_cumprod: torch.Tensor,
                   autocast_ctx: Callable = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """eps_fn(x, t) for the samplers: one forward of [cond; uncond] and the guidance combination."""
+    """eps_fn(x, t) for the samplers: one forward of [cond; uncond] and the guidance combination
+    (on the network's output: for a v network that is the same as guiding eps, both being affine in it)."""
     ctx = autocast_ctx or contextlib.nullcontext
     null = model.cond.null_like(cond)
+    prediction = model.config.get("prediction", "eps")
+    ab_all = alphas_cumprod.to(torch.float64)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with ctx():
             if guidance == 1.0:
-                return model(x, t, cond).float()
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float()
-        eps_c, eps_u = out.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
+                out = model(x, t, cond).float()
+            else:
+                out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).float().chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+        if prediction == "eps":
+            return out
+        ab = ab_all[t.cpu()].to(x.device)[:, None, None, None]  # float64: 1 - a at t = 999 needs the digits
+        return eps_from_output(out.double(), x.double(), ab, prediction).float()
 
     return eps_fn
 
@@ -140,7 +148,7 @@ def generate(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod
         c = cond[start:start + batch_size].to(device)
         noise = PerSampleNoise(seed, idx, device)
         x_T = noise.randn(*shape).contiguous(memory_format=torch.channels_last)
-        eps_fn = guided_eps_fn(model, c, guidance, autocast_ctx)
+        eps_fn = guided_eps_fn(model, c, guidance, alphas_cumprod, autocast_ctx)
         outs.append(run_sampler(sampler, eps_fn, x_T, alphas_cumprod, noise, steps, eta, clip_x0,
                                 callback=callback).float().cpu())
         pbar.update(len(idx))

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from pytorch_lightning.callbacks import Callback  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 
-from common.checkpoint import save_checkpoint  # noqa: E402
+from common.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
@@ -41,28 +41,33 @@ from common.images import save_grid, to_uint8  # noqa: E402
 from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
-from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet  # noqa: E402
+from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target  # noqa: E402
 from p1_ddpm.samplers import generate  # noqa: E402
 
 
 TASKS = ("digits", "iclevr")
 TASK_DEFAULTS = {
-    "digits": dict(batch_size=128, schedule="linear", channels="48,96", patch_size=2),
+    "digits": dict(batch_size=128, schedule="linear", channels="48,96", patch_size=2, prediction="eps"),
     # patch 2 into 32 channels: with patch 4 (48 values) into 64 channels the output head cannot pass the
     # noise through (SiLU needs ~2 channels per signed value) and samples stay pure noise (ICLEVR.md)
-    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2),
+    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2, prediction="eps"),
 }
 
 
 class DiffusionModule(pl.LightningModule):
-    """Noise-prediction training with condition dropout (for classifier-free guidance) and an EMA copy."""
+    """Noise (or v) prediction training with condition dropout (for classifier-free guidance) and an EMA copy.
+
+    init_state: weights to start from (--init-from), loaded into the model before the EMA copies it."""
 
     def __init__(self, model_config: dict, schedule: str = "linear", num_train_steps: int = 1000,
                  lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 500, ema_decay: float = 0.999,
-                 p_uncond: float = 0.15, p_drop_domain: float = 0.05, channels_last: bool = False):
+                 p_uncond: float = 0.15, p_drop_domain: float = 0.05, channels_last: bool = False,
+                 init_state: dict | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_state"])
         self.model = ConditionalUNet(**model_config)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
         self.ema = EMA(self.model, ema_decay)
         self.register_buffer("alphas_cumprod", alphas_cumprod(make_betas(schedule, num_train_steps)), persistent=False)
         if channels_last:
@@ -78,7 +83,8 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
         ab = self.alphas_cumprod[t].float()[:, None, None, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        return F.mse_loss(model(x_t, t, cond).float(), noise)
+        target = training_target(x0, noise, ab, model.config["prediction"])
+        return F.mse_loss(model(x_t, t, cond).float(), target)
 
     def training_step(self, batch, batch_idx):
         images, cond = batch
@@ -204,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
     p.add_argument("--patch-size", type=int, default=None,
                    help="fold PxP pixels into channels; default: 2 (digits: run at 14x14; iclevr: 32x32)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                   help="what the UNet predicts: eps (the noise) or v (Salimans & Ho, 2022: its loss keeps weighing x0 "
+                        "where the signal is nearly gone; see model.py); default eps, or that of --init-from")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights (a model/best .safetensors this script wrote) with a fresh optimiser "
+                        "and step 0; the architecture (and, unless given, the schedule and prediction) come from that "
+                        "file, so --prediction can switch a trained model to v; ignored when --resume finds a checkpoint")
     p.add_argument("--judge", default=None,
                    help="iclevr: a judge checkpoint (scripts/train_iclevr_judge.py) to score validation samples")
     p.add_argument("--judge-samples", type=int, default=64, help="iclevr: validation label lists sampled for --judge")
@@ -221,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    prediction_given, schedule_given = args.prediction, args.schedule
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -262,12 +276,32 @@ def main(argv=None) -> None:
         model_config = dict(image_size=IMAGE_SIZE, channels=channels, num_res_blocks=args.res_blocks,
                             attention_levels=tuple(range(1, len(channels))) or (0,), dropout=args.dropout,
                             condition="multihot", num_labels=len(data.objects), patch_size=args.patch_size)
+    model_config["prediction"] = args.prediction
+    init_state = None
+    if resume is not None:
+        # the network is the checkpoint's, whatever the architecture flags say now
+        try:
+            saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["model_config"]
+        except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
+            raise UserError(f"{resume}: not a checkpoint of p1_ddpm/train.py ({type(e).__name__}: {e})") from None
+        model_config = {"prediction": "eps", **saved}  # checkpoints from before --prediction predicted eps
+        if prediction_given not in (None, model_config["prediction"]):
+            raise UserError(f"{resume}: was trained with --prediction {model_config['prediction']}; --resume cannot "
+                            f"change it (start a new --out with --init-from to fine-tune)")
+    elif args.init_from is not None:
+        init_state, init_config = read_checkpoint(args.init_from, CHECKPOINT_KIND)
+        if init_config["model"]["condition"] != model_config["condition"]:
+            raise UserError(f"{args.init_from}: a {init_config['model']['condition']!r} model, not one for --task {args.task}")
+        if args.task == "iclevr" and init_config.get("objects") != data.objects:
+            raise UserError(f"{args.init_from}: its object list differs from {args.data}/objects.json")
+        model_config = {**init_config["model"], "prediction": prediction_given or init_config["model"].get("prediction", "eps")}
+        args.schedule = schedule_given or init_config.get("schedule", args.schedule)
     ensure_dir(out)
     accelerator = args.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
-                             args.p_uncond, channels_last=accelerator == "gpu")
+                             args.p_uncond, channels_last=accelerator == "gpu", init_state=init_state)
     if args.task == "iclevr":
         module.extra_config = {"objects": data.objects}
     if args.compile:

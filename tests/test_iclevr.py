@@ -159,6 +159,33 @@ def test_train_steps_resume_and_judge(rendered, tiny_judge, tmp_path):
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
+def test_train_init_from_switches_prediction_and_resume_keeps_it(rendered, tiny_iclevr_checkpoint, tmp_path, capsys):
+    from p1_ddpm.model import load_unet
+    from p1_ddpm.train import main as train_main
+    from tests.conftest import tiny_unet_config
+    out = tmp_path / "ft"
+    base = ["--task", "iclevr", "--data", str(rendered), "--out", str(out), "--batch-size", "4", "--val-every", "2",
+            "--warmup-steps", "1", "--seed", "1"]
+    # lr 0: the exported EMA must be the starting weights themselves
+    train_main(base + ["--init-from", str(tiny_iclevr_checkpoint), "--prediction", "v", "--lr", "0", "--max-steps", "2"])
+    model, cfg = load_unet(out / "model.safetensors")
+    init, init_cfg = load_unet(tiny_iclevr_checkpoint)
+    assert init_cfg["model"]["prediction"] == "eps" and init_cfg["model"]["patch_size"] == 4
+    assert cfg["model"] == {**init_cfg["model"], "prediction": "v"}  # the file's architecture, not the task defaults
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values()))
+    code, err = run_cli(train_main, base + ["--max-steps", "4", "--resume", "--prediction", "eps"], capsys)
+    assert code == 2 and "--prediction v" in err and len(err.strip().splitlines()) == 1, err
+    train_main(base + ["--max-steps", "4", "--resume", "--lr", "1e-3"])  # patch 4 again: the checkpoint's network
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    assert load_unet(out / "model.safetensors")[1]["model"]["prediction"] == "v"
+
+    digits = save_random_p1_unet(tmp_path / "digits.safetensors", tiny_unet_config())
+    other = tmp_path / "other"
+    code, err = run_cli(train_main, base[:5] + [str(other), "--init-from", str(digits), "--max-steps", "1"], capsys)
+    assert code == 2 and "digits" in err and len(err.strip().splitlines()) == 1, err
+    assert not other.exists()
+
+
 def test_train_missing_image(rendered, tmp_path, capsys):
     import shutil
     from p1_ddpm.train import main as train_main

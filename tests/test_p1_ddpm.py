@@ -137,6 +137,20 @@ def test_wrong_architecture_checkpoint(tmp_path):
         load_unet(tmp_path / "w.safetensors")
 
 
+def test_checkpoint_prediction_field(tmp_path):
+    """Files written before the 'prediction' field load as eps networks; an unknown value is a clear error."""
+    from common.checkpoint import save_checkpoint
+    from p1_ddpm.model import CHECKPOINT_KIND
+    m = ConditionalUNet(**tiny_unet_config())
+    old = {k: v for k, v in m.config.items() if k != "prediction"}
+    save_checkpoint(tmp_path / "old.safetensors", m.state_dict(), CHECKPOINT_KIND, {"model": old, "schedule": "linear"})
+    assert load_unet(tmp_path / "old.safetensors")[0].config["prediction"] == "eps"
+    bad = {"model": dict(m.config, prediction="x0"), "schedule": "linear"}
+    save_checkpoint(tmp_path / "bad.safetensors", m.state_dict(), CHECKPOINT_KIND, bad)
+    with pytest.raises(UserError, match="bad.safetensors.*prediction"):
+        load_unet(tmp_path / "bad.safetensors")
+
+
 def _train(args, capsys=None):
     from p1_ddpm.train import main as train_main
     return train_main(args)

@@ -124,6 +124,7 @@ class _Affine(torch.nn.Module):
         super().__init__()
         from p1_ddpm.model import DigitCondition
         self.cond = DigitCondition(4)
+        self.config = {"prediction": "eps"}
         self.calls = 0
 
     def forward(self, x, t, cond):
@@ -137,7 +138,7 @@ def test_guidance_arithmetic_one_forward():
     x = torch.randn(2, 1, 2, 2)
     for w in (0.0, 1.0, 2.5):
         m.calls = 0
-        eps = guided_eps_fn(m, cond, w)(x, torch.zeros(2, dtype=torch.long))
+        eps = guided_eps_fn(m, cond, w, torch.linspace(0.99, 0.01, 10))(x, torch.zeros(2, dtype=torch.long))
         # uncond branch sees the null digit (10), cond branch the real digit
         expected = 0.5 * x + (10 + w * (cond[:, :1].float() - 10))[:, :, None, None]
         assert torch.allclose(eps, expected, atol=1e-6)
@@ -150,3 +151,53 @@ def test_per_sample_noise_is_batch_invariant():
     assert torch.equal(a, b)
     assert not torch.equal(a[0], a[1])
     assert not torch.equal(a, PerSampleNoise(6, [0, 1, 2, 3]).randn(3, 4, 4))
+
+
+class _VOracle(torch.nn.Module):
+    """Outputs the exact v of one fixed x0, as a perfectly trained v network on a one-image data set would."""
+
+    def __init__(self, x0: torch.Tensor, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        from p1_ddpm.model import DigitCondition
+        self.cond = DigitCondition(4)
+        self.config = {"prediction": "v"}
+        self.x0, self.ab = x0.double(), alphas_cumprod.double()
+
+    def forward(self, x, t, cond):
+        a = self.ab[t][:, None, None, None]
+        x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)  # guidance doubles the batch
+        eps = (x.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
+
+
+def test_v_prediction_target_and_conversion():
+    from p1_ddpm.model import eps_from_output, training_target
+    ab = alphas_cumprod(make_betas("cosine", 1000))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.randn(2, 3, 4, 4, generator=g)
+    for t in (0, 500, 999):
+        a = ab[t].float()
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = training_target(x0, noise, a, "v")
+        assert torch.allclose(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+        assert torch.allclose(eps_from_output(v, x_t, a, "v"), noise, atol=1e-5)
+        assert training_target(x0, noise, a, "eps") is noise and eps_from_output(noise, x_t, a, "eps") is noise
+
+
+def test_v_network_gives_the_samplers_eps():
+    """guided_eps_fn turns a v network's output into eps, with and without guidance (both branches agree
+    here), at t = 999 where a = 2.4e-9 too; and a sampler driven by it lands on the oracle's x0."""
+    from p1_ddpm.samplers import run_sampler
+    ab = alphas_cumprod(make_betas("cosine", 1000))
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8, torch.randn(2, 3, 8, 8, generator=g)
+    oracle, cond = _VOracle(x0, ab), torch.tensor([[1, 0], [2, 1]])
+    for w in (1.0, 3.0):
+        eps_fn = guided_eps_fn(oracle, cond, w, ab)
+        for t in (999, 500, 0):
+            a = ab[t]  # float64: at t = 0, 1 - a = 4e-5 has no digits left in float32
+            eps = eps_fn((a.sqrt() * x0 + (1 - a).sqrt() * noise).float(), torch.full((2,), t))
+            assert torch.allclose(eps, noise, atol=1e-4), (t, (eps - noise).abs().max())
+        start = PerSampleNoise(0, [0, 1])
+        out = run_sampler("dpmpp2m", eps_fn, start.randn(3, 8, 8), ab, start, steps=10, clip_x0=1.0)
+        assert torch.allclose(out, x0, atol=1e-4), (out - x0).abs().max()
