@@ -49,8 +49,9 @@ TASKS = ("digits", "iclevr")
 TASK_DEFAULTS = {
     "digits": dict(batch_size=128, schedule="linear", channels="48,96", patch_size=2, prediction="eps"),
     # patch 2 into 32 channels: with patch 4 (48 values) into 64 channels the output head cannot pass the
-    # noise through (SiLU needs ~2 channels per signed value) and samples stay pure noise (ICLEVR.md)
-    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2, prediction="eps"),
+    # noise through (SiLU needs ~2 channels per signed value) and samples stay pure noise (ICLEVR.md).
+    # v: the eps model drew tinted, empty floors; 500 v steps from it lifted the validation judge 0.42 -> 0.65
+    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2, prediction="v"),
 }
 
 
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold PxP pixels into channels; default: 2 (digits: run at 14x14; iclevr: 32x32)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the UNet predicts: eps (the noise) or v (Salimans & Ho, 2022: its loss keeps weighing x0 "
-                        "where the signal is nearly gone; see model.py); default eps, or that of --init-from")
+                        "where the signal is nearly gone; see model.py); default: eps (digits), v (iclevr), or that of --init-from")
     p.add_argument("--init-from", default=None,
                    help="start from these weights (a model/best .safetensors this script wrote) with a fresh optimiser "
                         "and step 0; the architecture (and, unless given, the schedule and prediction) come from that "

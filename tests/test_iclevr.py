@@ -146,7 +146,7 @@ def test_train_steps_resume_and_judge(rendered, tiny_judge, tmp_path):
     assert ck["global_step"] == 2
     model, cfg = load_unet(out / "model.safetensors")
     assert cfg["model"]["condition"] == "multihot" and cfg["model"]["image_size"] == 64 and cfg["objects"] == OBJECTS
-    assert cfg["schedule"] == "cosine" and cfg["model"]["patch_size"] == 2
+    assert cfg["schedule"] == "cosine" and cfg["model"]["patch_size"] == 2 and cfg["model"]["prediction"] == "v"
     first = model.state_dict()
     with Image.open(out / "samples" / "step_000002.png") as im:
         assert im.size == (2 + 66, 2 + 66)  # the one validation list of this tiny split
