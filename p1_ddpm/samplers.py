@@ -31,7 +31,7 @@ def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, a
     ctx = autocast_ctx or contextlib.nullcontext
     null = model.cond.null_like(cond)
     prediction = model.config.get("prediction", "eps")
-    ab_all = alphas_cumprod.to(torch.float64)
+    ab_all = alphas_cumprod.to(cond.device, torch.float64)  # once, on the device: no host sync per step
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with ctx():
@@ -42,7 +42,7 @@ def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, a
                 out = out_u + guidance * (out_c - out_u)
         if prediction == "eps":
             return out
-        ab = ab_all[t.cpu()].to(x.device)[:, None, None, None]  # float64: 1 - a at t = 999 needs the digits
+        ab = ab_all[t][:, None, None, None]  # float64: 1 - a at t = 999 needs the digits
         return eps_from_output(out.double(), x.double(), ab, prediction).float()
 
     return eps_fn

@@ -280,22 +280,28 @@ def main(argv=None) -> None:
     model_config["prediction"] = args.prediction
     init_state = None
     if resume is not None:
-        # the network is the checkpoint's, whatever the architecture flags say now
+        # the network and its schedule are the checkpoint's, whatever the flags say now
         try:
-            saved = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]["model_config"]
+            hparams = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
+            model_config, saved_schedule = hparams["model_config"], hparams["schedule"]
         except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
             raise UserError(f"{resume}: not a checkpoint of p1_ddpm/train.py ({type(e).__name__}: {e})") from None
-        model_config = {"prediction": "eps", **saved}  # checkpoints from before --prediction predicted eps
-        if prediction_given not in (None, model_config["prediction"]):
-            raise UserError(f"{resume}: was trained with --prediction {model_config['prediction']}; --resume cannot "
-                            f"change it (start a new --out with --init-from to fine-tune)")
+        # checkpoints from before --prediction predicted eps
+        saved = {"prediction": model_config.get("prediction", "eps"), "schedule": saved_schedule}
+        for flag, given in (("prediction", prediction_given), ("schedule", schedule_given)):
+            if given not in (None, saved[flag]):
+                raise UserError(f"{resume}: was trained with --{flag} {saved[flag]}; --resume cannot change it "
+                                f"(start a new --out with --init-from to fine-tune)")
+        args.schedule = saved_schedule
     elif args.init_from is not None:
         init_state, init_config = read_checkpoint(args.init_from, CHECKPOINT_KIND)
         if init_config["model"]["condition"] != model_config["condition"]:
             raise UserError(f"{args.init_from}: a {init_config['model']['condition']!r} model, not one for --task {args.task}")
         if args.task == "iclevr" and init_config.get("objects") != data.objects:
             raise UserError(f"{args.init_from}: its object list differs from {args.data}/objects.json")
-        model_config = {**init_config["model"], "prediction": prediction_given or init_config["model"].get("prediction", "eps")}
+        model_config = dict(init_config["model"])  # without "prediction" (older files) the UNet's default, eps
+        if prediction_given:
+            model_config["prediction"] = prediction_given
         args.schedule = schedule_given or init_config.get("schedule", args.schedule)
     ensure_dir(out)
     accelerator = args.accelerator
