@@ -55,6 +55,16 @@ TASK_DEFAULTS = {
 }
 
 
+def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, max_steps: int | None = None) -> float:
+    """Multiplier of --lr at optimiser step `step`: linear warm-up, constant, then (with --cooldown-from) a linear
+    fall to 0 at max_steps. A cooldown at the end of a constant-rate run usually lands lower than stopping at
+    the constant rate; since it is a function of the step alone, a constant-rate run can be resumed into one."""
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown_from is not None and step >= cooldown_from:
+        factor *= max(0.0, (max_steps - step) / max(1, max_steps - cooldown_from))
+    return factor
+
+
 class DiffusionModule(pl.LightningModule):
     """Noise (or v) prediction training with condition dropout (for classifier-free guidance) and an EMA copy.
 
@@ -63,7 +73,7 @@ class DiffusionModule(pl.LightningModule):
     def __init__(self, model_config: dict, schedule: str = "linear", num_train_steps: int = 1000,
                  lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 500, ema_decay: float = 0.999,
                  p_uncond: float = 0.15, p_drop_domain: float = 0.05, channels_last: bool = False,
-                 init_state: dict | None = None):
+                 init_state: dict | None = None, cooldown_from: int | None = None, max_steps: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["init_state"])
         self.model = ConditionalUNet(**model_config)
@@ -110,8 +120,9 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        h = self.hparams
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, h.warmup_steps, h.cooldown_from, h.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export_config(self) -> dict:
@@ -201,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4,
                    help="AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate")
     p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--cooldown-from", type=int, default=None, metavar="STEP",
+                   help="from this optimiser step the rate falls linearly to 0 at --max-steps (default: constant); "
+                        "can be added when resuming a constant-rate run")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the digit label (CFG)")
     p.add_argument("--temperature", type=float, default=0.5,
@@ -241,6 +255,8 @@ def main(argv=None) -> None:
             setattr(args, key, value)
     if args.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
+    if args.cooldown_from is not None and not 0 <= args.cooldown_from < args.max_steps:
+        raise UserError(f"--cooldown-from must be in [0, --max-steps={args.max_steps}), got {args.cooldown_from}")
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()
@@ -308,7 +324,8 @@ def main(argv=None) -> None:
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
-                             args.p_uncond, channels_last=accelerator == "gpu", init_state=init_state)
+                             args.p_uncond, channels_last=accelerator == "gpu", init_state=init_state,
+                             cooldown_from=args.cooldown_from, max_steps=args.max_steps)
     if args.task == "iclevr":
         module.extra_config = {"objects": data.objects}
     if args.compile:

@@ -180,6 +180,28 @@ def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
     assert ck["global_step"] == 6 and not list(out.glob("last-v*.ckpt"))
 
 
+def test_lr_factor_warmup_and_cooldown():
+    from p1_ddpm.train import lr_factor
+    assert [lr_factor(s, 4) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]
+    assert [lr_factor(s, 1, cooldown_from=10, max_steps=20) for s in (9, 10, 15, 20)] == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_resume_into_cooldown(digits_tree, tmp_path, capsys):
+    """A constant-rate run resumed with --cooldown-from decays from that step: the rate is a function of the step."""
+    from p1_ddpm.train import main as train_main
+    out = tmp_path / "run"
+    base = ["--data", str(digits_tree), "--out", str(out), "--batch-size", "8", "--channels", "8,16",
+            "--val-every", "2", "--warmup-steps", "1", "--lr", "1e-3", "--limit-val-batches", "1"]
+    _train(base + ["--max-steps", "2"])
+    lr_of = lambda: torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)[
+        "optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr_of() == pytest.approx(1e-3)
+    _train(base + ["--max-steps", "3", "--cooldown-from", "1", "--val-every", "3", "--resume"])
+    assert lr_of() == pytest.approx(0.0)  # step 3 of a fall from step 1 to 3
+    code, err = run_cli(train_main, base + ["--max-steps", "3", "--cooldown-from", "3"], capsys)
+    assert code == 2 and "--cooldown-from" in err
+
+
 def test_train_ddp_on_cpu(digits_tree, tmp_path):
     """--devices 2 runs Lightning's DDP (gloo on CPU): the same code path as multi-GPU training."""
     out = tmp_path / "ddp"
