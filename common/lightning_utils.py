@@ -57,6 +57,17 @@ class EMA(torch.nn.Module):
         self.num_updates += 1
 
 
+def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, max_steps: int | None = None) -> float:
+    """Multiplier of the learning rate at optimiser step `step`: linear warm-up, constant, then (from
+    cooldown_from, P1's --cooldown-from) a linear fall to 0 at max_steps. A cooldown at the end of a
+    constant-rate run usually lands lower than stopping at the constant rate; since the factor is a function
+    of the step alone, a constant-rate run can be resumed into one."""
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown_from is not None and step >= cooldown_from:
+        factor *= max(0.0, (max_steps - step) / max(1, max_steps - cooldown_from))
+    return factor
+
+
 def resolve_resume(resume: str | None, out: Path) -> str | None:
     """--resume: None -> fresh start; 'auto' -> out/last.ckpt when it exists; else a path that must exist."""
     from common.errors import UserError

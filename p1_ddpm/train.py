@@ -38,7 +38,7 @@ from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E40
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
+from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, lr_factor, resolve_resume  # noqa: E402
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import seed_everything  # noqa: E402
 from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target  # noqa: E402
@@ -53,16 +53,6 @@ TASK_DEFAULTS = {
     # v: the eps model drew tinted, empty floors; 500 v steps from it lifted the validation judge 0.42 -> 0.65
     "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2, prediction="v"),
 }
-
-
-def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, max_steps: int | None = None) -> float:
-    """Multiplier of --lr at optimiser step `step`: linear warm-up, constant, then (with --cooldown-from) a linear
-    fall to 0 at max_steps. A cooldown at the end of a constant-rate run usually lands lower than stopping at
-    the constant rate; since it is a function of the step alone, a constant-rate run can be resumed into one."""
-    factor = min(1.0, (step + 1) / max(1, warmup_steps))
-    if cooldown_from is not None and step >= cooldown_from:
-        factor *= max(0.0, (max_steps - step) / max(1, max_steps - cooldown_from))
-    return factor
 
 
 class DiffusionModule(pl.LightningModule):

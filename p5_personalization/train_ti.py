@@ -47,7 +47,7 @@ from pytorch_lightning.loggers import CSVLogger  # noqa: E402
 from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
+from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, lr_factor, resolve_resume  # noqa: E402
 from common.seeding import sample_seed, seed_everything  # noqa: E402
 from p5_personalization.concepts import IMAGE_SUFFIXES, TOKEN_RE, token_file_stem  # noqa: E402
 from p5_personalization.textual_inversion import (KV_FILE, add_tokens, check_new_token,  # noqa: E402
@@ -252,8 +252,7 @@ class TextualInversionModule(pl.LightningModule):
         if len(self.kv):
             groups.append({"params": list(self.kv.values()), "lr": h.kv_lr, "weight_decay": 0.0})
         opt = torch.optim.AdamW(groups)
-        warm = max(1, h.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, h.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def learned(self) -> dict[str, torch.Tensor]:

@@ -181,7 +181,7 @@ def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
 
 
 def test_lr_factor_warmup_and_cooldown():
-    from p1_ddpm.train import lr_factor
+    from common.lightning_utils import lr_factor
     assert [lr_factor(s, 4) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]
     assert [lr_factor(s, 1, cooldown_from=10, max_steps=20) for s in (9, 10, 15, 20)] == [1.0, 1.0, 0.5, 0.0]
 
@@ -191,7 +191,7 @@ def test_resume_into_cooldown(digits_tree, tmp_path, capsys):
     from p1_ddpm.train import main as train_main
     out = tmp_path / "run"
     base = ["--data", str(digits_tree), "--out", str(out), "--batch-size", "8", "--channels", "8,16",
-            "--val-every", "2", "--warmup-steps", "1", "--lr", "1e-3", "--limit-val-batches", "1"]
+            "--val-every", "2", "--warmup-steps", "1", "--lr", "1e-3"]
     _train(base + ["--max-steps", "2"])
     lr_of = lambda: torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)[
         "optimizer_states"][0]["param_groups"][0]["lr"]
