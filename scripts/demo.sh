@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: problem 1 end to end on the shipped checkpoint, into demo_out/.
+# `make demo`: problem 1 and its i-CLEVR variant end to end on the shipped checkpoints, into demo_out/.
 # Later problems add their sections here; those that need user-supplied weights say what to pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ else
   "$PY" scripts/evaluate_digits.py --folder "$OUT/p1/svhn" --json "$OUT/p1_svhn_accuracy.json" || true
 fi
 echo "P1 outputs: $OUT/p1/{mnistm,svhn}/ (500 PNGs each), figures in $OUT/p1_figs/"
+
+echo
+OUT="$OUT" bash scripts/demo_iclevr.sh
 
 echo
 OUT="$OUT" bash scripts/demo_p2.sh
