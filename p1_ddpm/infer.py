@@ -34,10 +34,9 @@ from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from common.fileio import check_writable, ensure_dir  # noqa: E402
 from common.images import save_grid, save_pngs, to_uint8  # noqa: E402
-from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import PerSampleNoise, seed_everything  # noqa: E402
 from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
-from p1_ddpm.model import load_unet  # noqa: E402
+from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
 from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +134,7 @@ def main(argv=None) -> None:
     seed_everything(args.seed)
     if config["model"].get("condition") != "digits":
         raise UserError(f"{args.checkpoint}: not a digits model (condition {config['model'].get('condition')!r})")
-    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    ab = schedule_of(config)
     names, cond, indices = plan(args.layout)
     dtype = autocast_dtype(device, args.precision)
     images = generate(model, cond, indices, ab, args.seed, args.sampler, args.steps, args.guidance, args.eta,
@@ -185,7 +184,7 @@ def main_iclevr(args) -> None:
         denoise_cond = multi_hot(names, objects, "--denoise")[None]
     out = check_writable(args.out)  # every input checked: only now spend time sampling
     seed_everything(args.seed)
-    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    ab = schedule_of(config)
     dtype = autocast_dtype(device, args.precision)
     ctx = lambda: autocast(device, dtype)  # noqa: E731
     common = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import load_into, read_checkpoint
 from common.errors import UserError
+from common.schedules import alphas_cumprod, make_betas
 
 CHECKPOINT_KIND = "p1_ddpm.ConditionalUNet"
 PREDICTIONS = ("eps", "v")
@@ -220,6 +221,11 @@ class ConditionalUNet(nn.Module):
             h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb)
         out = self.out(h)
         return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
+
+
+def schedule_of(config: dict) -> torch.Tensor:
+    """alpha_bar_t of the noise schedule a checkpoint was trained with (its config's schedule and step count)."""
+    return alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
 
 
 def load_unet(path: str | Path, device: torch.device | str = "cpu") -> tuple[ConditionalUNet, dict]:

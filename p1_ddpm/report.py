@@ -24,11 +24,10 @@ from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
 from common.errors import cli_main  # noqa: E402
 from common.fileio import check_writable  # noqa: E402
 from common.images import save_grid, to_uint8  # noqa: E402
-from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from common.seeding import PerSampleNoise  # noqa: E402
 from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
 from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
-from p1_ddpm.model import load_unet  # noqa: E402
+from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
 from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
 
 REVERSE_TIMESTEPS = (999, 800, 600, 400, 200, 0)
@@ -49,7 +48,7 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     model, config = load_unet(args.checkpoint, device)
     out = check_writable(args.out)
-    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    ab = schedule_of(config)
     dtype = autocast_dtype(device)
     ctx = lambda: autocast(device, dtype)  # noqa: E731
     digits = [str(d) for d in range(10)]

@@ -23,10 +23,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.images import to_uint8  # noqa: E402
-from common.schedules import alphas_cumprod, make_betas  # noqa: E402
 from p1_ddpm.iclevr_data import load_label_lists, multi_hot  # noqa: E402
 from p1_ddpm.infer import ICLEVR_ASSETS, ICLEVR_CHECKPOINT, ICLEVR_DEFAULTS  # noqa: E402
-from p1_ddpm.model import load_unet  # noqa: E402
+from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
 from p1_ddpm.render_iclevr import OBJECTS, SHARED_TRAIN_JSON, label_lists_from, random_label_lists, render  # noqa: E402
 from p1_ddpm.samplers import generate  # noqa: E402
 from scripts.benchmarks import device_name, replace_section  # noqa: E402
@@ -54,7 +53,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model, config = load_unet(args.checkpoint)
     judge = load_own_judge(args.judge)
-    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
+    ab = schedule_of(config)
     d = ICLEVR_DEFAULTS
     rows = []
 

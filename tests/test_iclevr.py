@@ -340,15 +340,13 @@ def test_shipped_iclevr_model_draws_the_requested_objects():
     """The shipped diffusion checkpoint, sampled briefly on CPU, draws what the lab's first label lists ask for:
     a random or wrongly exported network scores near chance (about 0.1) with the shipped judge."""
     from common.images import to_uint8
-    from common.schedules import alphas_cumprod, make_betas
     from p1_ddpm.infer import ICLEVR_CHECKPOINT, ICLEVR_DEFAULTS
-    from p1_ddpm.model import load_unet
+    from p1_ddpm.model import load_unet, schedule_of
     from p1_ddpm.samplers import generate
     from scripts.bench_iclevr import score
     from scripts.evaluate_iclevr import OWN_JUDGE, load_own_judge
     model, config = load_unet(ICLEVR_CHECKPOINT)
     assert config["model"]["prediction"] == "v" and config["objects"] == json.loads((ASSETS / "objects.json").read_text())
     cond = load_label_lists(ASSETS / "test.json", config["objects"])[1][:12]
-    ab = alphas_cumprod(make_betas(config["schedule"], config["num_train_steps"]))
-    images = generate(model, cond, range(len(cond)), ab, 0, "ddim", 20, ICLEVR_DEFAULTS["guidance"], eta=1.0)
+    images = generate(model, cond, range(len(cond)), schedule_of(config), 0, "ddim", 20, ICLEVR_DEFAULTS["guidance"], eta=1.0)
     assert score(load_own_judge(OWN_JUDGE), to_uint8(images), cond) >= 0.7
