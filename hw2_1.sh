@@ -8,6 +8,6 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="$(bash "$HERE/scripts/find_python.sh")"
+source "$HERE/scripts/python_env.sh"
 OUT="$1"; shift
 exec "$PY" "$HERE/p1_ddpm/infer.py" --layout 2024 --out "$OUT" "$@"

@@ -9,6 +9,6 @@ if [ $# -lt 3 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="$(bash "$HERE/scripts/find_python.sh")"
+source "$HERE/scripts/python_env.sh"
 NOISE="$1"; OUT="$2"; UNET="$3"; shift 3
 exec "$PY" "$HERE/p2_ddim/infer.py" --noise-dir "$NOISE" --out "$OUT" --unet "$UNET" "$@"

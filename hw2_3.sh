@@ -10,7 +10,7 @@ if [ $# -lt 4 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="$(bash "$HERE/scripts/find_python.sh")"
+source "$HERE/scripts/python_env.sh"
 PROMPTS="$1"; SOURCE="$2"; OUT="$3"; SD="$4"; shift 4
 CONTROLNET="$HERE/checkpoints/controlnet"
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then CONTROLNET="$1"; shift; fi

@@ -9,5 +9,5 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="$(bash "$HERE/scripts/find_python.sh")"
+source "$HERE/scripts/python_env.sh"
 exec "$PY" "$HERE/p4_dann/infer.py" "$@"

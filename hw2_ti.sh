@@ -10,7 +10,7 @@ if [ $# -lt 3 ]; then
   exit 2
 fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="$(bash "$HERE/scripts/find_python.sh")"
+source "$HERE/scripts/python_env.sh"
 JSON="$1"; OUT="$2"; SD="$3"; shift 3
 EMB="$HERE/checkpoints/textual_inversion"
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then EMB="$1"; shift; fi

@@ -21,14 +21,14 @@ import logging
 import os
 import warnings
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
+from common.errors import UserError, one_line
 
 QUICK_GELU_CHOICES = ("auto", "on", "off")
 
@@ -80,7 +80,7 @@ def read_clip_state_dict(path: str | os.PathLike, flag: str = "--weights") -> tu
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip readers raise many different types
-        raise UserError(f"{path}: not a readable CLIP weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"{path}: not a readable CLIP weights file ({one_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
@@ -108,8 +108,10 @@ def _resolve_model_name(model: str, flag: str = "--model") -> str:
         model = p.stem
     if model not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:6]
-        raise UserError(f"{flag} {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
-                        f"or a JSON config file)")
+        raise UserError(
+            f"{flag} {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
+            f"or a JSON config file)"
+        )
     cfg = open_clip.get_model_config(model)
     text_cfg = cfg.get("text_cfg", {})
     if "hf_tokenizer_name" in text_cfg or "hf_model_name" in text_cfg:
@@ -156,7 +158,6 @@ def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str
     """An open_clip CLIP of architecture `model` with the weights in `weights`; never downloads.
 
     `model_flag` / `weights_flag` are the caller's command-line flags, named in the error messages."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
     name = _resolve_model_name(model, model_flag)
     sd, jit = read_clip_state_dict(weights, weights_flag)

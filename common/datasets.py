@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,10 @@ from torch.utils.data import Dataset
 
 from common.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# the image files every folder lister accepts (compared case-insensitively); PNG_SUFFIXES for callers that
+# compare or score PNGs only
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PNG_SUFFIXES = (".png",)
 
 
 def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -65,14 +69,26 @@ def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RG
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Sorted image files in a folder; UserError when the folder is missing or has none."""
+def list_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES, *,
+                not_found: str | None = "folder not found",
+                empty: str | None = "no images ({suffixes}) in folder") -> list[Path]:
+    """The image files directly in `folder`, sorted by name: plain files whose suffix is one of `suffixes`
+    (case-insensitive), skipping dot-files (such as the `._x.png` files macOS leaves on shared drives).
+
+    The project's one image-folder lister. A missing folder raises UserError('<folder>: <not_found>'), a
+    folder with no image UserError('<folder>: <empty>'), where '{suffixes}' in `empty` becomes the list of
+    suffixes; pass None for either to get [] instead and report it in the caller's own words.
+    """
     folder = Path(folder)
+    suffixes = tuple(x.lower() for x in suffixes)
     if not folder.is_dir():
-        raise UserError(f"{folder}: folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder")
+        if not_found is None:
+            return []
+        raise UserError(f"{folder}: {not_found}")
+    files = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and p.suffix.lower() in suffixes and p.is_file())
+    if not files and empty is not None:
+        raise UserError(f"{folder}: {empty.replace('{suffixes}', ', '.join(suffixes))}")
     return files
 
 

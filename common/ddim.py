@@ -11,7 +11,8 @@ Coefficients are computed from the float64 alpha-bar table as Python floats; ten
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm

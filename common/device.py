@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import torch
 
 from common.errors import UserError
+
+# --precision, in every command: auto = bf16 autocast on CUDA, exact fp32 elsewhere
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -25,26 +29,34 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "bf16":
         return torch.bfloat16
     if precision != "auto":
-        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.bfloat16 if device.type == "cuda" else None
 
 
+def add_precision_flag(parser, default: str = "auto", what: str = "the network's forward pass") -> None:
+    """--precision for the inference and evaluation commands, with the one vocabulary of PRECISIONS."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
+                        help=f"autocast of {what}: auto = bf16 on CUDA and fp32 elsewhere, fp32 = exact, "
+                             f"bf16 (default: {default})")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """An autocast context for `dtype`, or a no-op context when dtype is None."""
+    """An autocast context for `dtype`, or a no-op context when dtype is None. Every sampler takes its
+    autocast as this dtype (`amp_dtype`) and opens the context itself."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lightning_precision(device_kind: str, precision: str = "auto", cpu_native_bf16: bool = False) -> str:
-    """Lightning's precision string for --precision auto|32|bf16. auto: bf16 mixed on GPUs; on CPUs 32-bit,
+    """Lightning's precision string for --precision auto|fp32|bf16. auto: bf16 mixed on GPUs; on CPUs 32-bit,
     or bf16 mixed when `cpu_native_bf16` is asked for and the CPU has native bf16 (avx512_bf16/AMX)."""
-    if precision in ("32", "fp32"):
+    if precision == "fp32":
         return "32-true"
     if precision == "bf16":
         return "bf16-mixed"
     if precision != "auto":
-        raise UserError(f"--precision must be auto, 32 or bf16, got {precision!r}")
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device_kind in ("gpu", "cuda"):
         return "bf16-mixed"
     return "bf16-mixed" if cpu_native_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
@@ -61,3 +73,19 @@ def setup_cuda_fast_math() -> None:
     if torch.cuda.is_available():
         set_tf32(True)
         torch.backends.cudnn.benchmark = True
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """A one-line description of the device timings were taken on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"

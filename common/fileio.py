@@ -8,7 +8,6 @@ from pathlib import Path
 
 from common.errors import UserError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

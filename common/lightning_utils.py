@@ -81,29 +81,76 @@ def resolve_resume(resume: str | None, out: Path) -> str | None:
     return resume
 
 
-def devices_and_strategy(devices: str) -> tuple[int | str, str]:
-    """--devices: 'auto' or a count; more than one device trains with DDP (one process per device)."""
+def devices_and_strategy(devices: str, num_nodes: int = 1) -> tuple[int | str, str]:
+    """--devices: 'auto' or a count per node; more than one process in all trains with DDP (one per device)."""
     from common.errors import UserError
+    if num_nodes < 1:
+        raise UserError(f"--num-nodes must be at least 1, got {num_nodes}")
     if devices == "auto":
-        return "auto", "auto"
+        return "auto", ("ddp" if num_nodes > 1 else "auto")
     try:
         n = int(devices)
     except ValueError:
         raise UserError(f"--devices {devices!r}: give a number of devices or 'auto'") from None
     if n < 1:
         raise UserError(f"--devices {devices!r}: must be at least 1")
-    return n, ("ddp" if n > 1 else "auto")
+    return n, ("ddp" if n * num_nodes > 1 else "auto")
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """--accelerator: 'auto' -> gpu when CUDA is there, else cpu; asking for a GPU that is not there is an error."""
+    from common.errors import UserError
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"--accelerator {accelerator}: CUDA is not available on this machine (use --accelerator cpu)")
+    return accelerator
 
 
 def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/last.ckpt", num_workers: int = 0) -> None:
-    """The flags every trainer shares: --accelerator, --devices, --precision, --resume, --num-workers, --seed.
+    """The flags every trainer shares: --accelerator, --devices, --num-nodes, --precision, --resume,
+    --max-minutes, --num-workers, --seed, --quiet.
 
     `precision_help` says what --precision auto picks for that trainer; `resume_help` where --resume
     without a value looks."""
-    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    parser.add_argument("--devices", default="auto", help="number of devices (N > 1 runs DDP, batch per device) or 'auto'")
-    parser.add_argument("--precision", choices=("auto", "32", "bf16"), default="auto", help=precision_help)
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help=f"resume from a Lightning checkpoint (no value: {resume_help})")
-    parser.add_argument("--num-workers", type=int, default=num_workers, help="data-loading worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+    from common.device import PRECISIONS
+    g = parser.add_argument_group("run")
+    g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="(default: auto)")
+    g.add_argument("--devices", default="auto",
+                   help="devices per node (more than one process in all runs DDP, batch per device) or 'auto'")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines taking part (DDP across nodes; default: 1)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help=f"resume from a Lightning checkpoint (no value: {resume_help})")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much wall time (--resume continues)")
+    g.add_argument("--num-workers", type=int, default=num_workers,
+                   help=f"data-loading worker processes (default: {num_workers})")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise (default: 0)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def make_trainer(args, *, out: Path, precision: str, max_steps: int, checkpoint_every: int, callbacks=(),
+                 val_every: int | None = None, limit_val_batches: float = 1.0, log_every_n_steps: int = 25,
+                 **trainer_kwargs):
+    """The Lightning Trainer every trainer uses, from the shared flags in `args` (add_trainer_flags).
+
+    Writes `<out>/last.ckpt` atomically every `checkpoint_every` optimiser steps and CSV logs to
+    `<out>/logs/`; validates every `val_every` steps (None: never). `precision` is Lightning's string
+    (common.device.lightning_precision); other pl.Trainer arguments pass through."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    accelerator = resolve_accelerator(args.accelerator)
+    devices, strategy = devices_and_strategy(args.devices, args.num_nodes)
+    validation = dict(val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=limit_val_batches)
+    if val_every is None:
+        validation = dict(limit_val_batches=0)
+    return pl.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy, precision=precision,
+        max_steps=max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
+        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=log_every_n_steps,
+        callbacks=[last_checkpoint_callback(out, checkpoint_every), *callbacks], plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False, enable_progress_bar=not args.quiet, default_root_dir=out,
+        **validation, **trainer_kwargs,
+    )

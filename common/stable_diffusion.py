@@ -5,7 +5,7 @@ with LDM key names: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stag
 or a diffusers-format folder (`unet/`, `vae/`, `text_encoder/`, optional `tokenizer/`, `scheduler/`).
 Nothing is fetched from a hub: the component configs ship in `common/sd_v1_configs/`, the CLIP
 tokenizer is built from the BPE file bundled inside open_clip_torch, and every from_pretrained call is
-local_files_only with HF_HUB_OFFLINE set.
+local_files_only with HF_HUB_OFFLINE set (common/__init__.py).
 
 Single-file conversion uses diffusers' own LDM -> diffusers key converters; the component sizes that can
 differ between checkpoints (widths, depths, channels, vocabulary) are read from the weights, the rest
@@ -23,19 +23,14 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-# set before diffusers/transformers/huggingface_hub are imported anywhere: no call may reach a hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("DISABLE_TELEMETRY", "1")
+import torch
 
-import torch  # noqa: E402
-
-from common.errors import UserError  # noqa: E402
+from common.device import autocast
+from common.errors import UserError, one_line
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sd_v1_configs"
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
@@ -94,19 +89,19 @@ def build_clip_tokenizer(model_max_length: int = 77):
 
 @dataclass
 class SDComponents:
-    vae: "diffusers.AutoencoderKL"  # noqa: F821
-    unet: "diffusers.UNet2DConditionModel"  # noqa: F821
-    text_encoder: "transformers.CLIPTextModel"  # noqa: F821
-    tokenizer: "transformers.CLIPTokenizer"  # noqa: F821
-    noise_scheduler: "diffusers.DDPMScheduler"  # noqa: F821
+    vae: diffusers.AutoencoderKL  # noqa: F821
+    unet: diffusers.UNet2DConditionModel  # noqa: F821
+    text_encoder: transformers.CLIPTextModel  # noqa: F821
+    tokenizer: transformers.CLIPTokenizer  # noqa: F821
+    noise_scheduler: diffusers.DDPMScheduler  # noqa: F821
     source: str
 
-    def to(self, device=None, dtype=None) -> "SDComponents":
+    def to(self, device=None, dtype=None) -> SDComponents:
         for m in (self.vae, self.unet, self.text_encoder):
             m.to(device=device, dtype=dtype)
         return self
 
-    def freeze(self) -> "SDComponents":
+    def freeze(self) -> SDComponents:
         """eval mode and requires_grad False on the VAE, UNet and text encoder."""
         for m in (self.vae, self.unet, self.text_encoder):
             m.eval().requires_grad_(False)
@@ -137,8 +132,10 @@ def make_ddim_scheduler(noise_scheduler):
 
 
 def _bad_path(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: {what}. --sd takes Stable Diffusion v1.x as a single-file checkpoint "
-                     f"(sd-v1-4.ckpt or .safetensors with LDM key names) or a diffusers folder (unet/, vae/, text_encoder/)")
+    return UserError(
+        f"{path}: {what}. --sd takes Stable Diffusion v1.x as a single-file checkpoint "
+        f"(sd-v1-4.ckpt or .safetensors with LDM key names) or a diffusers folder (unet/, vae/, text_encoder/)"
+    )
 
 
 def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -154,7 +151,9 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         dlog.set_verbosity(level)
 
 
-def load_sd(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDComponents:
+def load_sd(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> SDComponents:
     """Load SD v1.x from a single-file LDM checkpoint or a diffusers folder, with no network access.
 
     The returned modules are in eval mode, on `device` in `dtype`; gradients are left on (callers freeze
@@ -182,14 +181,15 @@ def _load_diffusers_folder(path: Path) -> SDComponents:
     from transformers import CLIPTextModel, CLIPTokenizer
     missing = [sub for sub in ("unet", "vae", "text_encoder") if not (path / sub / "config.json").is_file()]
     if missing:
-        raise _bad_path(path, "not a diffusers Stable Diffusion folder (no " + ", ".join(f"{m}/config.json" for m in missing) + ")")
+        raise _bad_path(
+            path, "not a diffusers Stable Diffusion folder (no " + ", ".join(f"{m}/config.json" for m in missing) + ")"
+        )
     try:
         unet = load_diffusers_model(UNet2DConditionModel, path / "unet")
         vae = load_diffusers_model(AutoencoderKL, path / "vae")
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _bad_path(path, f"could not load its weights ({first})") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
     if (path / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     else:
@@ -248,7 +248,7 @@ def _torch_load_weights_only(path: Path) -> dict:
             return _torch_load(path)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_sd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The flat tensor dict of a single-file checkpoint (.safetensors, or a torch pickle with 'state_dict')."""
     try:
         if path.suffix.lower() == ".safetensors":
@@ -257,7 +257,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = _torch_load_weights_only(path)
     except Exception as e:  # any reader failure means a bad file; report it as one line
-        raise _bad_path(path, f"not a readable checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise _bad_path(
+            path,
+            f"not a readable checkpoint ({one_line(e)})",
+        ) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -360,17 +363,27 @@ def _load_single_file(path: Path) -> SDComponents:
     from transformers import CLIPTextConfig, CLIPTextModel
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                         convert_ldm_vae_checkpoint)
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_clip_checkpoint,
+            convert_ldm_unet_checkpoint,
+            convert_ldm_vae_checkpoint,
+        )
     except ImportError as e:  # the converters are diffusers internals: name the version that has them
         raise UserError(f"this diffusers has no LDM single-file converters ({e}); install the pinned diffusers "
                         f"from requirements.txt, or pass a diffusers-format folder to --sd") from None
-    sd = read_state_dict(path)
+    sd = read_sd_checkpoint(path)
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     text_keys = [k for k in sd if k.startswith(TEXT_PREFIX)]
-    missing = [name for name, part in (("UNet (model.diffusion_model.*)", unet_sd), ("VAE (first_stage_model.*)", vae_sd),
-                                       ("CLIP text encoder (cond_stage_model.transformer.*)", text_keys)) if not part]
+    missing = [
+        name
+        for name, part in (
+            ("UNet (model.diffusion_model.*)", unet_sd),
+            ("VAE (first_stage_model.*)", vae_sd),
+            ("CLIP text encoder (cond_stage_model.transformer.*)", text_keys),
+        )
+        if not part
+    ]
     if missing:
         hint = " (is this a diffusers-format single component, an SD 2.x / SDXL file, or a LoRA?)"
         raise _bad_path(path, "not an SD v1.x LDM checkpoint: no " + ", no ".join(missing) + " weights" + hint)
@@ -417,7 +430,9 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device=None)
     return text_encoder(ids)[0]
 
 
-def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+def encode_images(
+    vae, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+) -> torch.Tensor:
     """Images in [-1, 1] (B,3,H,W) -> scaled latents (a posterior sample, or its mean with sample=False)."""
     dist = vae.encode(images.to(vae.dtype)).latent_dist
     z = dist.sample(generator) if sample else dist.mean
@@ -443,26 +458,25 @@ UNetKwargsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]
 def sample_latents(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                    steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
                    unet_kwargs_fn: UNetKwargsFn | None = None, progress: bool = False,
-                   autocast_ctx: Callable = None) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Classifier-free-guided denoising of `latents` with a DDIM-style diffusers scheduler.
 
     cond / uncond: (B, 77, D) contexts (uncond None or guidance 1 -> no guidance, one UNet pass a step).
     The conditional and unconditional halves run as one batch of 2B. eta > 0 is not supported here
-    (its per-step noise would depend on the batch); the course samples with eta 0.
+    (its per-step noise would depend on the batch); the course samples with eta 0. The UNet (and
+    unet_kwargs_fn) run under autocast to `amp_dtype` on the latents' device (None: exact fp32).
     """
     from tqdm.auto import tqdm
-    import contextlib
     if eta != 0:
         raise ValueError("sample_latents supports eta = 0 only (batch-size independent sampling)")
     scheduler.set_timesteps(steps, device=latents.device)
     guided = uncond is not None and guidance != 1.0
     context = torch.cat([uncond, cond]) if guided else cond
-    ctx = autocast_ctx or contextlib.nullcontext
     x = latents
     for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
         model_in = torch.cat([x, x]) if guided else x
         model_in = scheduler.scale_model_input(model_in, t)
-        with ctx():
+        with autocast(latents.device, amp_dtype):
             extra = unet_kwargs_fn(model_in, t, context) if unet_kwargs_fn else {}
             eps = unet(model_in, t, encoder_hidden_states=context, **extra).sample.float()
         if guided:

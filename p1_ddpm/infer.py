@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.images import save_grid, save_pngs, to_uint8  # noqa: E402
-from common.seeding import PerSampleNoise, seed_everything  # noqa: E402
-from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
-from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
-from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir
+from common.images import save_grid, save_pngs, to_uint8
+from common.seeding import PerSampleNoise, seed_everything
+from p1_ddpm.data import DIGIT_DATASETS
+from p1_ddpm.model import load_unet, schedule_of
+from p1_ddpm.samplers import SAMPLERS, sample_conditional_images
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "p1_ddpm.safetensors"
@@ -45,7 +42,9 @@ DEFAULTS = dict(sampler="dpmpp2m", steps=12, guidance=7.0, eta=0.0, seed=42)
 ICLEVR_CHECKPOINT = REPO / "checkpoints" / "p1_iclevr.safetensors"
 ICLEVR_ASSETS = REPO / "assets" / "iclevr"
 # stochastic DDIM (eta 1): on this model the deterministic samplers leave grain on the floor (BENCHMARKS.md)
-ICLEVR_DEFAULTS = dict(sampler="ddim", steps=50, guidance=4.0, eta=1.0, seed=42)  # guidance: ICLEVR.md (validation lists)
+ICLEVR_DEFAULTS = dict(
+    sampler="ddim", steps=50, guidance=4.0, eta=1.0, seed=42
+)  # guidance: ICLEVR.md (validation lists)
 GRID_COLUMNS = 8
 LAYOUTS = ("2023", "2024", "2025")
 
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per batch (the guided forward doubles it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    add_precision_flag(p, what="the UNet's forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -137,9 +136,9 @@ def main(argv=None) -> None:
     ab = schedule_of(config)
     names, cond, indices = plan(args.layout)
     dtype = autocast_dtype(device, args.precision)
-    images = generate(model, cond, indices, ab, args.seed, args.sampler, args.steps, args.guidance, args.eta,
-                      batch_size=args.batch_size, device=device,
-                      autocast_ctx=lambda: autocast(device, dtype), progress=not args.quiet)
+    images = sample_conditional_images(model, cond, indices, ab, args.seed, args.sampler, args.steps, args.guidance,
+                                       args.eta, batch_size=args.batch_size, device=device, amp_dtype=dtype,
+                                       progress=not args.quiet)
     for sub in {os.path.dirname(n) for n in names}:
         ensure_dir(out / sub)
     save_pngs(out, names, to_uint8(images))
@@ -186,12 +185,12 @@ def main_iclevr(args) -> None:
     seed_everything(args.seed)
     ab = schedule_of(config)
     dtype = autocast_dtype(device, args.precision)
-    ctx = lambda: autocast(device, dtype)  # noqa: E731
     common = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                  batch_size=args.batch_size, device=device, autocast_ctx=ctx)
+                  batch_size=args.batch_size, device=device, amp_dtype=dtype)
     size = config["model"]["image_size"]
-    for stem, lists, cond in jobs:
-        images = to_uint8(generate(model, cond, range(len(cond)), ab, args.seed, progress=not args.quiet, **common))
+    for stem, _lists, cond in jobs:
+        images = to_uint8(sample_conditional_images(model, cond, range(len(cond)), ab, args.seed,
+                                                    progress=not args.quiet, **common))
         ensure_dir(out / stem)
         save_pngs(out / stem, [f"{k}.png" for k in range(len(images))], images)
         rows = -(-len(images) // GRID_COLUMNS)
@@ -205,8 +204,8 @@ def main_iclevr(args) -> None:
         def record(i, t, x, x0):
             states.append(x.detach().float().cpu().clone())
 
-        x_T = PerSampleNoise(args.seed, [0]).randn(3, size, size)  # what generate() starts from for index 0
-        generate(model, denoise_cond, [0], ab, args.seed, callback=record, **common)
+        x_T = PerSampleNoise(args.seed, [0]).randn(3, size, size)  # the sampler's start for index 0
+        sample_conditional_images(model, denoise_cond, [0], ab, args.seed, callback=record, **common)
         states = [x_T] + states
         keep = denoise_frame_indices(len(states), args.denoise_frames)
         if len(keep) < 8:

@@ -152,10 +152,20 @@ class ConditionalUNet(nn.Module):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-        self.config = dict(image_size=image_size, in_channels=in_channels, channels=list(channels), patch_size=patch_size,
-                           num_res_blocks=num_res_blocks, attention_levels=list(attention_levels),
-                           dropout=dropout, condition=condition, num_classes=num_classes,
-                           num_domains=num_domains, num_labels=num_labels, prediction=prediction)
+        self.config = dict(
+            image_size=image_size,
+            in_channels=in_channels,
+            channels=list(channels),
+            patch_size=patch_size,
+            num_res_blocks=num_res_blocks,
+            attention_levels=list(attention_levels),
+            dropout=dropout,
+            condition=condition,
+            num_classes=num_classes,
+            num_domains=num_domains,
+            num_labels=num_labels,
+            prediction=prediction,
+        )
         ch0 = channels[0]
         emb_dim = 4 * ch0
         self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TRAIN_JSON = REPO.parent / "shared" / "data" / "iclevr" / "train.json"

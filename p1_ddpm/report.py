@@ -13,22 +13,18 @@ hw2_1.sh hands in.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
-from common.errors import cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
-from common.images import save_grid, to_uint8  # noqa: E402
-from common.seeding import PerSampleNoise  # noqa: E402
-from p1_ddpm.data import DIGIT_DATASETS  # noqa: E402
-from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
-from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
-from p1_ddpm.samplers import SAMPLERS, generate  # noqa: E402
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import cli_main
+from common.fileio import check_writable
+from common.images import save_grid, to_uint8
+from common.seeding import PerSampleNoise
+from p1_ddpm.data import DIGIT_DATASETS
+from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index
+from p1_ddpm.model import load_unet, schedule_of
+from p1_ddpm.samplers import SAMPLERS, sample_conditional_images
 
 REVERSE_TIMESTEPS = (999, 800, 600, 400, 200, 0)
 
@@ -44,20 +40,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--scale", type=int, default=3, help="pixel magnification in the figures")
     p.add_argument("--device", default="auto")
+    add_precision_flag(p, what="the UNet's forward pass")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     model, config = load_unet(args.checkpoint, device)
     out = check_writable(args.out)
     ab = schedule_of(config)
-    dtype = autocast_dtype(device)
-    ctx = lambda: autocast(device, dtype)  # noqa: E731
+    dtype = autocast_dtype(device, args.precision)
     digits = [str(d) for d in range(10)]
 
     for k, name in enumerate(DIGIT_DATASETS[: config["model"]["num_domains"]]):
         cond = torch.tensor([[d, k] for d in range(10) for _ in range(10)])
         idx = [sample_index(k, d, i) for d in range(10) for i in range(1, 11)]
-        imgs = generate(model, cond, idx, ab, args.seed, args.sampler, args.steps, args.guidance,
-                        device=device, autocast_ctx=ctx)
+        imgs = sample_conditional_images(model, cond, idx, ab, args.seed, args.sampler, args.steps, args.guidance,
+                                         device=device, amp_dtype=dtype)
         path = save_grid(out / f"grid_{name}.png", to_uint8(imgs), 10, 10, row_labels=digits, scale=args.scale)
         print(f"wrote {path}")
 
@@ -67,14 +63,14 @@ def main(argv=None) -> None:
     cond = torch.tensor([[0, mnistm], [1, mnistm]])
     idx = [sample_index(mnistm, 0, 1), sample_index(mnistm, 1, 1)]
     size = model.config["image_size"]
-    frames = {999: PerSampleNoise(args.seed, idx).randn(3, size, size)}  # what generate() starts from
+    frames = {999: PerSampleNoise(args.seed, idx).randn(3, size, size)}  # what sample_conditional_images() starts from
 
     def record(i, t, x, x0):
         if t - 1 in REVERSE_TIMESTEPS or t == 0:
             frames[max(t - 1, 0)] = x.detach().cpu().clone()
 
-    generate(model, cond, idx, ab, args.seed, "ddpm", guidance=args.guidance, device=device,
-             autocast_ctx=ctx, callback=record)
+    sample_conditional_images(model, cond, idx, ab, args.seed, "ddpm", guidance=args.guidance, device=device,
+                              amp_dtype=dtype, callback=record)
     rows = torch.stack([frames[t] for t in REVERSE_TIMESTEPS], dim=1)  # (2, 6, C, H, W)
     path = save_grid(out / "reverse_process.png", to_uint8(rows.flatten(0, 1)), 2, len(REVERSE_TIMESTEPS),
                      row_labels=["0", "1"], col_labels=[f"t={t}" for t in REVERSE_TIMESTEPS], scale=args.scale)

@@ -10,14 +10,14 @@ Guidance: eps = eps_uncond + w * (eps_cond - eps_uncond)   (w = 1: conditional o
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
+from common.device import autocast
 from common.seeding import PerSampleNoise
 from p1_ddpm.model import eps_from_output
 
@@ -25,16 +25,16 @@ SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
 
 
 def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, alphas_cumprod: torch.Tensor,
-                  autocast_ctx: Callable = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                  amp_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_fn(x, t) for the samplers: one forward of [cond; uncond] and the guidance combination
-    (on the network's output: for a v network that is the same as guiding eps, both being affine in it)."""
-    ctx = autocast_ctx or contextlib.nullcontext
+    (on the network's output: for a v network that is the same as guiding eps, both being affine in it).
+    The forward runs under autocast to `amp_dtype` on cond's device (None: exact fp32)."""
     null = model.cond.null_like(cond)
     prediction = model.config.get("prediction", "eps")
     ab_all = alphas_cumprod.to(cond.device, torch.float64)  # once, on the device: no host sync per step
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with ctx():
+        with autocast(cond.device, amp_dtype):
             if guidance == 1.0:
                 out = model(x, t, cond).float()
             else:
@@ -131,12 +131,16 @@ def run_sampler(name: str, eps_fn, x_T: torch.Tensor, alphas_cumprod: torch.Tens
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod: torch.Tensor, seed: int,
-             sampler: str = "dpmpp2m", steps: int = 12, guidance: float = 3.0, eta: float = 0.0,
-             clip_x0: float | None = 1.0, batch_size: int = 500, device: torch.device | str = "cpu",
-             autocast_ctx=None, progress: bool = False, callback=None) -> torch.Tensor:
-    """Images in [-1, 1] for each row of `cond`; sample k's noise comes from sample_seed(seed, indices[k]),
-    so an image never depends on the batch it was drawn in. Returns a float CPU tensor (N, C, H, W)."""
+def sample_conditional_images(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod: torch.Tensor,
+                              seed: int, sampler: str = "dpmpp2m", steps: int = 12, guidance: float = 3.0,
+                              eta: float = 0.0, clip_x0: float | None = 1.0, batch_size: int = 500,
+                              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                              progress: bool = False, callback=None) -> torch.Tensor:
+    """P1 (digits and i-CLEVR): guided samples of a class- or multi-label-conditional UNet, one per row of `cond`.
+
+    Images in [-1, 1]; sample k's noise comes from sample_seed(seed, indices[k]), so an image never depends
+    on the batch it was drawn in. The UNet runs under autocast to `amp_dtype` (None: exact fp32).
+    Returns a float CPU tensor (N, C, H, W)."""
     device = torch.device(device)
     cfg = model.config
     shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
@@ -148,7 +152,7 @@ def generate(model: torch.nn.Module, cond: torch.Tensor, indices, alphas_cumprod
         c = cond[start:start + batch_size].to(device)
         noise = PerSampleNoise(seed, idx, device)
         x_T = noise.randn(*shape).contiguous(memory_format=torch.channels_last)
-        eps_fn = guided_eps_fn(model, c, guidance, alphas_cumprod, autocast_ctx)
+        eps_fn = guided_eps_fn(model, c, guidance, alphas_cumprod, amp_dtype)
         outs.append(run_sampler(sampler, eps_fn, x_T, alphas_cumprod, noise, steps, eta, clip_x0,
                                 callback=callback).float().cpu())
         pbar.update(len(idx))

@@ -21,37 +21,84 @@ On CUDA it trains in bf16 autocast with channels_last; --devices N runs DDP.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger  # noqa: E402
-
-from common.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from common.device import lightning_precision, setup_cuda_fast_math  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, lr_factor, resolve_resume  # noqa: E402
-from common.schedules import SCHEDULES, alphas_cumprod, make_betas  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
-from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target  # noqa: E402
-from p1_ddpm.samplers import generate  # noqa: E402
-
+from common.checkpoint import read_checkpoint, save_checkpoint
+from common.config import add_config_flags, config_from_args, explicit_flags, pre_parse
+from common.device import lightning_precision, setup_cuda_fast_math
+from common.errors import UserError, cli_main, one_line
+from common.fileio import check_writable, ensure_dir
+from common.images import save_grid, to_uint8
+from common.lightning_utils import EMA, add_trainer_flags, lr_factor, make_trainer, resolve_accelerator, resolve_resume
+from common.schedules import SCHEDULES, alphas_cumprod, make_betas
+from common.seeding import seed_everything
+from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target
+from p1_ddpm.samplers import sample_conditional_images
 
 TASKS = ("digits", "iclevr")
-TASK_DEFAULTS = {
-    "digits": dict(batch_size=128, schedule="linear", channels="48,96", patch_size=2, prediction="eps"),
+
+
+@dataclass(frozen=True)
+class P1TrainConfig:
+    """Every hyper-parameter of a P1 training run: the flags of this script, saved in last.ckpt and in the
+    exported model's JSON. TASK_CONFIGS holds each task's values."""
+
+    max_steps: int = field(default=20000, metadata={"help": "optimiser steps to train for"})
+    batch_size: int = field(default=128, metadata={"help": "images per step (per device)"})
+    lr: float = field(default=3e-4, metadata={
+        "help": "AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up of the rate over these steps"})
+    cooldown_from: int | None = field(default=None, metadata={
+        "metavar": "STEP", "help": "from this optimiser step the rate falls linearly to 0 at --max-steps "
+                                   "(none: constant); can be added when resuming a constant-rate run"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights that is validated and exported"})
+    p_uncond: float = field(default=0.15, metadata={"help": "probability of dropping the label (for CFG)"})
+    p_drop_domain: float = field(default=0.05, metadata={
+        "help": "digits: probability of also dropping the data set condition"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "clip the gradient norm to this (0: off); an i-CLEVR run at lr 5e-4 diverged without it"})
+    schedule: str = field(default="linear", metadata={"choices": SCHEDULES, "help": "noise schedule"})
+    num_train_steps: int = field(default=1000, metadata={"help": "diffusion steps T of the schedule"})
+    prediction: str = field(default="eps", metadata={
+        "choices": PREDICTIONS,
+        "help": "what the UNet predicts: eps (the noise) or v (Salimans & Ho, 2022: its loss keeps weighing x0 "
+                "where the signal is nearly gone; see model.py); with --init-from, unless given, the file's"})
+    channels: str = field(default="48,96", metadata={"help": "UNet widths per resolution level"})
+    res_blocks: int = field(default=1, metadata={"help": "residual blocks per level"})
+    patch_size: int = field(default=2, metadata={"help": "fold PxP pixels into channels"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the residual blocks"})
+    datasets: str = field(default="mnistm,svhn", metadata={
+        "help": "digits: comma-separated data sets, in condition-index order"})
+    temperature: float = field(default=0.5, metadata={
+        "help": "digits: data set k is drawn with probability ~ size_k**temperature (0 = balanced)"})
+    val_every: int = field(default=500, metadata={"help": "validate, export and sample every N steps"})
+    limit_val_batches: float = field(default=1.0, metadata={"help": "share (or count) of validation batches"})
+    guidance: float = field(default=3.0, metadata={"help": "guidance scale of the validation samples"})
+    judge_samples: int = field(default=64, metadata={"help": "iclevr: validation label lists sampled for --judge"})
+
+    def channel_tuple(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(c) for c in self.channels.split(","))
+        except ValueError:
+            raise UserError(f"--channels must be comma-separated integers, got {self.channels!r}") from None
+
+
+TASK_CONFIGS = {
+    "digits": P1TrainConfig(),
     # patch 2 into 32 channels: with patch 4 (48 values) into 64 channels the output head cannot pass the
     # noise through (SiLU needs ~2 channels per signed value) and samples stay pure noise (ICLEVR.md).
     # v: the eps model drew tinted, empty floors; 500 v steps from it lifted the validation judge 0.42 -> 0.65
-    "iclevr": dict(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2, prediction="v"),
+    "iclevr": P1TrainConfig(batch_size=64, schedule="cosine", channels="32,64,128,192", patch_size=2,
+                            prediction="v"),
 }
 
 
@@ -60,17 +107,17 @@ class DiffusionModule(pl.LightningModule):
 
     init_state: weights to start from (--init-from), loaded into the model before the EMA copies it."""
 
-    def __init__(self, model_config: dict, schedule: str = "linear", num_train_steps: int = 1000,
-                 lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 500, ema_decay: float = 0.999,
-                 p_uncond: float = 0.15, p_drop_domain: float = 0.05, channels_last: bool = False,
-                 init_state: dict | None = None, cooldown_from: int | None = None, max_steps: int | None = None):
+    def __init__(self, *, model_config: dict, train: dict, channels_last: bool = False,
+                 init_state: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["init_state"])
+        self.config = P1TrainConfig(**train)
         self.model = ConditionalUNet(**model_config)
         if init_state is not None:
             self.model.load_state_dict(init_state)
-        self.ema = EMA(self.model, ema_decay)
-        self.register_buffer("alphas_cumprod", alphas_cumprod(make_betas(schedule, num_train_steps)), persistent=False)
+        self.ema = EMA(self.model, self.config.ema_decay)
+        ab = alphas_cumprod(make_betas(self.config.schedule, self.config.num_train_steps))
+        self.register_buffer("alphas_cumprod", ab, persistent=False)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
@@ -80,7 +127,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         b = x0.shape[0]
-        t = torch.randint(0, self.hparams.num_train_steps, (b,), device=self.device, generator=generator)
+        t = torch.randint(0, self.config.num_train_steps, (b,), device=self.device, generator=generator)
         noise = torch.randn(x0.shape, device=self.device, generator=generator)
         ab = self.alphas_cumprod[t].float()[:, None, None, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -89,8 +136,8 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, cond = batch
-        drop_label = torch.rand(cond.shape[0], device=self.device) < self.hparams.p_uncond
-        drop_domain = torch.rand(cond.shape[0], device=self.device) < self.hparams.p_drop_domain
+        drop_label = torch.rand(cond.shape[0], device=self.device) < self.config.p_uncond
+        drop_domain = torch.rand(cond.shape[0], device=self.device) < self.config.p_drop_domain
         loss = self.diffusion_loss(self.model, images, self.model.cond.drop(cond, drop_label, drop_domain))
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -109,20 +156,20 @@ class DiffusionModule(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(images))
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        h = self.hparams
+        c = self.config
+        opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, h.warmup_steps, h.cooldown_from, h.max_steps))
+            opt, lambda s: lr_factor(s, c.warmup_steps, c.cooldown_from, c.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export_config(self) -> dict:
-        h = self.hparams
+        c = self.config
         # extra_config: what inference needs beyond the network (i-CLEVR: the objects.json mapping)
-        return {"model": self.model.config, "schedule": h.schedule, "num_train_steps": h.num_train_steps,
-                **getattr(self, "extra_config", {})}
+        return {"model": self.model.config, "schedule": c.schedule, "num_train_steps": c.num_train_steps,
+                **getattr(self, "extra_config", {}), "train": dataclasses.asdict(c)}
 
 
-class ExportAndSample(Callback):
+class ExportEmaAndSampleGrid(Callback):
     """After each validation (rank 0): export EMA weights, keep the best by val loss, draw a sample grid.
 
     grid: None for the digits' 10 x datasets grid, else (multi-hot conditions, rows, cols) to sample.
@@ -152,28 +199,32 @@ class ExportAndSample(Callback):
         val = float(val) if val is not None else math.nan
         metrics = {"val_loss": val, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
         ema = pl_module.ema.module
-        save_checkpoint(self.out / "model.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics)
+        save_checkpoint(
+            self.out / "model.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics
+        )
         if val < self.best:
             self.best = val
-            save_checkpoint(self.out / "best.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics)
+            save_checkpoint(
+                self.out / "best.safetensors", ema.state_dict(), CHECKPOINT_KIND, pl_module.export_config(), metrics
+            )
         grid_path = self.out / "samples" / f"step_{trainer.global_step:06d}.png"
         ab = pl_module.alphas_cumprod.cpu()
         if self.grid is None:
             num_domains = ema.config["num_domains"]
             cond = torch.tensor([[d, k] for d in range(10) for k in range(num_domains)])
-            imgs = generate(ema, cond, range(len(cond)), ab, self.seed, steps=self.grid_steps,
-                            guidance=self.guidance, device=pl_module.device)
+            imgs = sample_conditional_images(ema, cond, range(len(cond)), ab, self.seed, steps=self.grid_steps,
+                                             guidance=self.guidance, device=pl_module.device)
             save_grid(grid_path, to_uint8(imgs), 10, num_domains, row_labels=[str(d) for d in range(10)], scale=2)
         else:
             cond, rows, cols = self.grid
-            imgs = generate(ema, cond, range(len(cond)), ab, self.seed, self.sampler, self.grid_steps,
-                            self.guidance, self.eta, device=pl_module.device)
+            imgs = sample_conditional_images(ema, cond, range(len(cond)), ab, self.seed, self.sampler,
+                                             self.grid_steps, self.guidance, self.eta, device=pl_module.device)
             save_grid(grid_path, to_uint8(imgs), rows, cols)
         if self.judge is not None:
-            from scripts.evaluate_iclevr import judge_scores, topk_accuracy
+            from p1_ddpm.iclevr_judge import judge_scores, topk_accuracy
             net, cond = self.judge
-            imgs = generate(ema, cond, range(len(cond)), ab, self.seed + 1, self.sampler, self.grid_steps,
-                            self.guidance, self.eta, device=pl_module.device)
+            imgs = sample_conditional_images(ema, cond, range(len(cond)), ab, self.seed + 1, self.sampler,
+                                             self.grid_steps, self.guidance, self.eta, device=pl_module.device)
             hits, total = topk_accuracy(judge_scores(net, torch.from_numpy(to_uint8(imgs)).permute(0, 3, 1, 2)), cond)
             acc = hits / total
             metrics["judge_acc"] = acc
@@ -187,153 +238,131 @@ class ExportAndSample(Callback):
                                 pl_module.export_config(), metrics)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task: str = "digits") -> argparse.ArgumentParser:
+    """The flags of `task`; the hyper-parameters' defaults shown by --help are that task's (TASK_CONFIGS)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="digits",
-                   help="digits: MNIST-M + SVHN, (digit, dataset) condition; iclevr: 64x64 multi-label objects")
+                   help="digits: MNIST-M + SVHN, (digit, dataset) condition; iclevr: 64x64 multi-label objects. "
+                        "The defaults below are those of --task " + task)
     p.add_argument("--data", required=True,
                    help="digits: course root holding mnistm/ and svhn/; iclevr: folder with train.json, "
                         "objects.json and the images")
     p.add_argument("--out", required=True, help="output folder (checkpoints, samples, logs)")
-    p.add_argument("--datasets", default="mnistm,svhn", help="comma-separated data sets, in condition-index order")
-    p.add_argument("--max-steps", type=int, default=20000, help="optimiser steps to train for")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (digits), 64 (iclevr)")
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate")
-    p.add_argument("--warmup-steps", type=int, default=500)
-    p.add_argument("--cooldown-from", type=int, default=None, metavar="STEP",
-                   help="from this optimiser step the rate falls linearly to 0 at --max-steps (default: constant); "
-                        "can be added when resuming a constant-rate run")
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--p-uncond", type=float, default=0.15, help="probability of dropping the digit label (CFG)")
-    p.add_argument("--temperature", type=float, default=0.5,
-                   help="data set k is drawn with probability ~ size_k**temperature (0 = balanced)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="default: linear (digits), cosine (iclevr)")
-    p.add_argument("--channels", default=None, help="UNet widths per resolution level; default: 48,96 (digits), "
-                   "32,64,128,192 (iclevr)")
-    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
-    p.add_argument("--patch-size", type=int, default=None,
-                   help="fold PxP pixels into channels; default: 2 (digits: run at 14x14; iclevr: 32x32)")
-    p.add_argument("--prediction", choices=PREDICTIONS, default=None,
-                   help="what the UNet predicts: eps (the noise) or v (Salimans & Ho, 2022: its loss keeps weighing x0 "
-                        "where the signal is nearly gone; see model.py); default: eps (digits), v (iclevr), or that of --init-from")
     p.add_argument("--init-from", default=None,
                    help="start from these weights (a model/best .safetensors this script wrote) with a fresh optimiser "
                         "and step 0; the architecture (and, unless given, the schedule and prediction) come from that "
-                        "file, so --prediction can switch a trained model to v; ignored when --resume finds a checkpoint")
+                        "file, so --prediction can switch a trained model to v; ignored when --resume finds a "
+                        "checkpoint")
     p.add_argument("--judge", default=None,
                    help="iclevr: a judge checkpoint (scripts/train_iclevr_judge.py) to score validation samples")
-    p.add_argument("--judge-samples", type=int, default=64, help="iclevr: validation label lists sampled for --judge")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the validation samples")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0,
-                   help="clip the gradient norm to this (0: off); an i-CLEVR run at lr 5e-4 diverged without it")
-    p.add_argument("--val-every", type=int, default=500, help="validate, export and sample every N steps")
-    p.add_argument("--limit-val-batches", type=float, default=1.0)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
+    add_config_flags(p, TASK_CONFIGS[task], f"hyper-parameters (defaults of --task {task})")
     add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX")
     return p
 
 
+def parse_config(argv) -> tuple[argparse.Namespace, P1TrainConfig, set[str]]:
+    """The parsed flags, the run's config (the task's defaults, overridden by the flags given) and the names
+    of the flags given on the command line."""
+    task = pre_parse(argv, ("--task", "digits")).task
+    task = task if task in TASKS else "digits"  # an unknown task is reported by the full parser
+    args = build_parser(task).parse_args(argv)
+    config = config_from_args(TASK_CONFIGS[args.task], args)
+    return args, config, explicit_flags(lambda: build_parser(args.task), argv)
+
+
+def model_config_for(task: str, config: P1TrainConfig, data) -> dict:
+    channels = config.channel_tuple()
+    if task == "digits":
+        return dict(image_size=28, channels=channels, num_res_blocks=config.res_blocks,
+                    attention_levels=(len(channels) - 1,), dropout=config.dropout, condition="digits",
+                    num_domains=len(data.datasets), patch_size=config.patch_size, prediction=config.prediction)
+    from p1_ddpm.iclevr_data import IMAGE_SIZE
+    # attention on every level but the first: objects must agree on where each one stands
+    return dict(image_size=IMAGE_SIZE, channels=channels, num_res_blocks=config.res_blocks,
+                attention_levels=tuple(range(1, len(channels))) or (0,), dropout=config.dropout,
+                condition="multihot", num_labels=len(data.objects), patch_size=config.patch_size,
+                prediction=config.prediction)
+
+
 @cli_main
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    prediction_given, schedule_given = args.prediction, args.schedule
-    for key, value in TASK_DEFAULTS[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
-    if args.cooldown_from is not None and not 0 <= args.cooldown_from < args.max_steps:
-        raise UserError(f"--cooldown-from must be in [0, --max-steps={args.max_steps}), got {args.cooldown_from}")
+    args, config, given = parse_config(argv)
+    if config.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
+    if config.cooldown_from is not None and not 0 <= config.cooldown_from < config.max_steps:
+        raise UserError(f"--cooldown-from must be in [0, --max-steps={config.max_steps}), got {config.cooldown_from}")
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise UserError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
+    config.channel_tuple()
     resume = resolve_resume(args.resume, out)
 
     grid = judge = None
     sample_settings = {}
     if args.task == "digits":
-        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        datasets = [d.strip() for d in config.datasets.split(",") if d.strip()]
         from p1_ddpm.data import DigitsDataModule
-        data = DigitsDataModule(args.data, args.batch_size, args.temperature, args.seed, args.num_workers, datasets)
+        data = DigitsDataModule(args.data, batch_size=config.batch_size, temperature=config.temperature,
+                                seed=args.seed, num_workers=args.num_workers, datasets=datasets)
         data.setup()  # decode every image now: a bad file fails here, before any training output exists
-        model_config = dict(image_size=28, channels=channels, num_res_blocks=args.res_blocks,
-                            attention_levels=(len(channels) - 1,), dropout=args.dropout, condition="digits",
-                            num_domains=len(datasets), patch_size=args.patch_size)
     else:
-        from p1_ddpm.iclevr_data import IMAGE_SIZE, ICLEVRDataModule
+        from p1_ddpm.iclevr_data import ICLEVRDataModule
         if args.judge is not None:
-            from scripts.evaluate_iclevr import load_own_judge
+            from p1_ddpm.iclevr_judge import load_own_judge
             judge_net = load_own_judge(args.judge)
-        data = ICLEVRDataModule(args.data, args.batch_size, args.seed, args.num_workers)
+        data = ICLEVRDataModule(args.data, batch_size=config.batch_size, seed=args.seed,
+                                num_workers=args.num_workers)
         data.setup()
         val_cond = data.val_set.cond
         grid = (val_cond[:32], 4, 8) if len(val_cond) >= 32 else (val_cond, 1, len(val_cond))
         if args.judge is not None:
-            judge = (judge_net, val_cond[:args.judge_samples])
+            judge = (judge_net, val_cond[:config.judge_samples])
         # deterministic samplers leave grain on a part-trained model; stochastic DDIM does not
         sample_settings = dict(sampler="ddim", eta=1.0, grid_steps=25)
-        # attention on every level but the first: objects must agree on where each one stands
-        model_config = dict(image_size=IMAGE_SIZE, channels=channels, num_res_blocks=args.res_blocks,
-                            attention_levels=tuple(range(1, len(channels))) or (0,), dropout=args.dropout,
-                            condition="multihot", num_labels=len(data.objects), patch_size=args.patch_size)
-    model_config["prediction"] = args.prediction
+    model_config = model_config_for(args.task, config, data)
     init_state = None
     if resume is not None:
         # the network and its schedule are the checkpoint's, whatever the flags say now
         try:
             hparams = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
-            model_config, saved_schedule = hparams["model_config"], hparams["schedule"]
+            model_config, saved = hparams["model_config"], hparams["train"]
         except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
-            raise UserError(f"{resume}: not a checkpoint of p1_ddpm/train.py ({type(e).__name__}: {e})") from None
-        # checkpoints from before --prediction predicted eps
-        saved = {"prediction": model_config.get("prediction", "eps"), "schedule": saved_schedule}
-        for flag, given in (("prediction", prediction_given), ("schedule", schedule_given)):
-            if given not in (None, saved[flag]):
+            raise UserError(f"{resume}: not a checkpoint of p1_ddpm/train.py ({one_line(e)})") from None
+        for flag in ("prediction", "schedule"):
+            if flag in given and getattr(config, flag) != saved[flag]:
                 raise UserError(f"{resume}: was trained with --{flag} {saved[flag]}; --resume cannot change it "
                                 f"(start a new --out with --init-from to fine-tune)")
-        args.schedule = saved_schedule
+        config = dataclasses.replace(config, prediction=saved["prediction"], schedule=saved["schedule"])
     elif args.init_from is not None:
         init_state, init_config = read_checkpoint(args.init_from, CHECKPOINT_KIND)
         if init_config["model"]["condition"] != model_config["condition"]:
-            raise UserError(f"{args.init_from}: a {init_config['model']['condition']!r} model, not one for --task {args.task}")
+            raise UserError(
+                f"{args.init_from}: a {init_config['model']['condition']!r} model, not one for --task {args.task}"
+            )
         if args.task == "iclevr" and init_config.get("objects") != data.objects:
             raise UserError(f"{args.init_from}: its object list differs from {args.data}/objects.json")
-        model_config = dict(init_config["model"])  # without "prediction" (older files) the UNet's default, eps
-        if prediction_given:
-            model_config["prediction"] = prediction_given
-        args.schedule = schedule_given or init_config.get("schedule", args.schedule)
+        model_config = dict(init_config["model"])
+        model_config.setdefault("prediction", "eps")  # files from before --prediction predicted eps
+        if "prediction" in given:
+            model_config["prediction"] = config.prediction
+        schedule = config.schedule if "schedule" in given else init_config.get("schedule", config.schedule)
+        config = dataclasses.replace(config, prediction=model_config["prediction"], schedule=schedule)
     ensure_dir(out)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    module = DiffusionModule(model_config, args.schedule, 1000, args.lr, 0.0, args.warmup_steps, args.ema_decay,
-                             args.p_uncond, channels_last=accelerator == "gpu", init_state=init_state,
-                             cooldown_from=args.cooldown_from, max_steps=args.max_steps)
+    accelerator = resolve_accelerator(args.accelerator)
+    module = DiffusionModule(model_config=model_config, train=dataclasses.asdict(config),
+                             channels_last=accelerator == "gpu", init_state=init_state)
     if args.task == "iclevr":
         module.extra_config = {"objects": data.objects}
     if args.compile:
         module.model.compile()  # in place: parameter names (checkpoints, EMA) stay as they are
 
-    ckpt = last_checkpoint_callback(out, args.val_every)
-    devices, strategy = devices_and_strategy(args.devices)
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, precision=lightning_precision(accelerator, args.precision),
-        strategy=strategy,
-        max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
-        val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.limit_val_batches,
-        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,
-        gradient_clip_val=args.grad_clip or None,
-        callbacks=[ckpt, ExportAndSample(out, guidance=args.guidance, seed=args.seed, grid=grid, judge=judge,
-                                          **sample_settings)], plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False, default_root_dir=out,
-    )
+    sampler = ExportEmaAndSampleGrid(out, guidance=config.guidance, seed=args.seed, grid=grid, judge=judge,
+                                     **sample_settings)
+    trainer = make_trainer(args, out=out, precision=lightning_precision(accelerator, args.precision),
+                           max_steps=config.max_steps, checkpoint_every=config.val_every, callbacks=[sampler],
+                           val_every=config.val_every, limit_val_batches=config.limit_val_batches,
+                           gradient_clip_val=config.grad_clip or None)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")

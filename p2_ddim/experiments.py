@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Report figures for the face DDIM problem.
 
-    python p2_ddim/experiments.py eta-grid --noise-dir hw2_data/face/noise --unet hw2_data/face/UNet.pt --out figs/eta_grid.png
-    python p2_ddim/experiments.py interpolate --mode slerp --noise-dir hw2_data/face/noise --unet hw2_data/face/UNet.pt --out figs/slerp.png
+    python p2_ddim/experiments.py eta-grid --noise-dir hw2_data/face/noise --unet hw2_data/face/UNet.pt \
+        --out figs/eta_grid.png
+    python p2_ddim/experiments.py interpolate --mode slerp --noise-dir hw2_data/face/noise \
+        --unet hw2_data/face/UNet.pt --out figs/slerp.png
     python p2_ddim/experiments.py interpolate --mode lerp  ... --out figs/lerp.png
 
 eta-grid: rows eta = 0, 0.25, 0.5, 0.75, 1 (--etas), columns noises 00-03 (--noises), labelled. The fresh
@@ -14,19 +16,16 @@ on its own, as in hw2_2.sh. The sampling flags are those of p2_ddim/infer.py.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
-from common.images import save_grid, to_uint8  # noqa: E402
-from p2_ddim.infer import add_sampling_args, check_sampling_args, generate, load_model, load_noises, setup  # noqa: E402
-from p2_ddim.interpolation import INTERPOLATIONS, interpolate  # noqa: E402
+from common.errors import UserError, cli_main
+from common.fileio import check_writable
+from common.images import save_grid, to_uint8
+from p2_ddim.infer import add_sampling_args, check_sampling_args, load_model, load_noises, sample_faces_ddim, setup
+from p2_ddim.interpolation import INTERPOLATIONS, interpolate
 
 DEFAULT_ETAS = "0,0.25,0.5,0.75,1.0"
 DEFAULT_NOISES = "00,01,02,03"
@@ -57,9 +56,10 @@ def eta_grid(args, model, device, amp, stems, noises, indices) -> tuple[np.ndarr
     etas = _floats(args.etas, "--etas")
     rows = []
     for eta in etas:
-        imgs = generate(model, noises, indices, steps=args.steps, eta=eta, seed=args.seed,
-                        timestep_offset=args.timestep_offset, clip_x0=args.clip_x0, batch_size=args.batch_size,
-                        device=device, amp_dtype=amp, progress=not args.quiet, desc=f"eta {eta:g}")
+        imgs = sample_faces_ddim(model, noises, indices, steps=args.steps, eta=eta, seed=args.seed,
+                                 timestep_offset=args.timestep_offset, clip_x0=args.clip_x0,
+                                 batch_size=args.batch_size, device=device, amp_dtype=amp, progress=not args.quiet,
+                                 desc=f"eta {eta:g}")
         rows.append(to_uint8(imgs, "minmax"))
     return np.concatenate(rows), [f"eta = {fmt(e)}" for e in etas], stems
 
@@ -67,9 +67,9 @@ def eta_grid(args, model, device, amp, stems, noises, indices) -> tuple[np.ndarr
 def interpolation_row(args, model, device, amp, noises) -> tuple[np.ndarray, list[str], list[str]]:
     alphas = [i / (args.count - 1) for i in range(args.count)]
     x_t = interpolate(noises[0], noises[1], alphas, args.mode)
-    imgs = generate(model, x_t, list(range(len(alphas))), steps=args.steps, eta=0.0,
-                    timestep_offset=args.timestep_offset, clip_x0=args.clip_x0, batch_size=args.batch_size,
-                    device=device, amp_dtype=amp, progress=not args.quiet, desc=args.mode)
+    imgs = sample_faces_ddim(model, x_t, list(range(len(alphas))), steps=args.steps, eta=0.0,
+                             timestep_offset=args.timestep_offset, clip_x0=args.clip_x0, batch_size=args.batch_size,
+                             device=device, amp_dtype=amp, progress=not args.quiet, desc=args.mode)
     return to_uint8(imgs, "minmax"), [args.mode], [f"{a:.1f}" if args.count == 11 else f"{a:.3g}" for a in alphas]
 
 
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--noise-dir", required=True, help="folder of NAME.pt noise tensors")
         s.add_argument("--unet", required=True, help="the course's UNet.pt")
         s.add_argument("--out", required=True, help="PNG file to write")
-        s.add_argument("--scale", type=float, default=1.0, help="tile size factor (0.5 shrinks 256x256 tiles to 128x128)")
+        s.add_argument(
+            "--scale", type=float, default=1.0, help="tile size factor (0.5 shrinks 256x256 tiles to 128x128)"
+        )
         if name == "eta-grid":
             s.add_argument("--etas", default=DEFAULT_ETAS, help="comma-separated eta values (rows)")
             s.add_argument("--noises", default=DEFAULT_NOISES, help="comma-separated noise names (columns)")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.checkpoint import load_into
-from common.errors import UserError
+from common.errors import UserError, one_line
 
 GROUPS = 32
 WIDTH_MULTS = (1, 1, 2, 2, 4, 4)
@@ -179,19 +179,7 @@ class FaceUNet(nn.Module):
         return self.out(h)
 
 
-def one_line(e: BaseException, limit: int = 200) -> str:
-    """A short one-line summary of an exception from torch.load (whose messages run over many lines)."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    # weights_only refusals explain themselves on a later line ("Unsupported global: ...")
-    detail = next((ln for ln in lines if "Unsupported" in ln), None)
-    text = detail or lines[0].split(". ")[0]
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(e).__name__}: {text}"
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_face_unet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) a state dict onto the CPU; one-line UserError for missing/corrupt/other files."""
     path = Path(path)
     if not path.is_file():
@@ -200,8 +188,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here (pickle, zip, EOF, unsupported global)
         if "Unsupported global" in str(e):
-            raise UserError(f"{path}: holds pickled Python objects, not a plain state dict of tensors (this tool "
-                            f"does not run pickled code; save model.state_dict() instead): {one_line(e, 120)}") from None
+            raise UserError(
+                f"{path}: holds pickled Python objects, not a plain state dict of tensors (this tool "
+                f"does not run pickled code; save model.state_dict() instead): {one_line(e, 120)}"
+            ) from None
         raise UserError(f"{path}: not a readable torch state dict (truncated or corrupt?): {one_line(e)}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -213,7 +203,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_face_unet(path: str | os.PathLike, device: torch.device | str = "cpu") -> FaceUNet:
     """Build a FaceUNet of the width the file holds (128 for the course's UNet.pt) and load it strictly."""
-    sd = read_state_dict(path)
+    sd = read_face_unet_state_dict(path)
     w = sd.get("down1.weight")
     if w is None or w.dim() != 4 or tuple(w.shape[1:]) != (3, 3, 3) or w.shape[0] < GROUPS or w.shape[0] % GROUPS:
         raise UserError(f"{path}: not the course's face UNet (no down1.weight of shape (C,3,3,3); "

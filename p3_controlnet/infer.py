@@ -16,19 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLINE before diffusers loads)
-import torch  # noqa: E402
+import common.stable_diffusion as sdlib
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir
+from common.images import save_pngs, to_uint8
+from p3_controlnet.data import load_control, read_prompt_file
+from p3_controlnet.model import (
+    DEFAULT_CONTROLNET,
+    ControlledUNet,
+    check_compatible,
+    load_controlnet,
+    sample_controlnet_images,
+    use_sdpa,
+)
 
-from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.images import save_pngs, to_uint8  # noqa: E402
-from p3_controlnet.data import load_control, read_prompt_file  # noqa: E402
-from p3_controlnet.model import DEFAULT_CONTROLNET, ControlledUNet, check_compatible, generate, load_controlnet, use_sdpa  # noqa: E402
-
-DEFAULTS = dict(steps=50, guidance=7.5, eta=0.0, seed=42)
+DEFAULTS = dict(steps=50, guidance=7.5, seed=42)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,13 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="DDIM steps")
     p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"],
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
-    p.add_argument("--eta", type=float, default=DEFAULTS["eta"], help="DDIM eta (only 0, deterministic, is supported)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="line i uses seed + i")
     p.add_argument("--control-scale", type=float, default=1.0, help="multiplier of the ControlNet residuals")
     p.add_argument("--size", type=int, default=512, help="output side in pixels; control images are resized to it")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (the guided pass doubles it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -58,8 +62,6 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise UserError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
-    if args.eta != 0:
-        raise UserError(f"--eta {args.eta}: only eta 0 (deterministic DDIM, the course setting) is supported")
     if args.size % 8:
         raise UserError(f"--size must be a multiple of 8, got {args.size}")
     t0 = time.time()
@@ -103,9 +105,20 @@ def main(argv=None) -> None:
         control = torch.stack([load_control(src_dir / it["source"], args.size) for it in batch]).to(device)
         cond = emb[[row[it["prompt"]] for it in batch]]
         uncond = uncond1.expand(len(batch), -1, -1)
-        images = generate(net, sd.vae, scheduler, cond, uncond, control, [args.seed + start + i for i in range(len(batch))],
-                          steps=args.steps, guidance=args.guidance, control_scale=args.control_scale,
-                          autocast_ctx=lambda: autocast(device, ac_dtype), progress=not args.quiet)
+        images = sample_controlnet_images(
+            net,
+            sd.vae,
+            scheduler,
+            cond,
+            uncond,
+            control,
+            [args.seed + start + i for i in range(len(batch))],
+            steps=args.steps,
+            guidance=args.guidance,
+            control_scale=args.control_scale,
+            amp_dtype=ac_dtype,
+            progress=not args.quiet,
+        )
         save_pngs(out, [it["target"] for it in batch], to_uint8(images))
         done += len(batch)
         if not args.quiet:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.device import autocast
+from common.errors import UserError, one_line
 
 # the conditioning encoder's widths in SD v1 ControlNets: three stride-2 convs take 512 px to 64 latents
 COND_EMBED_CHANNELS = (16, 32, 96, 256)
@@ -37,7 +38,10 @@ def conditioning_channels_for(vae_scale_factor: int) -> tuple[int, ...]:
 def build_controlnet(unet, vae_scale_factor: int = 8):
     """A ControlNet copied from `unet` (fp32, trainable, zero convolutions at zero)."""
     from diffusers import ControlNetModel
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor))
+
+    net = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels_for(vae_scale_factor)
+    )
     from common.stable_diffusion import cast
     return cast(net, torch.float32).train()
 
@@ -62,7 +66,9 @@ class ControlledUNet(torch.nn.Module):
                                     conditioning_scale=scale, return_dict=False)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    def forward(self, x: torch.Tensor, t, context: torch.Tensor, control: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t, context: torch.Tensor, control: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
         return self.unet(x, t, encoder_hidden_states=context, **self.residuals(x, t, context, control, scale)).sample
 
 
@@ -83,6 +89,7 @@ def _as_list(v):
 def load_controlnet(path: str | os.PathLike, device="cpu", dtype=torch.float32):
     """A ControlNet folder written by train.py (or any diffusers ControlNet folder)."""
     from diffusers import ControlNetModel
+
     from common.stable_diffusion import load_diffusers_model
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -98,8 +105,9 @@ def load_controlnet(path: str | os.PathLike, device="cpu", dtype=torch.float32):
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: not a readable ControlNet ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise UserError(f"{path}: not a readable ControlNet ({one_line(e)})") from None
     from common.stable_diffusion import cast
+
     return cast(net, dtype).to(device).eval()
 
 
@@ -109,8 +117,10 @@ def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).cpu().contiguous()
-                 for k, v in controlnet.state_dict().items()}
+        state = {
+            k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in controlnet.state_dict().items()
+        }
         from safetensors.torch import save_file
         controlnet.save_config(tmp)  # config.json, as save_pretrained writes it
         save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
@@ -129,10 +139,13 @@ def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | No
 
 
 @torch.no_grad()
-def generate(net: ControlledUNet, vae, scheduler, cond: torch.Tensor, uncond: torch.Tensor, control: torch.Tensor,
-             seeds, steps: int = 50, guidance: float = 7.5, control_scale: float = 1.0,
-             autocast_ctx=None, progress: bool = False) -> torch.Tensor:
-    """Images in [-1, 1] (B,3,H,W) for control images (B,3,H,W) in [0,1] and (B,77,D) prompt contexts.
+def sample_controlnet_images(net: ControlledUNet, vae, scheduler, cond: torch.Tensor, uncond: torch.Tensor,
+                             control: torch.Tensor, seeds, steps: int = 50, guidance: float = 7.5,
+                             control_scale: float = 1.0, amp_dtype: torch.dtype | None = None,
+                             progress: bool = False) -> torch.Tensor:
+    """P3: SD images steered by a ControlNet. Images in [-1, 1] (B,3,H,W) for control images (B,3,H,W) in
+    [0,1] and (B,77,D) prompt contexts; the UNet, ControlNet and VAE decoder run under autocast to
+    `amp_dtype` (None: exact fp32).
 
     DDIM with eta 0 from per-sample seeded noise (sample i starts from noise seeded with seeds[i]), with
     classifier-free guidance; the control image steers both the conditional and the unconditional pass,
@@ -153,7 +166,6 @@ def generate(net: ControlledUNet, vae, scheduler, cond: torch.Tensor, uncond: to
         return net.residuals(x, t, context, control_in.to(dtype), control_scale)
 
     x = sample_latents(net.unet, scheduler, latents, cond, uncond if guided else None, steps=steps,
-                       guidance=guidance, unet_kwargs_fn=residuals, progress=progress, autocast_ctx=autocast_ctx)
-    ctx = autocast_ctx() if autocast_ctx else __import__("contextlib").nullcontext()
-    with ctx:
+                       guidance=guidance, unet_kwargs_fn=residuals, progress=progress, amp_dtype=amp_dtype)
+    with autocast(device, amp_dtype):
         return decode_latents(vae, x)

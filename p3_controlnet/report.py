@@ -10,21 +10,25 @@ OUT_control.png (the control image) and OUT_1.png, OUT_2.png (the generated imag
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLINE before diffusers loads)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from common.device import autocast, autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
-from common.images import save_grid, save_png, to_uint8  # noqa: E402
-from p3_controlnet.model import DEFAULT_CONTROLNET, ControlledUNet, check_compatible, generate, load_controlnet, use_sdpa  # noqa: E402
+import common.stable_diffusion as sdlib
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import UserError, cli_main
+from common.fileio import check_writable
+from common.images import save_grid, save_png, to_uint8
+from p3_controlnet.model import (
+    DEFAULT_CONTROLNET,
+    ControlledUNet,
+    check_compatible,
+    load_controlnet,
+    sample_controlnet_images,
+    use_sdpa,
+)
 
 PROMPTS = ("a red circle and a blue circle with pink background",
            "a green circle and a yellow circle with blue background")
@@ -36,7 +40,9 @@ def two_circle_control(size: int) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     width = max(1, round(size / 128))
     for cx, cy, r in ((0.3, 0.38, 0.18), (0.68, 0.64, 0.2)):
-        draw.ellipse([(cx - r) * size, (cy - r) * size, (cx + r) * size, (cy + r) * size], outline=(255, 255, 255), width=width)
+        draw.ellipse(
+            [(cx - r) * size, (cy - r) * size, (cx + r) * size, (cy + r) * size], outline=(255, 255, 255), width=width
+        )
     return np.asarray(img)
 
 
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto")
+    add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     return p
 
 
@@ -63,11 +70,14 @@ def main(argv=None) -> None:
     check_writable(out.parent if str(out.parent) else ".")
     if args.control:
         from p3_controlnet.data import load_control
-        control_img = (load_control(Path(args.control), args.size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+        control_img = (
+            (load_control(Path(args.control), args.size).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        )
     else:
         control_img = two_circle_control(args.size)
     device = pick_device(args.device)
-    ac = autocast_dtype(device)
+    ac = autocast_dtype(device, args.precision)
     dtype = ac or torch.float32
     controlnet = load_controlnet(args.controlnet, device, dtype)
     sd = sdlib.load_sd(args.sd, device, dtype)
@@ -79,10 +89,12 @@ def main(argv=None) -> None:
         sd.text_encoder.to(torch.float32)
         cond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, list(PROMPTS), device)
         uncond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, ["", ""], device)
-    control = torch.from_numpy(control_img.copy()).permute(2, 0, 1).float().div(255).to(device)[None].expand(2, -1, -1, -1)
-    images = to_uint8(generate(net, sd.vae, sdlib.make_ddim_scheduler(sd.noise_scheduler), cond, uncond, control,
-                               [args.seed, args.seed], steps=args.steps, guidance=args.guidance,
-                               autocast_ctx=lambda: autocast(device, ac)))
+    control = (
+        torch.from_numpy(control_img.copy()).permute(2, 0, 1).float().div(255).to(device)[None].expand(2, -1, -1, -1)
+    )
+    images = to_uint8(sample_controlnet_images(net, sd.vae, sdlib.make_ddim_scheduler(sd.noise_scheduler), cond,
+                                               uncond, control, [args.seed, args.seed], steps=args.steps,
+                                               guidance=args.guidance, amp_dtype=ac))
     stem = out.with_suffix("")
     save_png(f"{stem}_control.png", control_img)
     for k, img in enumerate(images, start=1):

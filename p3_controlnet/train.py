@@ -22,40 +22,77 @@ computed once at start-up (the text encoder is then dropped).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
 
-import common.stable_diffusion as sdlib  # noqa: E402  (first: sets HF_HUB_OFFLINE before diffusers loads)
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+import common.stable_diffusion as sdlib
+from common.config import add_config_flags, check_positive, config_from_args
+from common.device import lightning_precision, setup_cuda_fast_math
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir, write_text_atomic
+from common.images import save_grid, to_uint8
+from common.lightning_utils import add_trainer_flags, make_trainer, resolve_accelerator, resolve_resume
+from common.seeding import seed_everything
+from p3_controlnet.data import Fill50kDataModule
+from p3_controlnet.make_fill50k import write_split
+from p3_controlnet.model import ControlledUNet, build_controlnet, sample_controlnet_images, save_controlnet, use_sdpa
 
-from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir, write_text_atomic  # noqa: E402
-from common.images import save_grid, to_uint8  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
-from p3_controlnet.data import Fill50kDataModule  # noqa: E402
-from p3_controlnet.make_fill50k import write_split  # noqa: E402
-from p3_controlnet.model import ControlledUNet, build_controlnet, generate, save_controlnet, use_sdpa  # noqa: E402
+
+@dataclass(frozen=True)
+class P3TrainConfig:
+    """Every hyper-parameter of a P3 training run: the flags of this script, saved in last.ckpt (and in the
+    hparams.yaml of the CSV log)."""
+
+    size: int = field(default=512, metadata={
+        "help": "training resolution (images are resized to it; a multiple of 64)"})
+    generate_n: int = field(default=50000, metadata={
+        "help": "without --data: how many training samples to generate (Fill50k has 50000); drawn at --size with "
+                "generator seed --seed"})
+    max_steps: int = field(default=6000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
+    accumulate: int = field(default=1, metadata={
+        "help": "gradient accumulation (effective batch = batch x devices x this)"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (ControlNet paper: 1e-5)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    proportion_empty_prompts: float = field(default=0.0, metadata={
+        "help": "probability of training a sample with the empty prompt (the paper uses 0.5 to make the "
+                "ControlNet read content from the control image; the Fill50k tutorial 0)"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "recompute activations in the backward pass (--no-gradient-checkpointing: faster, much more "
+                "memory)"})
+    val_count: int = field(default=8, metadata={"help": "training items held out for validation loss and samples"})
+    sample_every: int = field(default=500, metadata={
+        "help": "validate, export controlnet/ and draw samples every N steps"})
+    sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the sample images (0: no images)"})
+    sample_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of the sample images"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "metavar": "N", "help": "write last.ckpt every N steps (off: every --sample-every steps)"})
 
 
 class ControlNetModule(pl.LightningModule):
-    """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns."""
+    """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns.
 
-    def __init__(self, sd, prompts: list[str], empty_prompt_id: int, lr: float = 1e-5, weight_decay: float = 1e-2,
-                 proportion_empty_prompts: float = 0.0, gradient_checkpointing: bool = True,
+    frozen_dtype: the dtype SD's UNet and VAE are held in (bf16 under bf16 autocast); text_batch: prompts
+    encoded at once when the text embeddings are cached."""
+
+    def __init__(self, *, sd, prompts: list[str], empty_prompt_id: int, config: P3TrainConfig | None = None,
                  frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64):
         super().__init__()
-        self.save_hyperparameters(ignore=["sd", "prompts", "frozen_dtype"])
+        self.config = config if config is not None else P3TrainConfig()
+        # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes
+        self.save_hyperparameters({"train": dataclasses.asdict(self.config), "empty_prompt_id": empty_prompt_id,
+                                   "text_batch": text_batch})
         sd.freeze()
         self.vae, self.text_encoder, self.tokenizer = sd.vae, sd.text_encoder, sd.tokenizer
         self.noise_scheduler = sd.noise_scheduler
@@ -66,7 +103,7 @@ class ControlNetModule(pl.LightningModule):
         for m in (sd.unet, sd.vae):  # the text encoder stays fp32: it runs once per prompt, then is dropped
             sdlib.cast(m, frozen_dtype)
         self.cache_dtype = frozen_dtype
-        if gradient_checkpointing:
+        if self.config.gradient_checkpointing:
             # the frozen UNet too: gradients reach the ControlNet through its decoder
             self.net.controlnet.enable_gradient_checkpointing()
             self.net.unet.enable_gradient_checkpointing()
@@ -95,13 +132,15 @@ class ControlNetModule(pl.LightningModule):
         return self.text_cache[prompt_ids.cpu()].to(self.device, non_blocking=True)
 
     # ---- loss
-    def diffusion_loss(self, batch, generator: torch.Generator | None = None, drop_prompts: bool = False) -> torch.Tensor:
+    def diffusion_loss(
+        self, batch, generator: torch.Generator | None = None, drop_prompts: bool = False
+    ) -> torch.Tensor:
         control, target, pid = batch["control"], batch["target"], batch["prompt_id"]
         b = target.shape[0]
         with torch.no_grad():
             latents = sdlib.encode_images(self.vae, target, generator=generator).float()
-        if drop_prompts and self.hparams.proportion_empty_prompts > 0:
-            drop = torch.rand(b, device=pid.device) < self.hparams.proportion_empty_prompts
+        if drop_prompts and self.config.proportion_empty_prompts > 0:
+            drop = torch.rand(b, device=pid.device) < self.config.proportion_empty_prompts
             pid = torch.where(drop, torch.full_like(pid, self.hparams.empty_prompt_id), pid)
         context = self.context(pid)
         t = torch.randint(0, len(self.alphas_cumprod), (b,), device=self.device, generator=generator)
@@ -125,15 +164,19 @@ class ControlNetModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.net.controlnet.parameters() if p.requires_grad]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
 
     # ---- checkpoints: the ControlNet and optimiser only (SD is reloaded from --sd)
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.controlnet.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.controlnet.")
+        }
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if not any(k.startswith("net.controlnet.") for k in checkpoint.get("state_dict", {})):
-            raise UserError("--resume: the checkpoint holds no ControlNet weights (not written by p3_controlnet/train.py?)")
+            raise UserError(
+                "--resume: the checkpoint holds no ControlNet weights (not written by p3_controlnet/train.py?)"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -143,12 +186,19 @@ class ControlNetModule(pl.LightningModule):
         return self
 
 
-class ExportAndSample(Callback):
-    """Every `every` steps and at the end (rank 0): export the ControlNet; draw samples for the held-out items."""
+class ExportControlNetAndSamples(Callback):
+    """Every `every` steps and at the end (rank 0): export the ControlNet to <out>/controlnet; draw `steps`-step
+    samples (guidance `guidance`, seeds seed + i) for the first `count` held-out items (steps 0: none)."""
 
-    def __init__(self, out: Path, val_set, every: int, steps: int = 20, guidance: float = 7.5, seed: int = 0,
-                 count: int = 4):
-        self.out, self.val_set, self.every, self.steps, self.guidance, self.seed = out, val_set, every, steps, guidance, seed
+    def __init__(self, *, out: Path, val_set, every: int, steps: int, guidance: float, seed: int, count: int = 4):
+        self.out, self.val_set, self.every, self.steps, self.guidance, self.seed = (
+            out,
+            val_set,
+            every,
+            steps,
+            guidance,
+            seed,
+        )
         self.count = min(count, len(val_set))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -175,12 +225,21 @@ class ExportAndSample(Callback):
         # the autocast training runs under (Lightning's bf16-mixed, on any device): the frozen UNet and the
         # text cache are bf16 then, while the latents and the ControlNet are fp32
         amp_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
-        ac = lambda: autocast(dev, amp_dtype)  # noqa: E731
         was_training = pl_module.net.controlnet.training
         pl_module.net.controlnet.eval()
         sched = sdlib.make_ddim_scheduler(pl_module.noise_scheduler)
-        imgs = generate(pl_module.net, pl_module.vae, sched, cond, uncond, control, [self.seed + i for i in range(self.count)],
-                        steps=self.steps, guidance=self.guidance, autocast_ctx=ac)
+        imgs = sample_controlnet_images(
+            pl_module.net,
+            pl_module.vae,
+            sched,
+            cond,
+            uncond,
+            control,
+            [self.seed + i for i in range(self.count)],
+            steps=self.steps,
+            guidance=self.guidance,
+            amp_dtype=amp_dtype,
+        )
         pl_module.net.controlnet.train(was_training)
         target = torch.stack([it["target"] for it in items]).to(dev)
         rows = torch.stack([control * 2 - 1, imgs.to(dev).float(), target], 1)
@@ -215,57 +274,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="fill50k root (holding training/) or a split folder with prompt.json (default: generate "
                         "one into <out>/fill50k, see --generate-n)")
-    p.add_argument("--generate-n", type=int, default=50000,
-                   help="without --data: how many training samples to generate (Fill50k has 50000); "
-                        "drawn at --size with generator seed --seed")
-    p.add_argument("--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/; fill50k/ without --data)")
-    p.add_argument("--size", type=int, default=512, help="training resolution (images are resized to it)")
-    p.add_argument("--max-steps", type=int, default=6000, help="optimiser steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (--resume continues)")
-    p.add_argument("--batch-size", type=int, default=4, help="per device")
-    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation (effective batch = batch x devices x this)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (ControlNet paper: 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--proportion-empty-prompts", type=float, default=0.0,
-                   help="probability of training a sample with the empty prompt (the paper uses 0.5 to make the "
-                        "ControlNet read content from the control image; the Fill50k tutorial 0)")
-    p.add_argument("--val-count", type=int, default=8, help="training items held out for validation loss and samples")
-    p.add_argument("--sample-every", type=int, default=500, help="validate, export controlnet/ and draw samples every N steps")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample images (0: no images)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="write last.ckpt every N steps (default: --sample-every)")
-    p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
+    p.add_argument(
+        "--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/; fill50k/ without --data)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
+    add_config_flags(p, P3TrainConfig(), "hyper-parameters")
     add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU", num_workers=4)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    config = config_from_args(P3TrainConfig(), args)
     # the frozen SD is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    if args.size % 64:
-        raise UserError(f"--size must be a multiple of 64 (SD's UNet down-samples latents 3 times), got {args.size}")
-    for name in ("batch_size", "accumulate", "max_steps", "sample_every", "generate_n"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= config.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {config.proportion_empty_prompts}")
+    if config.size % 64:
+        raise UserError(f"--size must be a multiple of 64 (SD's UNet down-samples latents 3 times), got {config.size}")
+    check_positive(config, "batch_size", "accumulate", "max_steps", "sample_every", "generate_n")
+    if config.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()
     resume = resolve_resume(args.resume, out)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
     frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
-    if args.data is None and args.generate_n < args.val_count + args.batch_size:
-        raise UserError(f"--generate-n {args.generate_n}: need at least --val-count {args.val_count} "
-                        f"+ --batch-size {args.batch_size} samples")
+    if args.data is None and config.generate_n < config.val_count + config.batch_size:
+        raise UserError(f"--generate-n {config.generate_n}: need at least --val-count {config.val_count} "
+                        f"+ --batch-size {config.batch_size} samples")
 
     def load_sd():
         t0 = time.time()
@@ -276,32 +318,29 @@ def main(argv=None) -> None:
     data_root = args.data
     if data_root is None:
         sd, load_seconds = load_sd()  # first: a bad --sd fails before minutes of generation
-        data_root = generated_fill50k(out / "fill50k", args.generate_n, args.size, args.seed)
-    data = Fill50kDataModule(data_root, args.size, args.batch_size, args.val_count, args.seed, args.num_workers, args.limit)
+        data_root = generated_fill50k(out / "fill50k", config.generate_n, config.size, args.seed)
+    data = Fill50kDataModule(
+        data_root, config.size, config.batch_size, config.val_count, args.seed, args.num_workers, args.limit
+    )
     if sd is None:
         sd, load_seconds = load_sd()
     print(f"loaded SD from {args.sd} in {load_seconds:.1f} s; {len(data.train_set)} training items, "
           f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
     ensure_dir(out)
-    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, args.lr, args.weight_decay,
-                              args.proportion_empty_prompts, not args.no_gradient_checkpointing, frozen_dtype)
+    module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id, config=config,
+                              frozen_dtype=frozen_dtype)
     if args.compile:
         module.net.controlnet.compile()
         module.net.unet.compile()
 
-    every_ckpt = args.checkpoint_every or args.sample_every
-    ckpt = last_checkpoint_callback(out, every_ckpt)
-    devices, strategy = devices_and_strategy(args.devices)
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, precision=precision, strategy=strategy,
-        max_steps=args.max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
-        accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0,
-        val_check_interval=args.sample_every * args.accumulate, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=min(25, args.sample_every),
-        callbacks=[ckpt, ExportAndSample(out, data.val_set, args.sample_every, args.sample_steps, seed=args.seed)],
-        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=not args.quiet,
-        default_root_dir=out,
-    )
+    export = ExportControlNetAndSamples(out=out, val_set=data.val_set, every=config.sample_every,
+                                        steps=config.sample_steps, guidance=config.sample_guidance, seed=args.seed)
+    # Lightning counts validation intervals in batches, not optimiser steps
+    trainer = make_trainer(args, out=out, precision=precision, max_steps=config.max_steps,
+                           checkpoint_every=config.checkpoint_every or config.sample_every, callbacks=[export],
+                           val_every=config.sample_every * config.accumulate,
+                           log_every_n_steps=min(25, config.sample_every),
+                           accumulate_grad_batches=config.accumulate, gradient_clip_val=config.grad_clip or None)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"done at step {trainer.global_step}: ControlNet in {out / 'controlnet'} "

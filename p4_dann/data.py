@@ -64,7 +64,12 @@ class DomainAdaptationData(pl.LightningDataModule):
         self.target = check_dataset_name(target, "--target")
         if source == target:
             raise UserError(f"--source and --target are the same data set ({source!r})")
-        self.batch_size, self.seed, self.num_workers, self.val_batch_size = batch_size, seed, num_workers, val_batch_size
+        self.batch_size, self.seed, self.num_workers, self.val_batch_size = (
+            batch_size,
+            seed,
+            num_workers,
+            val_batch_size,
+        )
         self.train_sets: dict[str, Dataset] = {}
         self.val_sets: dict[str, CourseImageFolder] = {}
 
@@ -100,5 +105,7 @@ class DomainAdaptationData(pl.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
-        return [DataLoader(self.val_sets[k], batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
-                for k in self.val_names]
+        return [
+            DataLoader(self.val_sets[k], batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+            for k in self.val_names
+        ]

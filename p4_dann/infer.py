@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common.datasets import list_images, load_image, read_label_csv  # noqa: E402
-from common.device import pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, write_text_atomic  # noqa: E402
-from p4_dann.model import load_dann, predict_logits  # noqa: E402
+from common.datasets import list_images, load_image, read_label_csv
+from common.device import pick_device
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, write_text_atomic
+from p4_dann.model import load_dann, predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("usps", "svhn")
@@ -92,7 +89,9 @@ def main(argv=None) -> None:
     p.add_argument("image_dir", help="folder of target-domain digit images")
     p.add_argument("out_csv", help="output csv (image_name,label), written atomically")
     p.add_argument("--target", default=None, help=f"target domain ({', '.join(TARGETS)}); default: from the path")
-    p.add_argument("--checkpoint", default=None, help="DANN weights (default: checkpoints/p4_dann_<target>.safetensors)")
+    p.add_argument(
+        "--checkpoint", default=None, help="DANN weights (default: checkpoints/p4_dann_<target>.safetensors)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--labels", default=None, help="optional image_name,label csv: also print the accuracy on the "
                                                   "images it lists")

@@ -108,10 +108,17 @@ class DANN(nn.Module):
         w1, w2, w3 = widths
         # flattened 3x3 maps rather than global pooling: where the strokes are is what tells digits apart
         self.features = nn.Sequential(
-            *_conv_block(3, w1, 5, num_domains), nn.MaxPool2d(2),
-            *_conv_block(w1, w2, 5, num_domains), nn.MaxPool2d(2), nn.Dropout2d(dropout / 2),
-            *_conv_block(w2, w3, 3, num_domains), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(w3 * 9, feature_dim, bias=False), DomainBatchNorm(feature_dim, num_domains), nn.ReLU(inplace=True),
+            *_conv_block(3, w1, 5, num_domains),
+            nn.MaxPool2d(2),
+            *_conv_block(w1, w2, 5, num_domains),
+            nn.MaxPool2d(2),
+            nn.Dropout2d(dropout / 2),
+            *_conv_block(w2, w3, 3, num_domains),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(w3 * 9, feature_dim, bias=False),
+            DomainBatchNorm(feature_dim, num_domains),
+            nn.ReLU(inplace=True),
         )
         self.feature_dim = feature_dim
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, NUM_CLASSES))

@@ -28,15 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic  # noqa: E402
-from p4_dann.data import MODES, load_split  # noqa: E402
-from p4_dann.model import SOURCE, load_dann, predict_logits  # noqa: E402
+from common.errors import UserError, cli_main
+from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic
+from p4_dann.data import MODES, load_split
+from p4_dann.model import SOURCE, load_dann, predict_logits
 
 SCENARIOS = (("mnistm", "usps"), ("mnistm", "svhn"), ("mnist", "mnistm"))
 COURSE_SCENARIOS = (("mnistm", "usps"), ("mnistm", "svhn"))
@@ -82,13 +80,13 @@ def train_run(argv: list[str], run_dir: Path, threads: int | None = None, jobs: 
     """Train one run; returns and records its wall time. threads=None trains in this process; a number
     trains in a child process (`python p4_dann/train.py`) limited to that many threads, so that several
     runs can share the machine (--jobs)."""
-    from p4_dann.train import build_parser, resolve_args, train
-    args = resolve_args(build_parser().parse_args(argv))  # bad flags fail here, before anything is deleted
+    from p4_dann.train import parse_config, train
+    args, config = parse_config(argv)  # bad flags fail here, before anything is deleted
     for stale in ("best.safetensors", "best.json", "model.safetensors", "model.json", "last.ckpt", "train.log"):
         (run_dir / stale).unlink(missing_ok=True)
     t0 = time.perf_counter()
     if threads is None:
-        train(args)
+        train(args, config)
         threads = torch.get_num_threads()
     else:
         ensure_dir(run_dir)
@@ -127,14 +125,16 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, domain: int) -> 
     return float((predict_logits(model, images, domain).argmax(1) == labels).float().mean())
 
 
-def evaluate_run(run_dir: Path, root: str, target: str, splits: dict) -> dict:
+def evaluate_run(run_dir: Path, target: str, splits: dict) -> dict:
     """Target test accuracy of a run's chosen weights, with its val metrics and training time."""
     ckpt = run_dir / "best.safetensors"
     model, config = load_dann(ckpt)
     test = splits[(target, "test")]
     result = {"checkpoint": str(ckpt), "test_acc": accuracy(model, test.images, test.labels, config["eval_domain"]),
               "test_count": len(test)}
-    meta = json.loads((run_dir / "best.json").read_text()).get("metrics", {}) if (run_dir / "best.json").is_file() else {}
+    meta = (
+        json.loads((run_dir / "best.json").read_text()).get("metrics", {}) if (run_dir / "best.json").is_file() else {}
+    )
     result.update({k: meta[k] for k in ("val_source_acc", "val_target_acc", "global_step", "selected_on") if k in meta})
     tfile = run_dir / "train_time.json"
     timing = json.loads(tfile.read_text()) if tfile.is_file() else {}
@@ -146,8 +146,8 @@ def evaluate_run(run_dir: Path, root: str, target: str, splits: dict) -> dict:
 def tsne_plots(model, eval_domain: int, source_val, target_val, out_prefix: Path, title: str,
                max_per_domain: int = 1000, seed: int = 0) -> list[Path]:
     """Two scatter plots of a 2-D t-SNE of the features of source and target val images: by digit, by domain."""
-    from sklearn.manifold import TSNE
     import matplotlib
+    from sklearn.manifold import TSNE
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -200,11 +200,24 @@ def format_table(results: dict, scenarios: list[tuple[str, str]], modes: list[st
         return fmt(r) if r else "n/a"
 
     for mode in modes:
-        lines.append(f"| {ROW_NAMES[mode]} | " + " | ".join(
-            cell(k, mode, lambda r: f"**{100 * r['test_acc']:.2f}%**" if mode == "dann" else f"{100 * r['test_acc']:.2f}%")
-            for k in cols) + " |")
-    lines.append("| test images | " + " | ".join(str(next(iter(results.get(k, {}).values()), {}).get("test_count", "n/a"))
-                                                 for k in cols) + " |")
+        lines.append(
+            f"| {ROW_NAMES[mode]} | "
+            + " | ".join(
+                cell(
+                    k,
+                    mode,
+                    lambda r, mode=mode: (f"**{100 * r['test_acc']:.2f}%**" if mode == "dann"
+                                          else f"{100 * r['test_acc']:.2f}%"),
+                )
+                for k in cols
+            )
+            + " |"
+        )
+    lines.append(
+        "| test images | "
+        + " | ".join(str(next(iter(results.get(k, {}).values()), {}).get("test_count", "n/a")) for k in cols)
+        + " |"
+    )
     lines += ["", "Training wall time (s), and the validation accuracy the checkpoint was chosen on "
               "(source val for source/DANN, target val for target; target val in brackets for information):", "",
               "| mode | " + " | ".join(scenario_name(s, t) for s, t in scenarios) + " |", "|---|" + "---|" * len(cols)]
@@ -214,7 +227,11 @@ def format_table(results: dict, scenarios: list[tuple[str, str]], modes: list[st
         sel = r.get("selected_on", "")
         v = r.get(sel)
         val = f"{sel.replace('val_', '').replace('_acc', '')} val {100 * v:.1f}%" if v is not None else ""
-        extra = f" [target val {100 * r['val_target_acc']:.1f}%]" if sel == "val_source_acc" and "val_target_acc" in r else ""
+        extra = (
+            f" [target val {100 * r['val_target_acc']:.1f}%]"
+            if sel == "val_source_acc" and "val_target_acc" in r
+            else ""
+        )
         return f"{t}; {val}{extra}"
 
     for mode in modes:
@@ -253,12 +270,12 @@ def run_report(data: str, runs: Path, out: Path, scenarios, modes, seed: int = 0
         key = f"{s}_{t}"
         results[key] = {}
         for mode in modes:
-            results[key][mode] = evaluate_run(runs / key / mode, data, t, splits)
+            results[key][mode] = evaluate_run(runs / key / mode, t, splits)
             log(f"   {scenario_name(s, t)} {mode}: target test accuracy {100 * results[key][mode]['test_acc']:.2f}%")
     ensure_dir(out)
     table = format_table(results, scenarios, modes)
     write_text_atomic(out / "p4_table.md", table)
-    from scripts.benchmarks import device_name
+    from common.device import device_name
     payload = {"device": device_name(), "seed": seed, "results": results}
     if tsne and "dann" in modes:
         for s, t in scenarios:

@@ -19,64 +19,115 @@ Writes to --out:
   model.safetensors/json  the latest weights (after every validation)
   last.ckpt               Lightning checkpoint for --resume
   logs/                   metrics.csv (losses, val accuracies)
-Unset flags take the defaults of the scenario (see SCENARIO_DEFAULTS, printed at start).
+The hyper-parameters' defaults are the scenario's (SCENARIO_CONFIGS): `--source S --target T --help` shows them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger  # noqa: E402
+from common.config import add_config_flags, check_positive, config_from_args, pre_parse
+from common.device import lightning_precision
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir
+from common.lightning_utils import EMA, add_trainer_flags, make_trainer, resolve_accelerator, resolve_resume
+from common.seeding import seed_everything
+from p4_dann.augment import AugmentConfig, augment
+from p4_dann.data import DATASETS, MODES, DomainAdaptationData, check_dataset_name
+from p4_dann.model import DANN, SOURCE, TARGET, dann_lr_factor, grl_coefficient, save_dann
 
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.device import lightning_precision  # noqa: E402
-from common.lightning_utils import EMA, AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, resolve_resume  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
-from p4_dann.augment import AugmentConfig, augment  # noqa: E402
-from p4_dann.data import DATASETS, MODES, DomainAdaptationData, check_dataset_name  # noqa: E402
-from p4_dann.model import DANN, SOURCE, TARGET, dann_lr_factor, grl_coefficient, save_dann  # noqa: E402
-
-# Flags left unset take these values: the generic ones, overridden per (source, target).
 # the EMA copy is kept in eval mode on purpose; Lightning would warn about it at every start
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
-# Chosen on the TARGET val split's accuracy (see README.md: "how the settings were chosen").
-GENERIC_DEFAULTS = dict(
-    max_steps=3000, batch_size=64, lr=0.02, momentum=0.9, weight_decay=5e-4, grl_max=1.0, gamma=10.0,
-    ema_decay=0.995, bn="shared", widths="32,64,128", feature_dim=256, dropout=0.3, input_norm="image",
-    src_affine=1.0, src_scale_min=0.85, src_scale_max=1.2, src_invert=0.0, src_channel_shuffle=0.5, src_grey=0.2,
-    src_jitter=0.3, src_colourize=0.0,
-    tgt_affine=1.0, tgt_scale_min=0.85, tgt_scale_max=1.2, tgt_invert=0.0, tgt_channel_shuffle=0.0, tgt_grey=0.0,
-    tgt_jitter=0.0, tgt_colourize=0.0,
-)
-SCENARIO_DEFAULTS: dict[tuple[str, str], dict] = {
+
+@dataclass(frozen=True)
+class P4TrainConfig:
+    """Every hyper-parameter of a P4 training run: the flags of this script, saved in last.ckpt and in the
+    exported model's JSON. These defaults are the generic ones; SCENARIO_CONFIGS holds each scenario's.
+
+    Chosen on the TARGET val split's accuracy (see README.md: "how the settings were chosen"). The src_*/tgt_*
+    fields are the source's and the target's augmentation (`aug_config`)."""
+
+    max_steps: int = field(default=3000, metadata={"help": "optimiser steps (sets the schedules' progress p)"})
+    max_epochs: int | None = field(default=None, metadata={
+        "help": "instead of --max-steps: passes over the larger training set"})
+    batch_size: int = field(default=64, metadata={"help": "images per domain per step"})
+    lr: float = field(default=0.02, metadata={"help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD (Nesterov) momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay (not on biases and norms)"})
+    grl_max: float = field(default=1.0, metadata={"help": "final GRL coefficient (times 2/(1+exp(-gamma p))-1)"})
+    gamma: float = field(default=10.0, metadata={"help": "gamma of the GRL schedule"})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA of the weights that is validated and exported"})
+    bn: str = field(default="shared", metadata={
+        "choices": ("shared", "domain"),
+        "help": "BatchNorm statistics: shared (source and target in one batch, as in the paper) or "
+                "domain (one set per domain, target predicted with its own)"})
+    widths: str = field(default="32,64,128", metadata={"help": "channels of the three conv stages"})
+    feature_dim: int = field(default=256, metadata={"help": "size of the feature vector (both heads read it)"})
+    dropout: float = field(default=0.3, metadata={"help": "dropout of the features and the heads"})
+    input_norm: str = field(default="image", metadata={
+        "choices": ("image", "fixed"),
+        "help": "image: standardise each image on its own; fixed: (x/255-0.5)/0.5"})
+    src_affine: float = field(default=1.0, metadata={"help": "source augmentation: affine strength"})
+    src_scale_min: float = field(default=0.85, metadata={"help": "source: smallest random zoom"})
+    src_scale_max: float = field(default=1.2, metadata={"help": "source: largest random zoom"})
+    src_invert: float = field(default=0.0, metadata={"help": "source: probability of inversion"})
+    src_channel_shuffle: float = field(default=0.5, metadata={"help": "source: p of permuting RGB"})
+    src_grey: float = field(default=0.2, metadata={"help": "source: probability of turning grey"})
+    src_jitter: float = field(default=0.3, metadata={"help": "source: brightness/contrast amplitude"})
+    src_colourize: float = field(default=0.0, metadata={
+        "help": "source: probability of painting the (grey) digit on a random colour texture"})
+    tgt_affine: float = field(default=1.0, metadata={"help": "target augmentation: affine strength"})
+    tgt_scale_min: float = field(default=0.85, metadata={"help": "target: smallest random zoom"})
+    tgt_scale_max: float = field(default=1.2, metadata={"help": "target: largest random zoom"})
+    tgt_invert: float = field(default=0.0, metadata={"help": "target: probability of inversion"})
+    tgt_channel_shuffle: float = field(default=0.0, metadata={"help": "target: p of permuting RGB"})
+    tgt_grey: float = field(default=0.0, metadata={"help": "target: probability of turning grey"})
+    tgt_jitter: float = field(default=0.0, metadata={"help": "target: brightness/contrast amplitude"})
+    tgt_colourize: float = field(default=0.0, metadata={
+        "help": "target: probability of painting the (grey) digit on a random colour texture"})
+    val_every: int = field(default=250, metadata={"help": "validate and export every N steps"})
+
+    def width_list(self) -> list[int]:
+        try:
+            widths = [int(w) for w in str(self.widths).split(",")]
+        except ValueError:
+            raise UserError(f"--widths must be three comma-separated integers, got {self.widths!r}") from None
+        if len(widths) != 3 or min(widths) < 1:
+            raise UserError(f"--widths must be three positive integers, got {self.widths!r}")
+        return widths
+
+    def aug_config(self, prefix: str) -> AugmentConfig:
+        """The augmentation of one domain, from the fields named `<prefix>_*` (prefix "src" or "tgt")."""
+        return AugmentConfig(**{f.name: float(getattr(self, f"{prefix}_{f.name}"))
+                                for f in dataclasses.fields(AugmentConfig)})
+
+
+GENERIC_CONFIG = P4TrainConfig()
+SCENARIO_CONFIGS: dict[tuple[str, str], P4TrainConfig] = {
     # USPS digits fill their 16x16 frame; MNIST(-M) digits sit in a 20x20 box of 28x28: enlarge the source
-    ("mnistm", "usps"): dict(src_scale_min=1.1, src_scale_max=1.6, src_grey=0.5),
-    ("mnistm", "svhn"): dict(src_invert=0.3),
+    ("mnistm", "usps"): dataclasses.replace(GENERIC_CONFIG, src_scale_min=1.1, src_scale_max=1.6, src_grey=0.5),
+    ("mnistm", "svhn"): dataclasses.replace(GENERIC_CONFIG, src_invert=0.3),
     # grey MNIST painted on random colour textures (and inverted) looks more like MNIST-M
-    ("mnist", "mnistm"): dict(src_colourize=0.9, src_invert=0.2, src_grey=0.0, src_jitter=0.2),
+    ("mnist", "mnistm"): dataclasses.replace(GENERIC_CONFIG, src_colourize=0.9, src_invert=0.2, src_grey=0.0,
+                                             src_jitter=0.2),
 }
-AUG_FIELDS = ("affine", "scale_min", "scale_max", "invert", "channel_shuffle", "grey", "jitter", "colourize")
 
 
-def scenario_defaults(source: str, target: str) -> dict:
-    return {**GENERIC_DEFAULTS, **SCENARIO_DEFAULTS.get((source, target), {})}
-
-
-def aug_config(args, prefix: str) -> AugmentConfig:
-    return AugmentConfig(**{f: float(getattr(args, f"{prefix}_{f}")) for f in AUG_FIELDS})
+def scenario_config(source: str, target: str) -> P4TrainConfig:
+    """The defaults of a (source, target) pair: its SCENARIO_CONFIGS entry, else the generic ones."""
+    return SCENARIO_CONFIGS.get((source, target), GENERIC_CONFIG)
 
 
 class DANNModule(pl.LightningModule):
@@ -84,16 +135,15 @@ class DANNModule(pl.LightningModule):
     training progress p = step / total_steps. Validation and export use an EMA of the weights (steadier
     from one validation to the next than the raw weights)."""
 
-    def __init__(self, model_config: dict, mode: str, total_steps: int, lr: float = 0.02, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, grl_max: float = 1.0, gamma: float = 10.0, ema_decay: float = 0.995,
-                 aug_source: dict | None = None, aug_target: dict | None = None, seed: int = 0,
+    def __init__(self, *, model_config: dict, train: dict, mode: str, total_steps: int, seed: int = 0,
                  val_names: tuple[str, ...] = ("source", "target")):
         super().__init__()
         self.save_hyperparameters()
+        self.config = P4TrainConfig(**train)
         self.model = DANN(**model_config)
-        self.ema = EMA(self.model, ema_decay)
-        self.aug_source = AugmentConfig(**(aug_source or {}))
-        self.aug_target = AugmentConfig(**(aug_target or {}))
+        self.ema = EMA(self.model, self.config.ema_decay)
+        self.aug_source = self.config.aug_config("src")
+        self.aug_target = self.config.aug_config("tgt")
         self.aug_gen = torch.Generator().manual_seed(seed + 7919)
         self.domain_bn = self.model.config["num_domains"] == 2
         # a model trained on the source only has no target BatchNorm statistics: it predicts with the source's
@@ -131,7 +181,7 @@ class DANNModule(pl.LightningModule):
         self.log("train_cls_loss", cls_loss, prog_bar=True)
         if mode == "source":
             return cls_loss
-        coeff = self.hparams.grl_max * grl_coefficient(self.progress(), self.hparams.gamma)
+        coeff = self.config.grl_max * grl_coefficient(self.progress(), self.config.gamma)
         logits = self.model.domain_logits(torch.cat([fs, ft]), coeff).float()
         domains = torch.cat([torch.zeros(len(fs)), torch.ones(len(ft))]).to(logits.device)
         dom_loss = F.binary_cross_entropy_with_logits(logits, domains)
@@ -155,11 +205,12 @@ class DANNModule(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
+        for p in self.model.parameters():
             (no_decay if p.dim() == 1 else decay).append(p)
-        opt = torch.optim.SGD([{"params": decay, "weight_decay": self.hparams.weight_decay},
+        c = self.config
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": c.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
-                              lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
+                              lr=c.lr, momentum=c.momentum, nesterov=True)
         total = max(1, self.hparams.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: dann_lr_factor(s / total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -209,128 +260,87 @@ class ExportBest(Callback):
             save_dann(self.out / "best.safetensors", model, pl_module.eval_domain, self.info, metrics)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(source: str = "mnistm", target: str = "usps") -> argparse.ArgumentParser:
+    """The flags; the hyper-parameters' defaults shown by --help are those of the scenario (source, target)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="course digits root holding <source>/ and <target>/")
     p.add_argument("--out", required=True, help="output folder (weights, Lightning checkpoint, logs)")
-    p.add_argument("--source", default="mnistm", help=f"source data set ({', '.join(DATASETS)})")
-    p.add_argument("--target", default="usps", help=f"target data set ({', '.join(DATASETS)})")
+    p.add_argument("--source", default="mnistm", help=f"source data set ({', '.join(DATASETS)}; default: mnistm)")
+    p.add_argument("--target", default="usps", help=f"target data set ({', '.join(DATASETS)}; default: usps). "
+                                                    f"The defaults below are those of --source {source} "
+                                                    f"--target {target}")
     p.add_argument("--mode", choices=MODES, default="dann",
                    help="source: source labels only; dann: + unlabelled target; target: target labels only")
-    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (sets the schedules' progress p)")
-    p.add_argument("--max-epochs", type=int, default=None,
-                   help="instead of --max-steps: passes over the larger training set")
-    p.add_argument("--batch-size", type=int, default=None, help="images per domain per step")
-    p.add_argument("--lr", type=float, default=None, help="initial SGD learning rate (annealed lr/(1+10p)^0.75)")
-    p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--grl-max", type=float, default=None, help="final GRL coefficient (times 2/(1+exp(-gamma p))-1)")
-    p.add_argument("--gamma", type=float, default=None, help="gamma of the GRL schedule")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights that is validated and exported")
-    p.add_argument("--bn", choices=("shared", "domain"), default=None,
-                   help="BatchNorm statistics: shared (source and target in one batch, as in the paper) or "
-                        "domain (one set per domain, target predicted with its own)")
-    p.add_argument("--widths", default=None, help="channels of the three conv stages, e.g. 32,64,128")
-    p.add_argument("--feature-dim", type=int, default=None, help="size of the feature vector (both heads read it)")
-    p.add_argument("--dropout", type=float, default=None)
-    p.add_argument("--input-norm", choices=("image", "fixed"), default=None,
-                   help="image: standardise each image on its own; fixed: (x/255-0.5)/0.5")
-    for prefix, who in (("src", "source"), ("tgt", "target")):
-        p.add_argument(f"--{prefix}-affine", type=float, default=None, help=f"{who} augmentation: affine strength")
-        p.add_argument(f"--{prefix}-scale-min", type=float, default=None, help=f"{who}: smallest random zoom")
-        p.add_argument(f"--{prefix}-scale-max", type=float, default=None, help=f"{who}: largest random zoom")
-        p.add_argument(f"--{prefix}-invert", type=float, default=None, help=f"{who}: probability of inversion")
-        p.add_argument(f"--{prefix}-channel-shuffle", type=float, default=None, help=f"{who}: p of permuting RGB")
-        p.add_argument(f"--{prefix}-grey", type=float, default=None, help=f"{who}: probability of turning grey")
-        p.add_argument(f"--{prefix}-jitter", type=float, default=None, help=f"{who}: brightness/contrast amplitude")
-        p.add_argument(f"--{prefix}-colourize", type=float, default=None,
-                       help=f"{who}: probability of painting the (grey) digit on a random colour texture")
-    p.add_argument("--val-every", type=int, default=250, help="validate and export every N steps")
-    p.add_argument("--refresh-rate", type=int, default=1, help="progress bar refresh every N steps (0 = no bar)")
+    p.add_argument("--refresh-rate", type=int, default=1,
+                   help="progress bar refresh every N steps (0 = no bar, as --quiet; default: 1)")
+    add_config_flags(p, scenario_config(source, target),
+                     f"hyper-parameters (defaults of --source {source} --target {target})")
     add_trainer_flags(p, "auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
     return p
 
 
-def resolve_args(args) -> argparse.Namespace:
-    """Fill unset flags from the scenario defaults; check the values."""
+def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig]:
+    """The parsed flags and the run's config (the scenario's defaults, overridden by the flags given), checked:
+    a bad value is a one-line UserError before anything is written."""
+    chosen = pre_parse(argv, ("--source", "mnistm"), ("--target", "usps"))
+    args = build_parser(chosen.source, chosen.target).parse_args(argv)
     check_dataset_name(args.source, "--source")
     check_dataset_name(args.target, "--target")
-    for key, value in scenario_defaults(args.source, args.target).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    try:
-        widths = [int(w) for w in str(args.widths).split(",")]
-    except ValueError:
-        raise UserError(f"--widths must be three comma-separated integers, got {args.widths!r}") from None
-    if len(widths) != 3 or min(widths) < 1:
-        raise UserError(f"--widths must be three positive integers, got {args.widths!r}")
-    args.widths = widths
-    for name in ("batch_size", "val_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
-    if args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
-    return args
+    config = config_from_args(scenario_config(args.source, args.target), args)
+    config.width_list()
+    check_positive(config, "batch_size", "val_every", "max_epochs", "max_steps")
+    return args, config
 
 
-def train(args) -> Path:
-    """Train per resolved `args`; returns the output folder (holding best.safetensors)."""
+def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
+    """Train per the run flags `args` and the hyper-parameters `config` (from parse_config); returns the output
+    folder (holding best.safetensors)."""
     out = check_writable(args.out)
     seed_everything(args.seed)
     resume = resolve_resume(args.resume, out)
-    data = DomainAdaptationData(args.data, args.source, args.target, args.mode, args.batch_size, args.seed,
+    accelerator = resolve_accelerator(args.accelerator)
+    data = DomainAdaptationData(args.data, args.source, args.target, args.mode, config.batch_size, args.seed,
                                 args.num_workers)
     data.setup()  # decode every image now: a bad file fails here, before any training output exists
-    steps_per_epoch = max(len(ds) // args.batch_size for ds in data.train_sets.values())
-    total_steps = args.max_epochs * steps_per_epoch if args.max_epochs else args.max_steps
+    steps_per_epoch = max(len(ds) // config.batch_size for ds in data.train_sets.values())
+    total_steps = config.max_epochs * steps_per_epoch if config.max_epochs else config.max_steps
     ensure_dir(out)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    model_config = dict(widths=args.widths, feature_dim=args.feature_dim, dropout=args.dropout,
-                        input_norm=args.input_norm, num_domains=2 if args.bn == "domain" else 1)
-    module = DANNModule(model_config, args.mode, total_steps, args.lr, args.momentum, args.weight_decay,
-                        args.grl_max, args.gamma, args.ema_decay, aug_config(args, "src").as_dict(), aug_config(args, "tgt").as_dict(),
-                        args.seed, tuple(data.val_names))
-    hyper = {k: getattr(args, k) for k in ("batch_size", "lr", "momentum", "weight_decay", "grl_max", "gamma",
-                                            "ema_decay", "bn", "seed")}
+    widths = config.width_list()
+    model_config = dict(widths=widths, feature_dim=config.feature_dim, dropout=config.dropout,
+                        input_norm=config.input_norm, num_domains=2 if config.bn == "domain" else 1)
+    module = DANNModule(model_config=model_config, train=dataclasses.asdict(config), mode=args.mode,
+                        total_steps=total_steps, seed=args.seed, val_names=tuple(data.val_names))
     info = {"source": args.source, "target": args.target, "mode": args.mode, "total_steps": total_steps,
-            "train": {**hyper, "aug_source": aug_config(args, "src").as_dict(),
-                      "aug_target": aug_config(args, "tgt").as_dict()}}
-    exporter = ExportBest(out, info)
-    ckpt = last_checkpoint_callback(out, args.val_every)
-    callbacks = [ckpt, exporter]
-    if args.refresh_rate > 0:
+            "train": {**dataclasses.asdict(config), "seed": args.seed}}
+    callbacks = [ExportBest(out, info)]
+    # make_trainer shows Lightning's bar unless --quiet, and a TQDMProgressBar beside a disabled bar is an error
+    quiet = args.quiet or args.refresh_rate <= 0
+    if not quiet:
         callbacks.append(TQDMProgressBar(refresh_rate=args.refresh_rate))
-    devices, strategy = devices_and_strategy(args.devices)
     # bf16 also on CPUs with native bf16: the defaults and the benchmark numbers were tuned that way
     precision = lightning_precision(accelerator, args.precision, cpu_native_bf16=True)
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, precision=precision,
-        strategy=strategy, max_steps=total_steps, max_epochs=-1, val_check_interval=args.val_every, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=25,
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()], enable_progress_bar=args.refresh_rate > 0,
-        enable_model_summary=False, default_root_dir=out,
-    )
-    print(f"P4 {args.mode}: {args.source} -> {args.target}, {total_steps} steps, batch {args.batch_size}, "
-          f"{precision}, widths {args.widths}", flush=True)
+    trainer = make_trainer(argparse.Namespace(**{**vars(args), "quiet": quiet}), out=out, precision=precision,
+                           max_steps=total_steps, checkpoint_every=config.val_every, callbacks=callbacks,
+                           val_every=config.val_every, max_epochs=-1)
+    print(f"P4 {args.mode}: {args.source} -> {args.target}, {total_steps} steps, batch {config.batch_size}, "
+          f"{precision}, widths {widths}", flush=True)
     t0 = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
-    if trainer.global_step % args.val_every != 0:
+    if trainer.global_step % config.val_every != 0:
         trainer.validate(module, datamodule=data, verbose=False)  # so the final weights are candidates too
     if trainer.is_global_zero:
         best = json.loads((out / "best.json").read_text())["metrics"] if (out / "best.json").is_file() else {}
-        print(f"done in {time.time() - t0:.0f} s: {out / 'best.safetensors'} "
-              f"(chosen on {selection_metric(args.mode)}: {json.dumps({k: v for k, v in best.items() if k.startswith('val_')})})")
+        print(
+            f"done in {time.time() - t0:.0f} s: {out / 'best.safetensors'} "
+            f"(chosen on {selection_metric(args.mode)}: "
+            f"{json.dumps({k: v for k, v in best.items() if k.startswith('val_')})})"
+        )
     return out
 
 
 @cli_main
 def main(argv=None) -> None:
-    args = resolve_args(build_parser().parse_args(argv))
-    train(args)
+    train(*parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -23,18 +23,16 @@ import csv
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common.device import autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic  # noqa: E402
-from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb  # noqa: E402
+from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb
+from common.datasets import list_images
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import UserError, cli_main
+from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic
 
 # "A photo of a {}." is the course's single template; the others are a short ensemble in the spirit of
 # CLIP's ImageNet prompt set (photos of objects and animals at different qualities and sizes)
@@ -51,7 +49,7 @@ DEFAULT_TEMPLATES = (
     "a cropped photo of a {}.",
 )
 DEFAULT_OUT = "runs/p5_zeroshot"
-FILE_RE = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
+FILE_RE = re.compile(r"^(\d+)_(\d+)\.[^.]+$")  # <classid>_<n>.<an image suffix of list_images>
 
 
 def read_labels(path: str) -> dict[int, str]:
@@ -67,12 +65,11 @@ def read_labels(path: str) -> dict[int, str]:
     return labels
 
 
-def list_images(data: str, labels: dict[int, str]) -> list[tuple[Path, int]]:
+def labelled_images(data: str, labels: dict[int, str]) -> list[tuple[Path, int]]:
+    """(file, class id) of the <classid>_<n> images in a folder, in numeric order."""
     d = Path(data)
-    if not d.is_dir():
-        raise UserError(f"{d}: image folder not found")
     items = []
-    for f in sorted(d.iterdir()):
+    for f in list_images(d, not_found="image folder not found", empty=None):
         m = FILE_RE.match(f.name)
         if not m:
             continue
@@ -167,8 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="image encoder autocast: auto = bf16 on CUDA, fp32 elsewhere")
+    add_precision_flag(p, what="the image encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -180,7 +176,7 @@ def main(argv=None) -> dict:
         raise UserError("--batch-size must be >= 1")
     out = check_writable(args.out)
     labels = read_labels(args.labels)
-    items = list_images(args.data, labels)
+    items = labelled_images(args.data, labels)
     templates = parse_templates(args.templates)
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)

@@ -109,10 +109,3 @@ def find_concept_photos(input_dir: str, case: Case) -> list[Path]:
             raise UserError(f"{root}: no folder {name!r}{also} holding the photos of entry {case.key!r} (src_image)")
         found.append(hit)
     return found
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def list_image_files(folder: Path) -> list[Path]:
-    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

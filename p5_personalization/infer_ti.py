@@ -17,25 +17,23 @@ depend on --batch-size or on the other prompts. bf16 on CUDA, exact fp32 on CPU.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import common.stable_diffusion as sdlib
+from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, setup_cuda_fast_math
+from common.errors import UserError, cli_main
+from common.fileio import check_writable
+from common.images import save_pngs, to_uint8
+from common.seeding import sample_seed
+from p5_personalization.concepts import read_input_json, token_file_stem
+from p5_personalization.textual_inversion import KV_FILE, add_tokens, expand_prompt, load_embedding, load_kv
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import common.stable_diffusion as sdlib  # noqa: E402  (sets the offline environment first)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common.device import autocast, autocast_dtype, pick_device, setup_cuda_fast_math  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
-from common.images import save_pngs, to_uint8  # noqa: E402
-from common.seeding import sample_seed  # noqa: E402
-from p5_personalization.concepts import read_input_json, token_file_stem  # noqa: E402
-from p5_personalization.textual_inversion import KV_FILE, add_tokens, expand_prompt, load_embedding, load_kv  # noqa: E402
 
 DEFAULT_EMBEDDINGS = REPO / "checkpoints" / "textual_inversion"
 IMAGES_PER_PROMPT = 25
@@ -64,10 +62,11 @@ def image_seed(seed: int, case_index: int, prompt_index: int, k: int) -> int:
 
 
 @torch.no_grad()
-def generate(sd, text: str, seeds: list[int], resolution: int = 512, steps: int = 50, guidance: float = 7.5,
-             negative: str = "", batch_size: int = 25, amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """(len(seeds), H, W, 3) uint8 images of one (already expanded) prompt; image i starts from noise seeded
-    by seeds[i] only."""
+def sample_ti_images(sd, text: str, seeds: list[int], resolution: int = 512, steps: int = 50, guidance: float = 7.5,
+                     negative: str = "", batch_size: int = 25, amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """P5: SD images of one (already expanded) prompt, with the learned token embeddings already added to
+    `sd`. (len(seeds), H, W, 3) uint8; image i starts from noise seeded by seeds[i] only. Sampling and
+    decoding run under autocast to `amp_dtype` (None: exact fp32)."""
     device = sd.unet.device
     f = sd.vae_scale_factor
     shape = (sd.unet.config.in_channels, resolution // f, resolution // f)
@@ -87,11 +86,16 @@ def generate(sd, text: str, seeds: list[int], resolution: int = 512, steps: int 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, help="input.json: {\"0\": {\"src_image\", \"token_name\", \"prompt\": [...]}, ...}")
+    p.add_argument("--json", required=True, help='input.json: {"0": {"src_image", "token_name", "prompt": [...]}, ...}')
     p.add_argument("--out", required=True, help="output folder (OUT/<concept>/<prompt index>/*.png)")
-    p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder")
-    p.add_argument("--embeddings", default=str(DEFAULT_EMBEDDINGS),
-                   help="folder of learned embeddings written by train_ti.py --out (default: checkpoints/textual_inversion)")
+    p.add_argument(
+        "--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder"
+    )
+    p.add_argument(
+        "--embeddings",
+        default=str(DEFAULT_EMBEDDINGS),
+        help="folder of learned embeddings written by train_ti.py --out (default: checkpoints/textual_inversion)",
+    )
     p.add_argument("--no-kv", action="store_true", help=f"ignore {KV_FILE} in the embeddings folder")
     p.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -101,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=25, help="images per UNet batch (x2 with guidance)")
     p.add_argument("--only", nargs="+", default=None, help="generate only these concepts (keys of input.json)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 UNet/VAE on CUDA, fp32 elsewhere")
+    add_precision_flag(p, what="the UNet and VAE (their weights are held in bf16 too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     return p
@@ -155,8 +158,17 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     n = args.images_per_prompt
     for ci, case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
-        images = generate(sd, expand_prompt(case.prompts[p], num_vectors), [image_seed(args.seed, ci, p, k) for k in range(n)],
-                          args.resolution, args.steps, args.guidance, args.negative_prompt, args.batch_size, amp)
+        images = sample_ti_images(
+            sd,
+            expand_prompt(case.prompts[p], num_vectors),
+            [image_seed(args.seed, ci, p, k) for k in range(n)],
+            args.resolution,
+            args.steps,
+            args.guidance,
+            args.negative_prompt,
+            args.batch_size,
+            amp,
+        )
         names = [f"source{case.key}_prompt{p}_{k}.png" for k in range(n)]
         folder = out / case.key / str(p)
         save_pngs(folder, names, images)

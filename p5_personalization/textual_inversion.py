@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, one_line
 from common.fileio import atomic_path, write_text_atomic
 
 KV_FILE = "cross_attn_kv.safetensors"      # the joint method's fine-tuned cross-attention keys/values
@@ -87,7 +87,9 @@ class NewTokenEmbedding(nn.Module):
         return torch.cat([self.base, self.new.detach().to(self.base.dtype)])
 
 
-def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor], trainable: bool = False) -> dict[str, list[int]]:
+def add_tokens(
+    tokenizer, text_encoder, embeddings: dict[str, torch.Tensor], trainable: bool = False
+) -> dict[str, list[int]]:
     """Add learned tokens (token -> (N, D) vectors) to a tokenizer and text encoder, in place.
 
     trainable=False: the text encoder gets an ordinary, larger nn.Embedding (inference).
@@ -109,7 +111,9 @@ def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor], tra
         raise UserError(f"tokens {list(embeddings)} overlap (the same name twice?)")
     first = base.shape[0]
     if len(tokenizer) != first:
-        raise UserError(f"tokenizer has {len(tokenizer)} entries but the text encoder {first}: add tokens to both together")
+        raise UserError(
+            f"tokenizer has {len(tokenizer)} entries but the text encoder {first}: add tokens to both together"
+        )
     added = tokenizer.add_tokens(names)
     if added != len(names):
         raise UserError(f"could not add the tokens {names} to the tokenizer")
@@ -132,11 +136,6 @@ def add_tokens(tokenizer, text_encoder, embeddings: dict[str, torch.Tensor], tra
         if got != token_ids:
             raise RuntimeError(f"tokenizer gave ids {got} to {token}, expected {token_ids}")
     return ids
-
-
-def token_vectors(text_encoder, ids: list[int]) -> torch.Tensor:
-    """(N, D) current vectors of the given token ids."""
-    return text_encoder.get_input_embeddings().weight[torch.tensor(ids)].detach().float().cpu()
 
 
 def save_embedding(path: str | os.PathLike, token: str, vectors: torch.Tensor, info: dict) -> Path:
@@ -163,7 +162,7 @@ def load_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[s
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: report it, do not trace back
-        raise UserError(f"{path}: not a readable embedding file ({type(e).__name__}: {str(e)[:150]})") from None
+        raise UserError(f"{path}: not a readable embedding file ({one_line(e, 150)})") from None
     if isinstance(sd, dict) and "string_to_param" in sd:  # AUTOMATIC1111 layout
         name, vec = sd.get("name", token), sd["string_to_param"]["*"]
     elif isinstance(sd, dict) and len(sd) == 1:
@@ -202,7 +201,7 @@ def load_kv(path: str | os.PathLike, unet) -> int:
     try:
         sd = load_file(str(path))
     except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:150]})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({one_line(e, 150)})") from None
     params = dict(unet.named_parameters())
     names = cross_attention_kv_names(unet)
     if set(sd) != set(names):

@@ -31,28 +31,35 @@ trades compute for memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
 
-import common.stable_diffusion as sdlib  # noqa: E402  (sets the offline environment first)
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger  # noqa: E402
-
-from common.device import autocast, lightning_precision, setup_cuda_fast_math  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable, ensure_dir  # noqa: E402
-from common.lightning_utils import AtomicCheckpointIO, add_trainer_flags, devices_and_strategy, last_checkpoint_callback, lr_factor, resolve_resume  # noqa: E402
-from common.seeding import sample_seed, seed_everything  # noqa: E402
-from p5_personalization.concepts import IMAGE_SUFFIXES, TOKEN_RE, token_file_stem  # noqa: E402
-from p5_personalization.textual_inversion import (KV_FILE, add_tokens, check_new_token,  # noqa: E402
-                                                  cross_attention_kv_names, expand_prompt, init_vectors, save_embedding,
-                                                  save_kv)
+import common.stable_diffusion as sdlib
+from common.config import add_config_flags, check_positive, config_from_args
+from common.datasets import IMAGE_SUFFIXES, list_images
+from common.device import autocast, lightning_precision, setup_cuda_fast_math
+from common.errors import UserError, cli_main
+from common.fileio import check_writable, ensure_dir
+from common.lightning_utils import add_trainer_flags, lr_factor, make_trainer, resolve_accelerator, resolve_resume
+from common.seeding import sample_seed, seed_everything
+from p5_personalization.concepts import TOKEN_RE, token_file_stem
+from p5_personalization.textual_inversion import (
+    KV_FILE,
+    add_tokens,
+    check_new_token,
+    cross_attention_kv_names,
+    expand_prompt,
+    init_vectors,
+    save_embedding,
+    save_kv,
+)
 
 # caption templates of the textual-inversion paper's code (object and style), shortened
 OBJECT_TEMPLATES = (
@@ -65,27 +72,62 @@ OBJECT_TEMPLATES = (
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
 )
 STYLE_TEMPLATES = (
-    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
-    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
-    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
-    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
-    "a close-up painting in the style of {}", "a rendition in the style of {}", "a nice painting in the style of {}",
-    "a small painting in the style of {}", "a weird painting in the style of {}", "a large painting in the style of {}",
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
 )
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 METHODS = ("ti", "joint-kv")
 
 
+@dataclass(frozen=True)
+class P5TrainConfig:
+    """Every hyper-parameter of a P5 training run: the flags of this script, saved in last.ckpt and recorded
+    (as "train") in the JSON beside each exported embedding."""
+
+    method: str = field(default="ti", metadata={
+        "choices": METHODS,
+        "help": "ti: only the token vectors learn; joint-kv: also the UNet's cross-attention K/V, shared by the "
+                "concepts (Custom Diffusion's multi-concept recipe, designed for prompts that combine several "
+                "concepts; not measured against ti here)"})
+    vectors: int = field(default=1, metadata={"help": "embedding vectors per token (multi-vector tokens)"})
+    steps: int = field(default=3000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
+    resolution: int = field(default=512, metadata={"help": "training image side (a multiple of 8)"})
+    lr: float = field(default=5e-3, metadata={"help": "learning rate of the token vectors"})
+    kv_lr: float = field(default=1e-5, metadata={"help": "learning rate of the K/V weights (joint-kv)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the token vectors"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the learning rates over these steps"})
+    flip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
+    # None: on with CUDA. Its flag is written by hand (build_parser): the generated help would call None "off"
+    gradient_checkpointing: bool | None = field(default=None, metadata={"flag": False})
+    save_every: int = field(default=500, metadata={
+        "help": "export embeddings and a resumable checkpoint every N steps"})
+    sample_every: int = field(default=0, metadata={"help": "write sample images every N steps (0: never)"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample images"})
+    sample_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of the sample images"})
+
+
 # ----------------------------------------------------------------------------------------------------- data
 
 def list_concept_images(folder: str) -> list[Path]:
-    d = Path(folder)
-    if not d.is_dir():
-        raise UserError(f"{d}: --images folder not found")
-    files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"{d}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the --images folder")
-    return files
+    return list_images(folder, not_found="--images folder not found",
+                       empty=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the --images folder")
 
 
 class ConceptImages(torch.utils.data.Dataset):
@@ -99,7 +141,14 @@ class ConceptImages(torch.utils.data.Dataset):
     def __init__(self, concepts: list[dict], resolution: int, seed: int = 0, flip_p: float = 0.5,
                  min_scale: float = 0.6, length: int = 10 ** 9):
         from PIL import Image, UnidentifiedImageError
-        self.resolution, self.seed, self.flip_p, self.min_scale, self.length = resolution, seed, flip_p, min_scale, length
+
+        self.resolution, self.seed, self.flip_p, self.min_scale, self.length = (
+            resolution,
+            seed,
+            flip_p,
+            min_scale,
+            length,
+        )
         self.items = []  # (concept, photo)
         for c in concepts:
             for f in list_concept_images(c["images"]):
@@ -153,8 +202,8 @@ class StreamLoader(torch.utils.data.DataLoader):
 
 
 class ConceptDataModule(pl.LightningDataModule):
-    def __init__(self, concepts: list[dict], resolution: int, batch_size: int, seed: int, num_workers: int = 0,
-                 flip_p: float = 0.5, steps: int = 1000):
+    def __init__(self, *, concepts: list[dict], resolution: int, batch_size: int, seed: int, flip_p: float,
+                 steps: int, num_workers: int = 0):
         super().__init__()
         self.concepts, self.resolution, self.batch_size = concepts, resolution, batch_size
         self.seed, self.num_workers, self.flip_p, self.steps = seed, num_workers, flip_p, steps
@@ -180,13 +229,18 @@ class TextualInversionModule(pl.LightningModule):
 
     The SD components live outside the module tree (`self.sd`), so Lightning checkpoints hold only what
     is trained; `self.token_vectors` is the same Parameter the text encoder's NewTokenEmbedding uses.
+    components: SD already loaded (tests, benchmarks), instead of loading `sd_path`; frozen_dtype: "fp32" or
+    "bf16", what the frozen UNet and VAE are held in; seed: of each step's noise and timesteps.
     """
 
-    def __init__(self, sd_path: str, concepts: list[dict], method: str = "ti", lr: float = 5e-3,
-                 kv_lr: float = 1e-5, weight_decay: float = 1e-2, warmup_steps: int = 0,
-                 gradient_checkpointing: bool = False, frozen_dtype: str = "fp32", seed: int = 0, components=None):
+    def __init__(self, *, sd_path: str, concepts: list[dict], config: P5TrainConfig | None = None,
+                 frozen_dtype: str = "fp32", seed: int = 0, components=None):
         super().__init__()
-        self.save_hyperparameters(ignore=["components"])
+        self.config = config = config if config is not None else P5TrainConfig()
+        # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes
+        self.save_hyperparameters({"sd_path": sd_path, "concepts": concepts, "train": dataclasses.asdict(config),
+                                   "frozen_dtype": frozen_dtype, "seed": seed})
+        method = config.method
         if method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}")
         sd = components if components is not None else sdlib.load_sd(sd_path)
@@ -212,7 +266,7 @@ class TextualInversionModule(pl.LightningModule):
                 p.data = p.data.float()  # trained in fp32 even when the rest of the UNet is held in bf16
                 p.requires_grad_(True)
                 self.kv[n.replace(".", "__")] = p
-        if gradient_checkpointing:
+        if config.gradient_checkpointing:
             sd.unet.enable_gradient_checkpointing()
             # transformers checkpoints only in train mode; CLIP's text encoder has no dropout, so train mode
             # changes nothing else
@@ -247,12 +301,12 @@ class TextualInversionModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        h = self.hparams
-        groups = [{"params": [self.token_vectors], "lr": h.lr, "weight_decay": h.weight_decay}]
+        c = self.config
+        groups = [{"params": [self.token_vectors], "lr": c.lr, "weight_decay": c.weight_decay}]
         if len(self.kv):
-            groups.append({"params": list(self.kv.values()), "lr": h.kv_lr, "weight_decay": 0.0})
+            groups.append({"params": list(self.kv.values()), "lr": c.kv_lr, "weight_decay": 0.0})
         opt = torch.optim.AdamW(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, h.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def learned(self) -> dict[str, torch.Tensor]:
@@ -265,7 +319,7 @@ class TextualInversionModule(pl.LightningModule):
         return out
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int, steps: int = 25, guidance: float = 7.5, resolution: int = 512):
+    def sample(self, prompts: list[str], seed: int, *, steps: int, guidance: float, resolution: int):
         """Images in [-1, 1] from the current embeddings (DDIM, classifier-free guidance).
 
         Called from a callback, outside Lightning's autocast, so it opens the same one itself: with the UNet
@@ -294,13 +348,14 @@ class TextualInversionModule(pl.LightningModule):
 
 
 class ExportEmbeddings(Callback):
-    """Write the learned embeddings (and K/V weights) every `every` steps and at the end; optional samples."""
+    """Write the learned embeddings (and K/V weights) to `out` every `every` steps and at the end; every
+    `sample_every` steps (0: never) a grid of `sample_prompts` into <run_dir>/samples/."""
 
-    def __init__(self, out: Path, run_dir: Path, info: dict, every: int, sample_every: int = 0,
-                 sample_prompts: list[str] | None = None, sample_steps: int = 25, resolution: int = 512, seed: int = 0):
+    def __init__(self, *, out: Path, run_dir: Path, info: dict, every: int, sample_every: int,
+                 sample_prompts: list[str], sample_steps: int, sample_guidance: float, resolution: int, seed: int):
         self.out, self.run_dir, self.info, self.every = out, run_dir, info, every
-        self.sample_every, self.sample_prompts, self.sample_steps = sample_every, sample_prompts or [], sample_steps
-        self.resolution, self.seed = resolution, seed
+        self.sample_every, self.sample_prompts, self.sample_steps = sample_every, sample_prompts, sample_steps
+        self.sample_guidance, self.resolution, self.seed = sample_guidance, resolution, seed
 
     def export(self, trainer, module) -> None:
         if not trainer.is_global_zero:
@@ -317,7 +372,8 @@ class ExportEmbeddings(Callback):
             self.export(trainer, module)
         if self.sample_every and step % self.sample_every == 0 and trainer.is_global_zero and self.sample_prompts:
             from common.images import save_grid, to_uint8
-            imgs = module.sample(self.sample_prompts, self.seed, self.sample_steps, resolution=self.resolution)
+            imgs = module.sample(self.sample_prompts, self.seed, steps=self.sample_steps,
+                                 guidance=self.sample_guidance, resolution=self.resolution)
             save_grid(self.run_dir / "samples" / f"step_{step:06d}.png", to_uint8(imgs), 1, len(imgs))
 
     def on_train_end(self, trainer, module) -> None:
@@ -328,47 +384,38 @@ class ExportEmbeddings(Callback):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder")
-    p.add_argument("--images", action="append", required=True, help="folder of the concept's photos (repeat per concept)")
+    p.add_argument(
+        "--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder"
+    )
+    p.add_argument(
+        "--images", action="append", required=True, help="folder of the concept's photos (repeat per concept)"
+    )
     p.add_argument("--token", action="append", required=True, help="the new token, e.g. '<new1>' (repeat per concept)")
     p.add_argument("--init-word", action="append", required=True,
                    help="word whose embedding the token starts from, e.g. dog (repeat per concept)")
     p.add_argument("--property", action="append", choices=tuple(TEMPLATES), default=None,
                    help="caption templates: object (default) or style (repeat per concept)")
-    p.add_argument("--vectors", type=int, default=1, help="embedding vectors per token (multi-vector tokens)")
-    p.add_argument("--method", choices=METHODS, default="ti",
-                   help="ti: only the token vectors learn; joint-kv: also the UNet's cross-attention K/V, shared "
-                        "by the concepts (Custom Diffusion's multi-concept recipe, designed for prompts that "
-                        "combine several concepts; not measured against ti here)")
     p.add_argument("--out", required=True, help="folder for the learned embeddings (what hw2_ti.sh reads)")
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time (resume continues)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=512, help="training image side (a multiple of 8)")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the token vectors")
-    p.add_argument("--kv-lr", type=float, default=1e-5, help="learning rate of the K/V weights (joint-kv)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the token vectors")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--flip-p", type=float, default=0.5, help="probability of a horizontal flip")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute UNet/text-encoder activations in the backward pass (default: on with CUDA)")
-    p.add_argument("--save-every", type=int, default=500, help="export embeddings and a resumable checkpoint every N steps")
-    p.add_argument("--sample-every", type=int, default=0, help="write sample images every N steps (0: never)")
     p.add_argument("--sample-prompt", action="append", default=None,
                    help="prompt for the samples (default: one caption per concept)")
-    p.add_argument("--sample-steps", type=int, default=25)
+    g = p.add_argument_group("hyper-parameters")
+    add_config_flags(g, P5TrainConfig())
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute UNet/text-encoder activations in the backward pass (default: on with CUDA, "
+                        "off on the CPU)")
     add_trainer_flags(p, "auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU",
                       resume_help="<out>/runs/<run>/last.ckpt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def concepts_from_args(args) -> list[dict]:
+def concepts_from_args(args, vectors: int) -> list[dict]:
     n = len(args.images)
     props = args.property or ["object"] * n
     if not (len(args.token) == len(args.init_word) == n == len(props)):
-        raise UserError(f"give --images, --token, --init-word (and --property, if any) once per concept: got "
-                        f"{n} --images, {len(args.token)} --token, {len(args.init_word)} --init-word, {len(props)} --property")
+        raise UserError(
+            f"give --images, --token, --init-word (and --property, if any) once per concept: got "
+            f"{n} --images, {len(args.token)} --token, {len(args.init_word)} --init-word, {len(props)} --property"
+        )
     if len(set(args.token)) != n:
         raise UserError(f"--token: the same token twice ({args.token})")
     out = []
@@ -378,56 +425,51 @@ def concepts_from_args(args) -> list[dict]:
         token_file_stem(token)
         list_concept_images(images)
         out.append({"images": str(images), "token": token, "init_word": word, "property": prop,
-                    "vectors": args.vectors})
+                    "vectors": vectors})
     return out
 
 
 @cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "vectors", "save_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.resolution < 8 or args.resolution % 8:
+    config = config_from_args(P5TrainConfig(), args)
+    check_positive(config, "steps", "batch_size", "vectors", "save_every")
+    if config.resolution < 8 or config.resolution % 8:
         raise UserError("--resolution must be a positive multiple of 8")
-    concepts = concepts_from_args(args)
+    concepts = concepts_from_args(args, config.vectors)
     out = check_writable(args.out)
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise UserError("--accelerator gpu: CUDA is not available on this machine")
+    accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
-    ckpt_grad = args.gradient_checkpointing if args.gradient_checkpointing is not None else accelerator == "gpu"
-    run_name = "_".join(token_file_stem(c["token"]) for c in concepts) + ("_joint-kv" if args.method == "joint-kv" else "")
+    if config.gradient_checkpointing is None:  # recorded as resolved, so the exported JSON says what ran
+        config = dataclasses.replace(config, gradient_checkpointing=accelerator == "gpu")
+    run_name = "_".join(token_file_stem(c["token"]) for c in concepts) + (
+        "_joint-kv" if config.method == "joint-kv" else ""
+    )
     run_dir = out / "runs" / run_name
     resume = resolve_resume(args.resume, run_dir)
     seed_everything(args.seed)
     setup_cuda_fast_math()
 
-    data = ConceptDataModule(concepts, args.resolution, args.batch_size, args.seed, args.num_workers, args.flip_p,
-                             args.steps)
+    data = ConceptDataModule(concepts=concepts, resolution=config.resolution, batch_size=config.batch_size,
+                             seed=args.seed, flip_p=config.flip_p, steps=config.steps, num_workers=args.num_workers)
     data.setup()  # decode every photo now: a bad file fails before anything is written
-    module = TextualInversionModule(args.sd, concepts, args.method, args.lr, args.kv_lr, args.weight_decay,
-                                    args.warmup_steps, ckpt_grad, "bf16" if precision == "bf16-mixed" else "fp32", args.seed)
+    module = TextualInversionModule(sd_path=args.sd, concepts=concepts, config=config,
+                                    frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed)
     ensure_dir(run_dir)
-    info = {"method": args.method, "sd": str(args.sd), "concepts": concepts, "resolution": args.resolution,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": precision.split("-")[0]}
+    info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "resolution": config.resolution,
+            "batch_size": config.batch_size, "lr": config.lr, "seed": args.seed, "precision": precision.split("-")[0],
+            "train": dataclasses.asdict(config)}
     prompts = args.sample_prompt or [TEMPLATES[c["property"]][0].format(c["token"]) for c in concepts]
-    export = ExportEmbeddings(out, run_dir, info, args.save_every, args.sample_every, prompts, args.sample_steps,
-                              args.resolution, args.seed)
-    ckpt = last_checkpoint_callback(run_dir, args.save_every)
-    devices, strategy = devices_and_strategy(args.devices)
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-        max_steps=args.steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
-        logger=CSVLogger(run_dir, name="logs"), log_every_n_steps=min(25, args.steps), callbacks=[ckpt, export],
-        plugins=[AtomicCheckpointIO()], enable_model_summary=False, enable_progress_bar=not args.quiet,
-        default_root_dir=run_dir, num_sanity_val_steps=0, limit_val_batches=0,
-    )
+    export = ExportEmbeddings(out=out, run_dir=run_dir, info=info, every=config.save_every,
+                              sample_every=config.sample_every, sample_prompts=prompts,
+                              sample_steps=config.sample_steps, sample_guidance=config.sample_guidance,
+                              resolution=config.resolution, seed=args.seed)
+    trainer = make_trainer(args, out=run_dir, precision=precision, max_steps=config.steps,
+                           checkpoint_every=config.save_every, callbacks=[export], val_every=None,
+                           log_every_n_steps=min(25, config.steps))
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     files = [out / f"{token_file_stem(c['token'])}.safetensors" for c in concepts]
-    if args.method == "joint-kv":
+    if config.method == "joint-kv":
         files.append(out / KV_FILE)
     if trainer.is_global_zero:
         print(f"done after {trainer.global_step} steps: " + ", ".join(str(f) for f in files))

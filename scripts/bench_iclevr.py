@@ -17,19 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common.images import to_uint8  # noqa: E402
-from p1_ddpm.iclevr_data import load_label_lists, multi_hot  # noqa: E402
-from p1_ddpm.infer import ICLEVR_ASSETS, ICLEVR_CHECKPOINT, ICLEVR_DEFAULTS  # noqa: E402
-from p1_ddpm.model import load_unet, schedule_of  # noqa: E402
-from p1_ddpm.render_iclevr import OBJECTS, SHARED_TRAIN_JSON, label_lists_from, random_label_lists, render  # noqa: E402
-from p1_ddpm.samplers import generate  # noqa: E402
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
-from scripts.evaluate_iclevr import OWN_JUDGE, judge_scores, load_own_judge, topk_accuracy  # noqa: E402
+from common.device import device_name
+from common.images import to_uint8
+from p1_ddpm.iclevr_data import load_label_lists, multi_hot
+from p1_ddpm.iclevr_judge import OWN_JUDGE, judge_scores, load_own_judge, topk_accuracy
+from p1_ddpm.infer import ICLEVR_ASSETS, ICLEVR_CHECKPOINT, ICLEVR_DEFAULTS
+from p1_ddpm.model import load_unet, schedule_of
+from p1_ddpm.render_iclevr import OBJECTS, SHARED_TRAIN_JSON, label_lists_from, random_label_lists, render
+from p1_ddpm.samplers import sample_conditional_images
+from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +72,11 @@ def main(argv=None) -> None:
     val_cond = torch.stack([multi_hot(v, OBJECTS) for v in val_lists])
     sweep = []
     for w in [float(x) for x in args.guidances.split(",")]:
-        x = generate(model, val_cond, range(len(val_cond)), ab, 0, d["sampler"], d["steps"], w, d["eta"])
-        sweep.append(f"| validation lists ({args.val_lists}), guidance {w:g} | {score(judge, to_uint8(x), val_cond):.4f} |")
+        x = sample_conditional_images(model, val_cond, range(len(val_cond)), ab, 0, d["sampler"], d["steps"], w,
+                                      d["eta"])
+        sweep.append(
+            f"| validation lists ({args.val_lists}), guidance {w:g} | {score(judge, to_uint8(x), val_cond):.4f} |"
+        )
 
     # 3. the lab's label lists at infer.py's defaults, several seeds; and the sampling time
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -84,7 +86,8 @@ def main(argv=None) -> None:
         accs = []
         for s in seeds:
             t0 = time.perf_counter()
-            x = generate(model, cond, range(len(cond)), ab, s, d["sampler"], d["steps"], d["guidance"], d["eta"])
+            x = sample_conditional_images(model, cond, range(len(cond)), ab, s, d["sampler"], d["steps"],
+                                          d["guidance"], d["eta"])
             dt = time.perf_counter() - t0
             timing = timing or dt
             accs.append(score(judge, to_uint8(x), cond))
@@ -93,27 +96,33 @@ def main(argv=None) -> None:
 
     meta = json.loads(Path(args.checkpoint).with_suffix(".json").read_text()).get("metrics", {})
     jmeta = json.loads(Path(args.judge).with_suffix(".json").read_text()).get("metrics", {})
-    body = "\n".join([
-        "## i-CLEVR (multi-label conditional DDPM, rendered data)",
-        "",
-        "Command: `python scripts/bench_iclevr.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
-        "",
-        f"Device: {device_name()}. Images: `p1_ddpm/render_iclevr.py` renders (the real i-CLEVR images and the lab's "
-        "evaluator weights are not available), so every accuracy below is the lab's top-k accuracy judged by this "
-        "project's own CNN (`checkpoints/iclevr_judge.safetensors`), not by the lab's evaluator.",
-        "",
-        f"Sampler: {d['sampler']} {d['steps']} steps, eta {d['eta']}, guidance {d['guidance']} (infer.py defaults; guidance chosen on "
-        "validation lists, not on the test files).",
-        "",
-        "| what | accuracy |",
-        "| --- | --- |",
-        *rows, *sweep, *test_rows,
-        "",
-        f"Training: DDPM {meta.get('train_note', 'see checkpoints/p1_iclevr.json')}; "
-        f"judge {jmeta.get('train_seconds', '?')} s on {jmeta.get('train_images', '?')} renders "
-        f"(validation accuracy {jmeta.get('val_acc', float('nan')):.4f}).",
-        f"Sampling the 32 images of test.json: {timing:.1f} s on this CPU ({args.threads} thread(s), fp32).",
-    ])
+    body = "\n".join(
+        [
+            "## i-CLEVR (multi-label conditional DDPM, rendered data)",
+            "",
+            "Command: `python scripts/bench_iclevr.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+            "",
+            f"Device: {device_name()}. Images: `p1_ddpm/render_iclevr.py` renders (the real i-CLEVR images and the "
+            "lab's "
+            "evaluator weights are not available), so every accuracy below is the lab's top-k accuracy judged by this "
+            "project's own CNN (`checkpoints/iclevr_judge.safetensors`), not by the lab's evaluator.",
+            "",
+            f"Sampler: {d['sampler']} {d['steps']} steps, eta {d['eta']}, guidance {d['guidance']} "
+            "(infer.py defaults; guidance chosen on "
+            "validation lists, not on the test files).",
+            "",
+            "| what | accuracy |",
+            "| --- | --- |",
+            *rows,
+            *sweep,
+            *test_rows,
+            "",
+            f"Training: DDPM {meta.get('train_note', 'see checkpoints/p1_iclevr.json')}; "
+            f"judge {jmeta.get('train_seconds', '?')} s on {jmeta.get('train_images', '?')} renders "
+            f"(validation accuracy {jmeta.get('val_acc', float('nan')):.4f}).",
+            f"Sampling the 32 images of test.json: {timing:.1f} s on this CPU ({args.threads} thread(s), fp32).",
+        ]
+    )
     print(body)
     if not args.no_write:
         replace_section(REPO / "BENCHMARKS.md", "iclevr", body)

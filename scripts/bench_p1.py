@@ -20,21 +20,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from common.device import device_name
+from common.errors import cli_main
+from common.fileio import write_text_atomic
+from common.images import to_uint8
+from common.schedules import alphas_cumprod, make_betas
+from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index
+from p1_ddpm.model import load_unet
+from p1_ddpm.samplers import sample_conditional_images
+from scripts.benchmarks import replace_section
+from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict
+from scripts.evaluate_digits import evaluate_folder
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from common.errors import cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
-from common.images import to_uint8  # noqa: E402
-from common.schedules import alphas_cumprod, make_betas  # noqa: E402
-from p1_ddpm.infer import DEFAULT_CHECKPOINT, DEFAULTS, sample_index  # noqa: E402
-from p1_ddpm.model import load_unet  # noqa: E402
-from p1_ddpm.samplers import generate  # noqa: E402
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
-from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict  # noqa: E402
-from scripts.evaluate_digits import evaluate_folder  # noqa: E402
 
 DEFAULT_SVHN = REPO / "checkpoints" / "svhn_classifier.safetensors"
 
@@ -52,7 +52,7 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
 
 def timed_generate(model, cond, idx, ab, seed, sampler, steps, guidance):
     t0 = time.perf_counter()
-    imgs = generate(model, cond, idx, ab, seed, sampler, steps, guidance, batch_size=1000)
+    imgs = sample_conditional_images(model, cond, idx, ab, seed, sampler, steps, guidance, batch_size=1000)
     return imgs, time.perf_counter() - t0
 
 
@@ -78,9 +78,13 @@ def main(argv=None) -> None:
     ab = alphas_cumprod(make_betas(cfg["schedule"], cfg["num_train_steps"]))
     dev = device_name()
     summary["device"] = dev
-    sections = [f"## P1: conditional DDPM (scripts/bench_p1.py)\n\nDevice: {dev}. Checkpoint: "
-                f"`{Path(args.checkpoint).relative_to(REPO) if Path(args.checkpoint).is_relative_to(REPO) else args.checkpoint}`; "
-                f"defaults: {DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, guidance {DEFAULTS['guidance']}, seed {args.seed}."]
+    ckpt_path = Path(args.checkpoint)
+    shown_checkpoint = ckpt_path.relative_to(REPO) if ckpt_path.is_relative_to(REPO) else args.checkpoint
+    sections = [
+        f"## P1: conditional DDPM (scripts/bench_p1.py)\n\nDevice: {dev}. Checkpoint: "
+        f"`{shown_checkpoint}`; defaults: {DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, "
+        f"guidance {DEFAULTS['guidance']}, seed {args.seed}."
+    ]
 
     if "A" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +97,12 @@ def main(argv=None) -> None:
         summary["hw2_1_seconds"] = round(wall, 1)
         summary.update({f"hw2_1_accuracy_{k}": v for k, v in accs.items()})
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in accs.items())
-        sections.append(f"### A. `bash hw2_1.sh OUT` (1000 images: 500 MNIST-M, 500 SVHN)\n\nWall time: **{wall:.1f} s** (target <= 120 s).\n\n"
-                        f"| folder | accuracy |\n|---|---|\n{rows}\n\nmnistm/ is scored by the course LeNet, svhn/ by "
-                        f"this project's SVHN classifier (`checkpoints/svhn_classifier.safetensors`).")
+        sections.append(
+            f"### A. `bash hw2_1.sh OUT` (1000 images: 500 MNIST-M, 500 SVHN)\n\n"
+            f"Wall time: **{wall:.1f} s** (target <= 120 s).\n\n"
+            f"| folder | accuracy |\n|---|---|\n{rows}\n\nmnistm/ is scored by the course LeNet, svhn/ by "
+            f"this project's SVHN classifier (`checkpoints/svhn_classifier.safetensors`)."
+        )
         print(sections[-1], flush=True)
 
     if "B" not in skip:
@@ -108,12 +115,22 @@ def main(argv=None) -> None:
             results.append((sampler, steps, secs / len(idx), accuracy(lenet, imgs, labels)))
             print(results[-1], flush=True)
         ref = results[0][2]
-        summary["samplers"] = [{"sampler": s, "steps": n, "ms_per_image": round(t * 1000, 2),
-                                "speedup_vs_ddpm1000": round(ref / t, 1), "lenet_accuracy": a} for s, n, t, a in results]
+        summary["samplers"] = [
+            {
+                "sampler": s,
+                "steps": n,
+                "ms_per_image": round(t * 1000, 2),
+                "speedup_vs_ddpm1000": round(ref / t, 1),
+                "lenet_accuracy": a,
+            }
+            for s, n, t, a in results
+        ]
         rows = "\n".join(f"| {s} | {n} | {t * 1000:.1f} | {ref / t:.1f}x | {a:.4f} |" for s, n, t, a in results)
-        sections.append(f"### B. Samplers side by side ({len(idx)} MNIST-M images, same noise, guidance "
-                        f"{DEFAULTS['guidance']})\n\n| sampler | steps | ms / image | speed-up vs DDPM-1000 | LeNet accuracy |\n"
-                        f"|---|---|---|---|---|\n{rows}")
+        sections.append(
+            f"### B. Samplers side by side ({len(idx)} MNIST-M images, same noise, guidance "
+            f"{DEFAULTS['guidance']})\n\n| sampler | steps | ms / image | speed-up vs DDPM-1000 | LeNet accuracy |\n"
+            f"|---|---|---|---|---|\n{rows}"
+        )
         print(sections[-1], flush=True)
 
     if "C" not in skip:
@@ -122,15 +139,19 @@ def main(argv=None) -> None:
             row = [w]
             for k, judge in ((0, lenet), (1, svhn_net)):
                 cond, idx = subset(k, args.sweep_per_digit)
-                imgs = generate(model, cond, idx, ab, args.seed, DEFAULTS["sampler"], DEFAULTS["steps"], w, batch_size=1000)
+                imgs = sample_conditional_images(
+                    model, cond, idx, ab, args.seed, DEFAULTS["sampler"], DEFAULTS["steps"], w, batch_size=1000
+                )
                 row.append(accuracy(judge, imgs, cond[:, 0]))
             rows.append(row)
             print(row, flush=True)
         summary["guidance_sweep"] = [{"guidance": w, "mnistm_lenet": a, "svhn_own": b} for w, a, b in rows]
         table = "\n".join(f"| {w:g} | {a:.4f} | {b:.4f} |" for w, a, b in rows)
-        sections.append(f"### C. Guidance scale ({DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, "
-                        f"{10 * args.sweep_per_digit} images per dataset)\n\n| w | mnistm LeNet | svhn own classifier |\n"
-                        f"|---|---|---|\n{table}")
+        sections.append(
+            f"### C. Guidance scale ({DEFAULTS['sampler']}, {DEFAULTS['steps']} steps, "
+            f"{10 * args.sweep_per_digit} images per dataset)\n\n| w | mnistm LeNet | svhn own classifier |\n"
+            f"|---|---|---|\n{table}"
+        )
         print(sections[-1], flush=True)
 
     body = "\n\n".join(sections) + "\n\nCommand: `python scripts/bench_p1.py " + " ".join(argv or sys.argv[1:]) + "`\n"

@@ -20,18 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from common.device import add_precision_flag, autocast_dtype, device_name, pick_device, set_tf32
+from common.errors import UserError, cli_main
+from common.images import to_uint8
+from p2_ddim.infer import sample_faces_ddim
+from p2_ddim.model import FaceUNet
+from scripts.benchmarks import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from common.device import autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.images import to_uint8  # noqa: E402
-from common.device import set_tf32  # noqa: E402
-from p2_ddim.infer import generate  # noqa: E402
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
-from p2_ddim.model import FaceUNet  # noqa: E402
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -74,7 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--base-channels", type=int, default=128, help="UNet width (128 = the course network)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    add_precision_flag(p, default="fp32", what="the UNet (as p2_ddim/infer.py, exact fp32 by default)")
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--skip-single", action="store_true", help="time only the batched run")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
@@ -96,18 +95,18 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         gpu_model = gpu_model.to(memory_format=torch.channels_last)
     # one untimed forward first (cuDNN / oneDNN set-up, allocator), so neither timed run pays for it
-    generate(gpu_model, noises[:1], [0], steps=1, device=device, amp_dtype=amp)
+    sample_faces_ddim(gpu_model, noises[:1], [0], steps=1, device=device, amp_dtype=amp)
     common = dict(steps=args.steps, device=device, amp_dtype=amp, progress=True)
     idx = list(range(args.count))
     rows = []
-    batched, t_batched = timed(lambda: generate(gpu_model, noises, idx, batch_size=args.count, desc="batched",
-                                                **common), device)
+    batched, t_batched = timed(lambda: sample_faces_ddim(gpu_model, noises, idx, batch_size=args.count,
+                                                         desc="batched", **common), device)
     rows.append(("all at once", args.count, t_batched))
     print(f"batched: {t_batched:.2f} s", flush=True)
     ratio_line = ""
     if not args.skip_single and args.count > 1:
-        single, t_single = timed(lambda: generate(gpu_model, noises, idx, batch_size=1, desc="one at a time",
-                                                  **common), device)
+        single, t_single = timed(lambda: sample_faces_ddim(gpu_model, noises, idx, batch_size=1,
+                                                           desc="one at a time", **common), device)
         rows.append(("one at a time", 1, t_single))
         print(f"one at a time: {t_single:.2f} s", flush=True)
         diff = (to_uint8(batched, "minmax").astype(int) - to_uint8(single, "minmax").astype(int))
@@ -124,12 +123,15 @@ def main(argv=None) -> None:
     table = "\n".join(f"| {name} | {bs} | {secs:.2f} | {secs / args.count:.2f} | "
                       f"{1000 * secs / (args.count * args.steps):.1f} |" for name, bs, secs in rows)
     cmd = "python scripts/bench_p2.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = (f"## P2: DDIM with the face UNet (scripts/bench_p2.py)\n\n"
-            f"Device: {device_name(device)}. UNet width {args.base_channels} ({nparams / 1e6:.1f} M parameters, "
-            f"random weights), {args.count} noises of {args.size}x{args.size}, {args.steps} DDIM step{'s' if args.steps != 1 else ''}, "
-            f"{args.precision}{' + TF32' if args.tf32 else ' (exact)'}.\n\n"
-            f"| run | batch size | seconds | s / image | ms / image / step |\n|---|---|---|---|---|\n{table}"
-            f"{ratio_line}{e2e_line}\n\nCommand: `{cmd.strip()}`\n")
+    body = (
+        f"## P2: DDIM with the face UNet (scripts/bench_p2.py)\n\n"
+        f"Device: {device_name(device)}. UNet width {args.base_channels} ({nparams / 1e6:.1f} M parameters, "
+        f"random weights), {args.count} noises of {args.size}x{args.size}, "
+        f"{args.steps} DDIM step{'s' if args.steps != 1 else ''}, "
+        f"{'bf16' if amp is not None else 'fp32'}{' + TF32' if args.tf32 else ' (exact)'}.\n\n"
+        f"| run | batch size | seconds | s / image | ms / image / step |\n|---|---|---|---|---|\n{table}"
+        f"{ratio_line}{e2e_line}\n\nCommand: `{cmd.strip()}`\n"
+    )
     print(body)
     if args.write:
         replace_section(args.write, "bench_p2", body)

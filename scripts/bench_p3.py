@@ -13,17 +13,14 @@ shapes (from common/sd_v1_configs; nothing downloaded), so its timings hold for 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
 
-import common.stable_diffusion as sdlib  # noqa: E402
-import torch  # noqa: E402
-
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
+import common.stable_diffusion as sdlib
+from common.device import device_name
+from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,13 +34,16 @@ def sd14_random(device) -> sdlib.SDComponents:
         unet = UNet2DConditionModel.from_config(strip(sdlib.shipped_config("unet")))
         vae = AutoencoderKL.from_config(strip(sdlib.shipped_config("vae")))
         text = CLIPTextModel(CLIPTextConfig(**sdlib.shipped_config("text_encoder")))
-    return sdlib.SDComponents(vae, unet, text, sdlib.build_clip_tokenizer(), sdlib.make_ddpm_scheduler(), "random SD1.4 shapes")
+    return sdlib.SDComponents(
+        vae, unet, text, sdlib.build_clip_tokenizer(), sdlib.make_ddpm_scheduler(), "random SD1.4 shapes"
+    )
 
 
 def bench(sd, device, batch: int, size: int, bf16: bool, checkpointing: bool, steps: int, warmup: int) -> dict:
-    from p3_controlnet.train import ControlNetModule
+    from p3_controlnet.train import ControlNetModule, P3TrainConfig
     prompts = ["", "red circle with blue background"]
-    module = ControlNetModule(sd, prompts, 0, gradient_checkpointing=checkpointing,
+    module = ControlNetModule(sd=sd, prompts=prompts, empty_prompt_id=0,
+                              config=P3TrainConfig(gradient_checkpointing=checkpointing),
                               frozen_dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
     module.cache_text_embeddings()
     opt = torch.optim.AdamW(module.net.controlnet.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -86,15 +86,22 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     # CPU, tiny config: always
-    from tiny_sd import TINY_IMAGE, tiny_sd_components
+    from common.sd_export import TINY_IMAGE, tiny_sd_components
     cpu = torch.device("cpu")
     r = bench(tiny_sd_components(0), cpu, batch=2, size=TINY_IMAGE, bf16=False, checkpointing=False,
               steps=args.steps or 5, warmup=2)
-    lines += [f"CPU, tiny random SD (tests/tiny_sd.py: UNet 32/32/64, {TINY_IMAGE}x{TINY_IMAGE} images, batch 2, fp32), "
-              f"{device_name(cpu)}:", "",
-              "| config | s/step |", "| --- | ---: |", f"| tiny fp32 | {r['s_per_step']:.3f} |", "",
-              "Command: `OMP_NUM_THREADS=1 python scripts/bench_p3.py --write` (a check that the step runs, not a "
-              "speed that transfers to SD1.4).", ""]
+    lines += [
+        f"CPU, tiny random SD (common/sd_export.py: UNet 32/32/64, {TINY_IMAGE}x{TINY_IMAGE} images, batch 2, fp32), "
+        f"{device_name(cpu)}:",
+        "",
+        "| config | s/step |",
+        "| --- | ---: |",
+        f"| tiny fp32 | {r['s_per_step']:.3f} |",
+        "",
+        "Command: `OMP_NUM_THREADS=1 python scripts/bench_p3.py --write` (a check that the step runs, not a "
+        "speed that transfers to SD1.4).",
+        "",
+    ]
     print(f"CPU tiny: {r['s_per_step']:.3f} s/step")
 
     if args.gpu:
@@ -107,8 +114,12 @@ def main(argv=None) -> None:
             from common.device import setup_cuda_fast_math
             setup_cuda_fast_math()
             rows = []
-            for name, bf16, ck in (("fp32, no checkpointing", False, False), ("fp32 + checkpointing", False, True),
-                                   ("bf16 autocast + checkpointing", True, True), ("bf16 autocast, no checkpointing", True, False)):
+            for name, bf16, ck in (
+                ("fp32, no checkpointing", False, False),
+                ("fp32 + checkpointing", False, True),
+                ("bf16 autocast + checkpointing", True, True),
+                ("bf16 autocast, no checkpointing", True, False),
+            ):
                 torch.manual_seed(0)
                 sd = sd14_random(dev)
                 try:

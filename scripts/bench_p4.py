@@ -24,20 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from common.checkpoint import save_checkpoint
+from common.datasets import read_label_csv
+from common.device import device_name
+from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
+from p4_dann.data import load_split
+from p4_dann.model import CHECKPOINT_KIND, load_dann, predict_logits
+from p4_dann.report import COURSE_SCENARIOS, SCENARIOS, parse_modes, parse_scenarios, run_report, scenario_name
+from scripts.benchmarks import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from common.checkpoint import save_checkpoint  # noqa: E402
-from common.datasets import read_label_csv  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
-from p4_dann.data import load_split  # noqa: E402
-from p4_dann.model import CHECKPOINT_KIND, load_dann, predict_logits  # noqa: E402
-from p4_dann.report import (COURSE_SCENARIOS, SCENARIOS, parse_modes, parse_scenarios, run_report,  # noqa: E402
-                            scenario_name)
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
 
 
 def ship(run_dir: Path, dst: Path, data: str, target: str, report_row: dict, note: str) -> dict:
@@ -90,15 +89,22 @@ def section(payload: dict, ship_rows: dict, entry_rows: dict, table: str, comman
     if runs:
         jobs = max(r.get("train_parallel_jobs") or 1 for r in runs)
         threads = max(r.get("train_threads") or 1 for r in runs)
-        lines += [f"Wall times: each run trained with {threads} thread(s), {jobs} run(s) at a time on this machine.", ""]
+        lines += [
+            f"Wall times: each run trained with {threads} thread(s), {jobs} run(s) at a time on this machine.",
+            "",
+        ]
     lines += ["Model choice: source-only and DANN runs keep the checkpoint with the best SOURCE val accuracy (no "
               "target label is looked at); target-only runs keep the best target val accuracy. The training "
               "settings (augmentation, steps, EMA) were tuned by hand on the target val splits, which in a strict "
               "unsupervised setting would not be labelled. SVHN: only 1083 real images exist here, so its "
               "columns are a small proxy (810 train / 90 val / 183 test images), not the course's SVHN numbers.", ""]
     if ship_rows:
-        lines += ["Shipped checkpoints (the DANN runs above):", "",
-                  "| file | stored as | size | target test accuracy (shipped file) | same run, fp32 |", "|---|---|---|---|---|"]
+        lines += [
+            "Shipped checkpoints (the DANN runs above):",
+            "",
+            "| file | stored as | size | target test accuracy (shipped file) | same run, fp32 |",
+            "|---|---|---|---|---|",
+        ]
         for r in ship_rows.values():
             lines.append(f"| `{r['path']}` | {r['dtype']} | {r['bytes'] / 1024:.0f} KiB | {100 * r['test_acc']:.2f}% | "
                          f"{100 * r['test_acc_fp32']:.2f}% |")
@@ -112,7 +118,9 @@ def section(payload: dict, ship_rows: dict, entry_rows: dict, table: str, comman
                          f"{100 * r['test_acc']:.2f}% ({r['test_count']}) |")
         lines.append("")
     if payload.get("tsne"):
-        lines.append("t-SNE plots: " + ", ".join(f"`{Path(p).name}`" for p in payload["tsne"]) + " (in the report's --out).")
+        lines.append(
+            "t-SNE plots: " + ", ".join(f"`{Path(p).name}`" for p in payload["tsne"]) + " (in the report's --out)."
+        )
         lines.append("")
     lines.append(f"Command: `{command}`")
     return "\n".join(lines)
@@ -127,7 +135,9 @@ def main(argv=None) -> None:
     p.add_argument("--scenarios", default=",".join(f"{s}-{t}" for s, t in SCENARIOS))
     p.add_argument("--modes", default="source,dann,target")
     p.add_argument("--retrain", action="store_true", help="train every run again")
-    p.add_argument("--ship", action="store_true", help="write checkpoints/p4_dann_{usps,svhn}.safetensors from the runs")
+    p.add_argument(
+        "--ship", action="store_true", help="write checkpoints/p4_dann_{usps,svhn}.safetensors from the runs"
+    )
     p.add_argument("--ship-dir", default=str(REPO / "checkpoints"))
     p.add_argument("--skip-entry", action="store_true", help="do not time hw2_dann.sh")
     p.add_argument("--train-args", default="", help="extra flags for every training run")
@@ -136,7 +146,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     scenarios, modes = parse_scenarios(args.scenarios), parse_modes(args.modes)
-    command = "python scripts/bench_p4.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python scripts/bench_p4.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     payload = run_report(args.data, Path(args.runs), Path(args.out), scenarios, modes, args.seed, args.retrain,
                          args.train_args.split(), tsne=True, jobs=args.jobs)
     payload["device"] = device_name()

@@ -19,15 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import common.stable_diffusion as sdlib
+from common.device import device_name, pick_device, setup_cuda_fast_math
+from common.errors import UserError, cli_main
+from scripts.benchmarks import replace_section
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import common.stable_diffusion as sdlib  # noqa: E402
-import torch  # noqa: E402
-
-from common.device import pick_device, setup_cuda_fast_math  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from scripts.benchmarks import device_name, replace_section  # noqa: E402
 
 SHARED_DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
 
@@ -48,7 +47,7 @@ def sd14_components(seed: int = 0) -> sdlib.SDComponents:
 
 
 def tiny_components(seed: int = 0) -> sdlib.SDComponents:
-    from tests.tiny_sd import tiny_sd_components
+    from common.sd_export import tiny_sd_components
     return tiny_sd_components(seed)
 
 
@@ -58,9 +57,10 @@ def sync(device: torch.device) -> None:
 
 
 def bench_training(make, device, bf16_ckpt: bool, batch: int, res: int, steps: int, warmup: int, photos: Path) -> dict:
-    from p5_personalization.train_ti import ConceptImages, TextualInversionModule
+    from p5_personalization.train_ti import ConceptImages, P5TrainConfig, TextualInversionModule
     concepts = [{"images": str(photos), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 1}]
-    module = TextualInversionModule("random", concepts, "ti", gradient_checkpointing=bf16_ckpt,
+    module = TextualInversionModule(sd_path="random", concepts=concepts,
+                                    config=P5TrainConfig(method="ti", gradient_checkpointing=bf16_ckpt),
                                     frozen_dtype="bf16" if bf16_ckpt else "fp32", components=make())
     module.to(device)
     module.sd.to(device)
@@ -94,7 +94,7 @@ def bench_training(make, device, bf16_ckpt: bool, batch: int, res: int, steps: i
 
 
 def bench_generation(make, device, bf16: bool, res: int, steps: int, count: int, batch: int) -> float:
-    from p5_personalization.infer_ti import generate
+    from p5_personalization.infer_ti import sample_ti_images
     sd = make().freeze()
     if bf16:
         sd.unet.to(torch.bfloat16)
@@ -103,10 +103,11 @@ def bench_generation(make, device, bf16: bool, res: int, steps: int, count: int,
     if device.type == "cuda":
         sd.unet.to(memory_format=torch.channels_last)
     amp = torch.bfloat16 if bf16 else None
-    generate(sd, "a photo of a dog", [0], res, 1, 7.5, "", 1, amp)  # warm-up (kernels, allocator)
+    sample_ti_images(sd, "a photo of a dog", [0], res, 1, 7.5, "", 1, amp)  # warm-up (kernels, allocator)
     sync(device)
     t0 = time.perf_counter()
-    images = generate(sd, "a photo of a dog on the beach", list(range(count)), res, steps, 7.5, "", batch, amp)
+    images = sample_ti_images(sd, "a photo of a dog on the beach", list(range(count)), res, steps, 7.5, "", batch,
+                              amp)
     sync(device)
     assert images.shape == (count, res, res, 3)
     return time.perf_counter() - t0
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.photos}: training photos not found (pass --photos DIR)")
     setup_cuda_fast_math()
     make = sd14_components if args.sd14 else tiny_components
-    size = "SD v1.4-sized" if args.sd14 else "tiny (tests/tiny_sd.py)"
+    size = "SD v1.4-sized" if args.sd14 else "tiny (common/sd_export.py)"
 
     rows = []
     results = {}
@@ -152,10 +153,14 @@ def main(argv=None) -> None:
     ratio = results[True]["steps_per_s"] / results[False]["steps_per_s"]
     gen_line = ""
     if args.gen_steps:
-        secs = bench_generation(make, device, device.type == "cuda", res, args.gen_steps, args.gen_count, args.gen_batch)
+        secs = bench_generation(
+            make, device, device.type == "cuda", res, args.gen_steps, args.gen_count, args.gen_batch
+        )
         prec = "bf16" if device.type == "cuda" else "fp32"
-        gen_line = (f"\n\nGeneration, one prompt: {args.gen_count} images of {res}x{res}, {args.gen_steps} DDIM steps with "
-                    f"classifier-free guidance (batch {args.gen_batch}, {prec}), VAE decoding included: **{secs:.1f} s**.")
+        gen_line = (
+            f"\n\nGeneration, one prompt: {args.gen_count} images of {res}x{res}, {args.gen_steps} DDIM steps with "
+            f"classifier-free guidance (batch {args.gen_batch}, {prec}), VAE decoding included: **{secs:.1f} s**."
+        )
         print(gen_line.strip(), flush=True)
     cmd = "python scripts/bench_p5.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = (f"## P5: textual inversion (scripts/bench_p5.py)\n\n"

@@ -3,7 +3,7 @@
 # Later problems add their sections here; those that need user-supplied weights say what to pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT=demo_out
 mkdir -p "$OUT"
 

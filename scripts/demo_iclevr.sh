@@ -4,7 +4,7 @@
 # Writes demo_out/iclevr/{test,new_test}/*.png, {test,new_test}_grid.png and denoise.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT="${OUT:-demo_out}/iclevr"
 
 echo "== i-CLEVR: multi-label conditional DDPM (rendered-data checkpoint) =="

@@ -5,7 +5,7 @@
 # Writes demo_out/p2/ (one PNG per noise), demo_out/p2_mse.json and demo_out/p2_figs/{eta_grid,slerp,lerp}.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT="${OUT:-demo_out}"
 FACE_DIR="${FACE_DIR:-}"
 

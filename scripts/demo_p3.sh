@@ -10,7 +10,7 @@
 # P3_DEMO_SIZE (default 512) is the resolution of the generated set and of the demo training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT="${OUT:-demo_out}"
 SD_PATH="${SD_PATH:-}"
 CONTROLNET="${CONTROLNET:-checkpoints/controlnet}"

@@ -6,7 +6,7 @@
 # Writes demo_out/p4/{usps,svhn}_pred.csv (image_name,label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT="${OUT:-demo_out}"
 SHARED="${SHARED:-../shared/data/digits}"
 

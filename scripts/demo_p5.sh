@@ -11,7 +11,7 @@
 # Without them it says what is missing and exits 0. Outputs go to $OUT (default demo_out)/p5_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/find_python.sh)"
+source scripts/python_env.sh
 OUT="${OUT:-demo_out}"
 SD_PATH="${SD_PATH:-}"
 CLIP_WEIGHTS="${CLIP_WEIGHTS:-}"

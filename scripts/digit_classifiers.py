@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_into, read_checkpoint, save_checkpoint
-from common.errors import UserError
+from common.errors import UserError, one_line
 
 SVHN_KIND = "scripts.SvhnNet"
 IMAGE_SIZE = 28
@@ -64,9 +64,8 @@ def load_course_lenet(path: str | os.PathLike, device: torch.device | str = "cpu
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError,
             AttributeError, TypeError, KeyError, IndexError) as e:
-        reason = str(e).strip().splitlines()[0].split(". ")[0][:100] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format?): "
-                        f"{reason}") from None
+                        f"{one_line(e, 100)}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state dict (or a dict with key 'state_dict') of the course's LeNet")

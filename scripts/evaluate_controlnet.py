@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import os  # noqa: E402
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from common.clip_loading import add_quick_gelu_flag  # noqa: E402
-from common.datasets import load_image  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
+from common.clip_loading import add_quick_gelu_flag
+from common.datasets import PNG_SUFFIXES, list_images, load_image
+from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
 
 PROMPT_RE = re.compile(r"(.+) circle with (.+) background")
 FID_PIP = "torch-fidelity==0.4.0"
@@ -75,7 +73,8 @@ def load_items(prompts: Path | None, pred: Path) -> list[dict]:
         from p3_controlnet.data import read_prompt_file
         items = read_prompt_file(prompts)
     else:
-        items = [{"target": p.name, "prompt": None} for p in sorted(pred.glob("*.png"))]
+        pngs = list_images(pred, PNG_SUFFIXES, not_found=None, empty=None)
+        items = [{"target": p.name, "prompt": None} for p in pngs]
     for it in items:
         if not (pred / it["target"]).is_file():
             raise UserError(f"{pred / it['target']}: generated image missing (listed in {prompts})")
@@ -105,7 +104,11 @@ def inception_features(images: list[np.ndarray], weights: str, device) -> np.nda
         raise UserError(f"FID needs torch-fidelity's InceptionV3: pip install {FID_PIP}") from None
     if not Path(weights).is_file():
         raise UserError(f"{weights}: --fid-weights file not found")
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights).to(device).eval()
+    net = (
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+        .to(device)
+        .eval()
+    )
     feats = []
     with torch.no_grad():
         for i in range(0, len(images), 32):
@@ -146,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-arch", default="ViT-B-32",
                    help="open_clip architecture of --clip-weights (ViT-B-32, ViT-L-14, ...) or a JSON model config")
     add_quick_gelu_flag(p)
-    p.add_argument("--fid-weights", default=None, help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument(
+        "--fid-weights",
+        default=None,
+        help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)",
+    )
     p.add_argument("--sam2-checkpoint", default=None, help="local SAM2 checkpoint (e.g. sam2.1_hiera_small.pt)")
     p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_s.yaml", help="its sam2 config name")
     p.add_argument("--device", default="auto")
@@ -172,8 +179,11 @@ def main(argv=None) -> dict:
             raise UserError(f"{gt}: --gt folder not found")
         gt_imgs = [load_image(gt / it["target"], size=None) for it in items]
         from PIL import Image
-        pred_imgs = [im if im.shape == g.shape else np.asarray(Image.fromarray(im).resize(g.shape[1::-1], Image.BICUBIC))
-                     for im, g in zip(pred_imgs, gt_imgs)]
+
+        pred_imgs = [
+            im if im.shape == g.shape else np.asarray(Image.fromarray(im).resize(g.shape[1::-1], Image.BICUBIC))
+            for im, g in zip(pred_imgs, gt_imgs)
+        ]
     results: dict = {"images": len(items)}
     skipped: list[str] = []
     prompts = [it.get("prompt") for it in items]
@@ -191,7 +201,9 @@ def main(argv=None) -> dict:
         results["colour_iou"] = float(np.mean(ious))
     else:
         centres = None
-        skipped.append("colour_iou: needs --gt and --prompts with Fill50k prompts ('<colour> circle with <colour> background')")
+        skipped.append(
+            "colour_iou: needs --gt and --prompts with Fill50k prompts ('<colour> circle with <colour> background')"
+        )
 
     if args.clip_weights and all(prompts):
         from common.clip_loading import load_clip
@@ -210,14 +222,18 @@ def main(argv=None) -> dict:
             results["fid"] = frechet_distance(inception_features(pred_imgs, args.fid_weights, device),
                                               inception_features(gt_imgs, args.fid_weights, device))
     else:
-        skipped.append(f"fid: needs --gt and --fid-weights (torch-fidelity's InceptionV3 weights; pip install {FID_PIP})")
+        skipped.append(
+            f"fid: needs --gt and --fid-weights (torch-fidelity's InceptionV3 weights; pip install {FID_PIP})"
+        )
 
     if args.sam2_checkpoint and clip is not None and centres is not None:
         s = sam2_ious(pred_imgs, gt_imgs, centres, args.sam2_checkpoint, args.sam2_config, device)
         results["sam2_iou"] = float(s.mean())
         results["sam2_iou_x_clip"] = float((s * clip).mean())
     else:
-        skipped.append("sam2_iou_x_clip: needs the `sam2` package, --sam2-checkpoint, --clip-weights, --gt and Fill50k --prompts")
+        skipped.append(
+            "sam2_iou_x_clip: needs the `sam2` package, --sam2-checkpoint, --clip-weights, --gt and Fill50k --prompts"
+        )
 
     for k, v in results.items():
         print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")

@@ -18,16 +18,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from common.datasets import PNG_SUFFIXES, list_images, load_image
+from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
+from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common.datasets import list_images, load_image  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
-from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict  # noqa: E402
 
 DEFAULT_SVHN_CHECKPOINT = REPO / "checkpoints" / "svhn_classifier.safetensors"
 
@@ -54,7 +53,7 @@ def find_sets(folder: Path, notes: bool = True) -> list[tuple[str, str, Path]]:
     """(name, kind, path) of every digits set under `folder`: itself when it holds images, else its subfolders."""
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found")
-    if any(p.suffix.lower() == ".png" for p in folder.iterdir() if p.is_file()):
+    if list_images(folder, PNG_SUFFIXES, empty=None):
         return [(folder.name or str(folder), folder_kind(folder.name) or "mnistm", folder)]
     sets, skipped = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -69,9 +68,7 @@ def find_sets(folder: Path, notes: bool = True) -> list[tuple[str, str, Path]]:
 
 def score_set(path: Path, model: torch.nn.Module) -> dict:
     """Accuracy of `model` on the images of one folder, with per-digit counts."""
-    files = [p for p in list_images(path) if p.suffix.lower() == ".png"]
-    if not files:
-        raise UserError(f"{path}: no PNG images in folder")
+    files = list_images(path, PNG_SUFFIXES, empty="no PNG images in folder")
     labels = np.array([label_of(p) for p in files])
     images = np.stack([load_image(p, size=28) for p in files])
     pred, _ = predict(model, images)

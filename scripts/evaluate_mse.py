@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-import numpy as np  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
-
-IMAGE_SUFFIXES = (".png",)
+from common.datasets import PNG_SUFFIXES, list_images
+from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -38,13 +34,11 @@ def read_rgb(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 
-def list_images(folder: Path, what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise UserError(f"{folder}: {what} folder not found")
-    files = {p.name: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-    if not files:
-        raise UserError(f"{folder}: no PNG images in the {what} folder")
-    return files
+def png_files_by_name(folder: Path, what: str) -> dict[str, Path]:
+    """{file name: path} of the PNGs in a folder (the hand-in and its ground truth are both PNGs)."""
+    files = list_images(folder, PNG_SUFFIXES, not_found=f"{what} folder not found",
+                        empty=f"no PNG images in the {what} folder")
+    return {p.name: p for p in files}
 
 
 def mse_255(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -56,8 +50,8 @@ def mse_255(pred: np.ndarray, gt: np.ndarray) -> float:
 def evaluate(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, float]:
     """{name: mse} for every ground-truth image; UserError when a file is missing on either side or sizes differ."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    gt = list_images(gt_dir, "ground-truth")
-    pred = list_images(pred_dir, "prediction")
+    gt = png_files_by_name(gt_dir, "ground-truth")
+    pred = png_files_by_name(pred_dir, "prediction")
     missing = sorted(set(gt) - set(pred))
     if missing:
         raise UserError(f"{pred_dir / missing[0]}: missing prediction for ground truth {gt_dir / missing[0]} "

@@ -23,16 +23,16 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from common.clip_loading import add_quick_gelu_flag
+from common.datasets import list_images
+from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
+from p5_personalization.concepts import find_concept_photos, read_input_json
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from common.clip_loading import add_quick_gelu_flag  # noqa: E402
-from common.device import autocast_dtype, pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import write_text_atomic  # noqa: E402
-from p5_personalization.concepts import find_concept_photos, list_image_files, read_input_json  # noqa: E402
 
 TEXT_WEIGHT = 2.5
 TOP_K = 5
@@ -76,17 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True, help="the course's input.json (prompt_4_clip_eval and baseline per prompt)")
     p.add_argument("--input-dir", required=True, help="folder holding each concept's photos (<src_image>/ or <key>/)")
-    p.add_argument("--output-dir", required=True, help="generated images: <key>/<prompt index>/*.png (what hw2_ti.sh writes)")
+    p.add_argument(
+        "--output-dir", required=True, help="generated images: <key>/<prompt index>/*.png (what hw2_ti.sh writes)"
+    )
     p.add_argument("--clip-weights", required=True, help="local CLIP weights (OpenAI .pt or open_clip file)")
-    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (or a JSON config)")
+    p.add_argument(
+        "--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (or a JSON config)"
+    )
     add_quick_gelu_flag(p)
     p.add_argument("--top-k", type=int, default=TOP_K, help="images kept per prompt (by image + 2.5 x text)")
     p.add_argument("--report", default=None, help="write the scores as JSON here")
     p.add_argument("--strict", action="store_true", help="exit 1 when any prompt misses its baseline")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
-                   help="image encoder autocast (fp32 default: the grade should not depend on the GPU)")
+    add_precision_flag(p, default="fp32", what="the CLIP image encoder (fp32 by default: the grade should not "
+                                               "depend on the GPU)")
     return p
 
 
@@ -104,13 +108,13 @@ def main(argv=None) -> dict:
         photo_dirs = find_concept_photos(args.input_dir, case)
         photos = []
         for d in photo_dirs:
-            files = list_image_files(d)
+            files = list_images(d, not_found=None, empty=None)
             if not files:
                 raise UserError(f"{d}: no images (photos of entry {case.key!r})")
             photos.append((d, files))
         for p in range(len(case.eval_prompts)):
             gen_dir = out_root / case.key / str(p)
-            gen = list_image_files(gen_dir) if gen_dir.is_dir() else []
+            gen = list_images(gen_dir, not_found=None, empty=None)
             if not gen:
                 raise UserError(f"{gen_dir}: no generated images for concept {case.key!r}, prompt {p}")
             jobs.append((case, p, photos, gen))
@@ -140,7 +144,9 @@ def main(argv=None) -> dict:
         })
     graded = [r for r in results if r["pass"] is not None]
     n_pass = sum(r["pass"] for r in graded)
-    print(f"CLIP {bundle.name} ({Path(args.clip_weights).name}); top {args.top_k} images by image + {TEXT_WEIGHT} x text")
+    print(
+        f"CLIP {bundle.name} ({Path(args.clip_weights).name}); top {args.top_k} images by image + {TEXT_WEIGHT} x text"
+    )
     print(f"{'concept':>7} {'prompt':>6} {'image':>7} {'text':>7} {'baseline':>13}  result  eval prompt")
     for r in results:
         b = r["baseline"]

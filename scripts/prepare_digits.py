@@ -11,17 +11,14 @@ split. svhn_partial has no test arrays: its images 0-899 are train/val and 900-1
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import atomic_path, ensure_dir, write_text_atomic  # noqa: E402
+from common.errors import UserError, cli_main
+from common.fileio import atomic_path, ensure_dir, write_text_atomic
 
 SOURCES = {"mnistm": "mnistm.npz", "svhn": "svhn_partial.npz", "usps": "usps.npz", "mnist": "mnist.npz"}
 DEFAULT_DATASETS = "mnistm,svhn,usps"  # the course's three; mnist (for P4's MNIST -> MNIST-M) on request
@@ -91,7 +88,9 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="keep only the first N images of each split (for tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = p.parse_args(argv)
-    names = list(SOURCES) if args.datasets.strip() == "all" else [n.strip() for n in args.datasets.split(",") if n.strip()]
+    names = (
+        list(SOURCES) if args.datasets.strip() == "all" else [n.strip() for n in args.datasets.split(",") if n.strip()]
+    )
     for n in names:
         if n not in SOURCES:
             raise UserError(f"--datasets: unknown data set {n!r} (choose from {', '.join(SOURCES)})")

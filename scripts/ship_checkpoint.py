@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from safetensors import safe_open
 
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from common.checkpoint import read_checkpoint, save_checkpoint, sidecar_json  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
+from common.checkpoint import read_checkpoint, save_checkpoint, sidecar_json
+from common.errors import UserError, cli_main
 
 
 @cli_main

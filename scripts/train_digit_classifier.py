@@ -19,20 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common.datasets import CourseImageFolder, load_image, read_label_csv  # noqa: E402
-from common.device import pick_device  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import ensure_dir  # noqa: E402
-from common.lightning_utils import EMA  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
-from scripts.digit_classifiers import SvhnNet, load_svhn_net, predict, save_svhn_net  # noqa: E402
+from common.datasets import CourseImageFolder, load_image, read_label_csv
+from common.device import pick_device
+from common.errors import UserError, cli_main
+from common.fileio import ensure_dir
+from common.lightning_utils import EMA
+from common.seeding import seed_everything
+from scripts.digit_classifiers import SvhnNet, load_svhn_net, predict, save_svhn_net
 
 
 def augment(images: torch.Tensor, strength: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from common.checkpoint import save_checkpoint  # noqa: E402
-from common.errors import UserError, cli_main  # noqa: E402
-from common.fileio import check_writable  # noqa: E402
-from common.seeding import seed_everything  # noqa: E402
-from p1_ddpm.iclevr_data import ICLEVRDataset, split_names  # noqa: E402
-from scripts.evaluate_iclevr import JUDGE_KIND, MultiLabelJudge, judge_scores, to_input, topk_accuracy  # noqa: E402
+from common.checkpoint import save_checkpoint
+from common.device import add_precision_flag, autocast, autocast_dtype
+from common.errors import UserError, cli_main
+from common.fileio import check_writable
+from common.seeding import seed_everything
+from p1_ddpm.iclevr_data import ICLEVRDataset, split_names
+from p1_ddpm.iclevr_judge import JUDGE_KIND, MultiLabelJudge, judge_scores, to_input, topk_accuracy
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -56,7 +54,9 @@ def top_k_sets(net, images, cond) -> list[tuple[int, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="rendered (or real) training folder: images + train.json + objects.json")
+    p.add_argument(
+        "--data", required=True, help="rendered (or real) training folder: images + train.json + objects.json"
+    )
     p.add_argument("--heldout", default=None, help="a second rendered folder, scored once at the end")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.add_argument("--epochs", type=int, default=4)
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=32, help="base channel width of the CNN")
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--precision", choices=("32", "bf16"), default="32", help="bf16 autocast for training")
+    add_precision_flag(p, default="fp32", what="the judge's training forward (on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -88,6 +88,8 @@ def main(argv=None) -> dict:
           f"({time.time() - t0:.0f} s to load)", flush=True)
 
     net = MultiLabelJudge(width=args.width)
+    cpu = torch.device("cpu")
+    amp_dtype = autocast_dtype(cpu, args.precision)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = len(train) // args.batch_size
     total = max(1, steps_per_epoch * args.epochs)
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             x = augment(to_input(train.images[idx]), g)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with autocast(cpu, amp_dtype):
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), train.cond[idx])
             opt.zero_grad(set_to_none=True)

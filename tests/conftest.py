@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +11,37 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".mplconfig"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+SHARED_MISSING = "real data not present at"
+# make test-fast leaves these out (-m "not slow"): DDP and torch.compile runs, the demos, and the hw2_*.sh
+# scripts run end to end, each of which starts Python processes or compiles
+SLOW_TEST_NAMES = re.compile(r"_ddp_|compile|demo|hw2_|end_to_end")
+
+
 def shared_data() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"real data not present at {SHARED}")
+        pytest.skip(f"{SHARED_MISSING} {SHARED}")
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_TEST_NAMES.search(item.name):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say how many tests did not run because ../shared/data is missing, so a green run is not mistaken
+    for one that read the real data."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    missing = [r for r in skipped if SHARED_MISSING in str(getattr(r, "longrepr", ""))]
+    if missing:
+        terminalreporter.write_line(
+            f"{len(missing)} test(s) skipped because the real data is missing: {SHARED} not found "
+            f"(see ../shared/data/README.md)", yellow=True)
 
 
 @pytest.fixture(scope="session")

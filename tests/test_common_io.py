@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from common.checkpoint import load_into, read_checkpoint, save_checkpoint
-from common.datasets import CourseImageFolder, read_label_csv
+from common.datasets import PNG_SUFFIXES, CourseImageFolder, list_images, read_label_csv
 from common.errors import UserError
 from common.fileio import atomic_path
 from common.images import make_grid, save_png, to_uint8
@@ -125,14 +125,33 @@ def test_course_layout_bad_inputs(digits_tree, tmp_path):
         CourseImageFolder(root, "mnistm", "val")
 
 
+def test_list_images_one_lister(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("b.PNG", "a.jpg", "c.webp", "d.bmp", "e.jpeg", "._a.png", ".hidden.jpg", "notes.txt", "f.gif"):
+        (d / name).write_bytes(b"x")
+    (d / "sub.png").mkdir()  # a folder, not an image
+    assert [p.name for p in list_images(d)] == ["a.jpg", "b.PNG", "c.webp", "d.bmp", "e.jpeg"]
+    assert [p.name for p in list_images(d, PNG_SUFFIXES)] == ["b.PNG"]
+    with pytest.raises(UserError, match="nothing: folder not found"):
+        list_images(tmp_path / "nothing")
+    assert list_images(tmp_path / "nothing", not_found=None) == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no images \(\.png, \.jpg, \.jpeg, \.bmp, \.webp\) in folder"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(UserError, match="no PNG images in the ground-truth folder"):
+        list_images(tmp_path / "empty", PNG_SUFFIXES, empty="no PNG images in the ground-truth folder")
+    assert list_images(tmp_path / "empty", empty=None) == []
+
+
 def test_lightning_precision_choice(monkeypatch):
     from common.device import lightning_precision
     from common.lightning_utils import devices_and_strategy
     assert lightning_precision("gpu") == "bf16-mixed"
     assert lightning_precision("cpu") == "32-true"
-    assert lightning_precision("gpu", "32") == "32-true" and lightning_precision("cpu", "bf16") == "bf16-mixed"
+    assert lightning_precision("gpu", "fp32") == "32-true" and lightning_precision("cpu", "bf16") == "bf16-mixed"
     for native in (True, False):  # the CPU-bf16 branch taken on CPUs with and without native bf16
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
         assert lightning_precision("cpu", cpu_native_bf16=True) == ("bf16-mixed" if native else "32-true")
         assert lightning_precision("cpu") == "32-true"
     with pytest.raises(UserError, match="--precision"):

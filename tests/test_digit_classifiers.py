@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 
 from common.checkpoint import save_checkpoint
 from scripts import evaluate_digits
-from scripts.digit_classifiers import (CourseLeNet, SvhnNet, load_course_lenet, load_svhn_net, predict,
-                                       save_svhn_net)
+from scripts.digit_classifiers import CourseLeNet, SvhnNet, load_course_lenet, load_svhn_net, predict, save_svhn_net
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -158,7 +157,9 @@ def test_error_folder_without_pngs(tmp_path, capsys, lenet):
     msg = run_error(capsys, ["--folder", str(tmp_path / "empty"), "--checkpoint", str(LENET_PATH)])
     assert str(tmp_path / "empty" / "mnistm") in msg
     (tmp_path / "bare").mkdir()
-    assert str(tmp_path / "bare") in run_error(capsys, ["--folder", str(tmp_path / "bare"), "--checkpoint", str(LENET_PATH)])
+    assert str(tmp_path / "bare") in run_error(
+        capsys, ["--folder", str(tmp_path / "bare"), "--checkpoint", str(LENET_PATH)]
+    )
 
 
 def test_error_bad_file_name(good_folder, capsys, mnistm_test):
@@ -203,5 +204,7 @@ def test_error_bad_checkpoints(good_folder, tmp_path, capsys):
     torch.save({"state_dict": sd}, wrong)
     assert str(wrong) in run_error(capsys, ["--folder", str(good_folder), "--checkpoint", str(wrong)])
     # a missing checkpoint, and none given for an MNIST-M folder
-    assert "missing.pth" in run_error(capsys, ["--folder", str(good_folder), "--checkpoint", str(tmp_path / "missing.pth")])
+    assert "missing.pth" in run_error(
+        capsys, ["--folder", str(good_folder), "--checkpoint", str(tmp_path / "missing.pth")]
+    )
     assert str(good_folder) in run_error(capsys, ["--folder", str(good_folder)])

@@ -86,14 +86,28 @@ def ti_setup(tmp_path_factory):
         for k in range(2):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "data" / name / f"{k}.jpg")
     spec = {
-        "0": {"src_image": "dog", "token_name": "<new1>", "prompt": ["a <new1> on grass", "a <new1> swimming"],
-              "prompt_4_clip_eval": ["a dog on grass", "a dog swimming"], "baseline": [[99.0, -100.0], [-100.0, -100.0]]},
+        "0": {
+            "src_image": "dog",
+            "token_name": "<new1>",
+            "prompt": ["a <new1> on grass", "a <new1> swimming"],
+            "prompt_4_clip_eval": ["a dog on grass", "a dog swimming"],
+            "baseline": [[99.0, -100.0], [-100.0, -100.0]],
+        },
         # the course names style folders by key: src_image "David Revoy" is found as data/1/
-        "1": {"src_image": "David Revoy", "token_name": "<new2>", "prompt": ["a cat in <new2> style"],
-              "prompt_4_clip_eval": ["a cat in David Revoy style"], "baseline": [[100.0, 100.0]]},
+        "1": {
+            "src_image": "David Revoy",
+            "token_name": "<new2>",
+            "prompt": ["a cat in <new2> style"],
+            "prompt_4_clip_eval": ["a cat in David Revoy style"],
+            "baseline": [[100.0, 100.0]],
+        },
         # both concepts in one prompt, no baseline: scored, not graded
-        "2": {"src_image": ["dog", "1"], "token_name": ["<new1>", "<new2>"], "prompt": ["a <new1> in <new2> style"],
-              "prompt_4_clip_eval": ["a dog in David Revoy style"]},
+        "2": {
+            "src_image": ["dog", "1"],
+            "token_name": ["<new1>", "<new2>"],
+            "prompt": ["a <new1> in <new2> style"],
+            "prompt_4_clip_eval": ["a dog in David Revoy style"],
+        },
     }
     (root / "input.json").write_text(json.dumps(spec))
     gen = root / "gen"
@@ -105,7 +119,9 @@ def ti_setup(tmp_path_factory):
     for key in ("1", "2"):
         (gen / key / "0").mkdir(parents=True)
         for k in range(3):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(gen / key / "0" / f"source{key}_prompt0_{k}.png")
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                gen / key / "0" / f"source{key}_prompt0_{k}.png"
+            )
     return root, cfg, weights
 
 

@@ -39,7 +39,7 @@ def tiny_iclevr_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory) -> Path:
-    from scripts.evaluate_iclevr import JUDGE_KIND, MultiLabelJudge
+    from p1_ddpm.iclevr_judge import JUDGE_KIND, MultiLabelJudge
     torch.manual_seed(1)
     net = MultiLabelJudge(width=4)
     path = tmp_path_factory.mktemp("judge") / "judge.safetensors"
@@ -60,7 +60,7 @@ def test_renderer_output_format(rendered, tmp_path):
     assert json.loads((rendered / "objects.json").read_text()) == OBJECTS
     files = sorted(p.name for p in (rendered / "images").iterdir())
     assert files == sorted(labels) and len(files) == 24
-    for name, objs in labels.items():
+    for objs in labels.values():
         assert 1 <= len(objs) <= 3 and len(set(objs)) == len(objs) and all(o in OBJECTS for o in objs), objs
     with Image.open(rendered / "images" / files[0]) as im:
         assert im.mode == "RGB" and im.size == (64, 64)
@@ -121,7 +121,11 @@ def test_dataset_reads_folder(rendered):
     assert img.dtype == torch.uint8 and img.shape == (3, 64, 64)
     assert torch.equal(cond, multi_hot(labels[ds.names[0]], OBJECTS))
     lists, c = load_label_lists(ASSETS / "test.json", OBJECTS)
-    assert len(lists) == 32 and c.shape == (32, 24) and torch.equal(c.sum(1), torch.tensor([len(v) for v in lists]).float())
+    assert (
+        len(lists) == 32
+        and c.shape == (32, 24)
+        and torch.equal(c.sum(1), torch.tensor([len(v) for v in lists]).float())
+    )
 
 
 def test_dataset_resizes_other_sizes(tmp_path):
@@ -139,8 +143,28 @@ def test_train_steps_resume_and_judge(rendered, tiny_judge, tmp_path):
     from p1_ddpm.model import load_unet
     from p1_ddpm.train import main as train_main
     out = tmp_path / "run"
-    base = ["--task", "iclevr", "--data", str(rendered), "--out", str(out), "--batch-size", "4", "--channels", "8,16",
-            "--val-every", "2", "--warmup-steps", "1", "--seed", "1", "--judge", str(tiny_judge), "--judge-samples", "2"]
+    base = [
+        "--task",
+        "iclevr",
+        "--data",
+        str(rendered),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--channels",
+        "8,16",
+        "--val-every",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--seed",
+        "1",
+        "--judge",
+        str(tiny_judge),
+        "--judge-samples",
+        "2",
+    ]
     train_main(base + ["--max-steps", "2"])
     ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 2
@@ -167,7 +191,9 @@ def test_train_init_from_switches_prediction_and_resume_keeps_it(rendered, tiny_
     base = ["--task", "iclevr", "--data", str(rendered), "--out", str(out), "--batch-size", "4", "--val-every", "2",
             "--warmup-steps", "1", "--seed", "1"]
     # lr 0: the exported EMA must be the starting weights themselves
-    train_main(base + ["--init-from", str(tiny_iclevr_checkpoint), "--prediction", "v", "--lr", "0", "--max-steps", "2"])
+    train_main(
+        base + ["--init-from", str(tiny_iclevr_checkpoint), "--prediction", "v", "--lr", "0", "--max-steps", "2"]
+    )
     model, cfg = load_unet(out / "model.safetensors")
     init, init_cfg = load_unet(tiny_iclevr_checkpoint)
     assert init_cfg["model"]["prediction"] == "eps" and init_cfg["model"]["patch_size"] == 4
@@ -190,6 +216,7 @@ def test_train_init_from_switches_prediction_and_resume_keeps_it(rendered, tiny_
 
 def test_train_missing_image(rendered, tmp_path, capsys):
     import shutil
+
     from p1_ddpm.train import main as train_main
     broken = tmp_path / "broken"
     shutil.copytree(rendered, broken)
@@ -227,12 +254,12 @@ def test_infer_grid_and_denoise(tiny_iclevr_checkpoint, tmp_path):
     from common.seeding import PerSampleNoise
     from p1_ddpm.infer import ICLEVR_DEFAULTS
     from p1_ddpm.model import load_unet
-    from p1_ddpm.samplers import generate
+    from p1_ddpm.samplers import sample_conditional_images
     assert np.array_equal(tile[0], to_uint8(PerSampleNoise(3, [0]).randn(3, 64, 64))[0])
     model, cfg = load_unet(tiny_iclevr_checkpoint)
     cond = multi_hot(["red sphere", "cyan cylinder", "cyan cube"], OBJECTS)[None]
-    final = generate(model, cond, [0], alphas_cumprod(make_betas("cosine")), 3, "ddim", 9,
-                     ICLEVR_DEFAULTS["guidance"], eta=1.0)
+    final = sample_conditional_images(model, cond, [0], alphas_cumprod(make_betas("cosine")), 3, "ddim", 9,
+                                      ICLEVR_DEFAULTS["guidance"], eta=1.0)
     assert np.array_equal(tile[-1], to_uint8(final)[0])
     assert all(not np.array_equal(a, b) for a, b in zip(tile, tile[1:]))
     # the grid's tiles are the images, and the same seed gives the same bytes
@@ -264,13 +291,36 @@ def test_iclevr_bad_label_files(tiny_iclevr_checkpoint, tmp_path, capsys):
                                          "--labels", str(path), "--out", str(out)] + FAST, capsys)
         assert code == 2 and needle in err and path.name in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
-    code, err = run_cli(infer_main, ["--task", "iclevr", "--checkpoint", str(tiny_iclevr_checkpoint),
-                                     "--denoise", "red cube,blue cube,gray cube,cyan cube", "--out", str(tmp_path / "d")]
-                        + FAST, capsys)
+    code, err = run_cli(
+        infer_main,
+        [
+            "--task",
+            "iclevr",
+            "--checkpoint",
+            str(tiny_iclevr_checkpoint),
+            "--denoise",
+            "red cube,blue cube,gray cube,cyan cube",
+            "--out",
+            str(tmp_path / "d"),
+        ]
+        + FAST,
+        capsys,
+    )
     assert code == 2 and "--denoise" in err
     # a digits checkpoint is refused by the i-CLEVR task and vice versa
-    code, err = run_cli(infer_main, ["--task", "iclevr", "--checkpoint", str(REPO / "checkpoints" / "p1_ddpm.safetensors"),
-                                     "--out", str(tmp_path / "x")] + FAST, capsys)
+    code, err = run_cli(
+        infer_main,
+        [
+            "--task",
+            "iclevr",
+            "--checkpoint",
+            str(REPO / "checkpoints" / "p1_ddpm.safetensors"),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+        + FAST,
+        capsys,
+    )
     assert code == 2 and "not an i-CLEVR model" in err
     code, err = run_cli(infer_main, ["--checkpoint", str(tiny_iclevr_checkpoint), "--out", str(tmp_path / "y")] + FAST,
                         capsys)
@@ -280,7 +330,7 @@ def test_iclevr_bad_label_files(tiny_iclevr_checkpoint, tmp_path, capsys):
 # --- evaluator ------------------------------------------------------------------------------------------
 
 def test_accuracy_definition_on_hand_made_logits():
-    from scripts.evaluate_iclevr import topk_accuracy
+    from p1_ddpm.iclevr_judge import topk_accuracy
     y = torch.zeros(3, 24)
     y[0, [1, 2]] = 1          # k = 2
     y[1, [5]] = 1             # k = 1
@@ -302,10 +352,12 @@ def _write_folder(folder: Path, n: int) -> None:
 
 
 def test_evaluator_lab_and_own(tiny_judge, tmp_path, capsys):
-    from scripts.evaluate_iclevr import lab_evaluator
+    from p1_ddpm.iclevr_judge import lab_evaluator
     from scripts.evaluate_iclevr import main as eval_main
     labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps([["red cube"], ["blue sphere", "gray cylinder"], ["cyan cube", "red cube", "gray cube"]]))
+    labels.write_text(
+        json.dumps([["red cube"], ["blue sphere", "gray cylinder"], ["cyan cube", "red cube", "gray cube"]])
+    )
     images = tmp_path / "images"
     _write_folder(images, 3)
     torch.manual_seed(0)
@@ -325,13 +377,14 @@ def test_evaluator_lab_and_own(tiny_judge, tmp_path, capsys):
     assert code == 2 and "--checkpoint" in err
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, wrong)
-    code, err = run_cli(eval_main, ["--images", str(tmp_path / "ok"), "--labels", str(labels), "--checkpoint", str(wrong)],
-                        capsys)
+    code, err = run_cli(
+        eval_main, ["--images", str(tmp_path / "ok"), "--labels", str(labels), "--checkpoint", str(wrong)], capsys
+    )
     assert code == 2 and "wrong.pth" in err
 
 
 def test_shipped_judge_loads():
-    from scripts.evaluate_iclevr import OWN_JUDGE, load_own_judge
+    from p1_ddpm.iclevr_judge import OWN_JUDGE, load_own_judge
     judge = load_own_judge(OWN_JUDGE)
     assert judge(torch.zeros(1, 3, 64, 64)).shape == (1, 24)
 
@@ -340,13 +393,17 @@ def test_shipped_iclevr_model_draws_the_requested_objects():
     """The shipped diffusion checkpoint, sampled briefly on CPU, draws what the lab's first label lists ask for:
     a random or wrongly exported network scores near chance (about 0.1) with the shipped judge."""
     from common.images import to_uint8
+    from p1_ddpm.iclevr_judge import OWN_JUDGE, load_own_judge
     from p1_ddpm.infer import ICLEVR_CHECKPOINT, ICLEVR_DEFAULTS
     from p1_ddpm.model import load_unet, schedule_of
-    from p1_ddpm.samplers import generate
+    from p1_ddpm.samplers import sample_conditional_images
     from scripts.bench_iclevr import score
-    from scripts.evaluate_iclevr import OWN_JUDGE, load_own_judge
     model, config = load_unet(ICLEVR_CHECKPOINT)
-    assert config["model"]["prediction"] == "v" and config["objects"] == json.loads((ASSETS / "objects.json").read_text())
+    assert config["model"]["prediction"] == "v" and config["objects"] == json.loads(
+        (ASSETS / "objects.json").read_text()
+    )
     cond = load_label_lists(ASSETS / "test.json", config["objects"])[1][:12]
-    images = generate(model, cond, range(len(cond)), schedule_of(config), 0, "ddim", 20, ICLEVR_DEFAULTS["guidance"], eta=1.0)
+    images = sample_conditional_images(
+        model, cond, range(len(cond)), schedule_of(config), 0, "ddim", 20, ICLEVR_DEFAULTS["guidance"], eta=1.0
+    )
     assert score(load_own_judge(OWN_JUDGE), to_uint8(images), cond) >= 0.7

@@ -16,7 +16,7 @@ from common.schedules import alphas_cumprod, make_betas
 from p1_ddpm.infer import main as infer_main
 from p1_ddpm.infer import plan
 from p1_ddpm.model import ConditionalUNet, load_unet
-from p1_ddpm.samplers import generate
+from p1_ddpm.samplers import sample_conditional_images
 from tests.conftest import REPO, run_cli, tiny_unet_config
 
 FAST = ["--steps", "2", "--quiet"]
@@ -33,7 +33,7 @@ def test_unet_shapes_both_conditions():
     assert mh(x, torch.tensor([1, 2]), cond).shape == x.shape
 
 
-def test_generate_deterministic_and_batch_invariant(tiny_p1_checkpoint):
+def test_sample_conditional_images_deterministic_and_batch_invariant(tiny_p1_checkpoint):
     model, cfg = load_unet(tiny_p1_checkpoint)
     ab = alphas_cumprod(make_betas("linear"))
     cond = torch.tensor([[d % 10, d % 2] for d in range(6)])
@@ -42,13 +42,13 @@ def test_generate_deterministic_and_batch_invariant(tiny_p1_checkpoint):
             c, idx = cond[:2], [0, 1]
         else:
             c, idx = cond, range(6)
-        a = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
-        b = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
+        a = sample_conditional_images(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
+        b = sample_conditional_images(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=6, **kw)
         assert torch.equal(a, b), sampler
-        small = generate(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=1, **kw)
+        small = sample_conditional_images(model, c, idx, ab, seed=3, sampler=sampler, steps=4, batch_size=1, **kw)
         # fp32 convolutions may round differently per batch size; the noise itself is identical
         assert torch.allclose(a, small, atol=1e-4), sampler
-        other = generate(model, c, idx, ab, seed=4, sampler=sampler, steps=4, batch_size=6, **kw)
+        other = sample_conditional_images(model, c, idx, ab, seed=4, sampler=sampler, steps=4, batch_size=6, **kw)
         assert not torch.allclose(a, other), sampler
 
 
@@ -124,7 +124,12 @@ def test_infer_bad_inputs(tiny_p1_checkpoint, tmp_path, capsys):
         code, err = run_cli(infer_main, argv + FAST, capsys)
         assert code not in (0, None), argv
         assert needle in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other.json", "other.safetensors", "trunc.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "file",
+        "other.json",
+        "other.safetensors",
+        "trunc.safetensors",
+    ]
 
 
 def test_wrong_architecture_checkpoint(tmp_path):
@@ -205,10 +210,34 @@ def test_resume_into_cooldown(digits_tree, tmp_path, capsys):
 def test_train_ddp_on_cpu(digits_tree, tmp_path):
     """--devices 2 runs Lightning's DDP (gloo on CPU): the same code path as multi-GPU training."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, str(REPO / "p1_ddpm" / "train.py"), "--data", str(digits_tree), "--out", str(out),
-                        "--batch-size", "8", "--channels", "8,16", "--val-every", "2", "--warmup-steps", "1",
-                        "--max-steps", "2", "--accelerator", "cpu", "--devices", "2"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "p1_ddpm" / "train.py"),
+            "--data",
+            str(digits_tree),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--channels",
+            "8,16",
+            "--val-every",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--max-steps",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done:") == 1  # rank 0 reports once
     ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
@@ -229,6 +258,7 @@ def test_train_with_compile(digits_tree, tmp_path):
 
 def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     import shutil
+
     from p1_ddpm.train import main as train_main
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -17,7 +17,7 @@ from PIL import Image
 from common.ddim import ddim_step, sample_ddim
 from common.errors import UserError
 from common.schedules import alphas_cumprod, make_betas
-from p2_ddim.infer import face_alphas_cumprod, generate, load_noises
+from p2_ddim.infer import face_alphas_cumprod, load_noises, sample_faces_ddim
 from p2_ddim.infer import main as infer_main
 from p2_ddim.interpolation import interpolate, lerp, slerp
 from p2_ddim.model import FaceUNet, SelfAttention, load_face_unet
@@ -179,18 +179,18 @@ def test_ddim_eta0_deterministic_eta_positive_follows_seed():
     model = small_model()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     idx = [0, 1, 2]
-    a = generate(model, x, idx, steps=3, eta=0.0, seed=1, batch_size=3)
-    b = generate(model, x, idx, steps=3, eta=0.0, seed=2, batch_size=3)
+    a = sample_faces_ddim(model, x, idx, steps=3, eta=0.0, seed=1, batch_size=3)
+    b = sample_faces_ddim(model, x, idx, steps=3, eta=0.0, seed=2, batch_size=3)
     assert torch.equal(a, b)  # eta 0: no randomness at all
-    c1 = generate(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
-    c2 = generate(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
-    d = generate(model, x, idx, steps=3, eta=0.5, seed=2, batch_size=3)
+    c1 = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
+    c2 = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
+    d = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=2, batch_size=3)
     assert torch.equal(c1, c2) and not torch.allclose(c1, d) and not torch.allclose(c1, a)
     # the fresh noise is keyed on the noise index, not the batch: one at a time gives the same images
-    single = generate(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=1)
+    single = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=1)
     assert torch.allclose(c1, single, atol=1e-4)
     # and image 1 alone (index 1) is the same as in the batch
-    alone = generate(model, x[1:2], [1], steps=3, eta=0.5, seed=1, batch_size=1)
+    alone = sample_faces_ddim(model, x[1:2], [1], steps=3, eta=0.5, seed=1, batch_size=1)
     assert torch.allclose(alone[0], c1[1], atol=1e-4)
 
 

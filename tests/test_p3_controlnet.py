@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 from tests.conftest import REPO, SHARED, run_cli
 from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
@@ -70,10 +70,11 @@ def test_controlnet_at_init_leaves_unet_output_unchanged():
 
 def test_one_training_step_changes_controlnet_only(fill):
     from p3_controlnet.data import Fill50kDataModule
-    from p3_controlnet.train import ControlNetModule
+    from p3_controlnet.train import ControlNetModule, P3TrainConfig
     sd = tiny_sd_components(seed=2)
     data = Fill50kDataModule(fill, SIZE, batch_size=4, val_count=2)
-    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, lr=1e-3, gradient_checkpointing=True)
+    module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id,
+                              config=P3TrainConfig(lr=1e-3, gradient_checkpointing=True))
     module.cache_text_embeddings()
     assert module.text_encoder is None and module.text_cache.shape[:2] == (len(data.prompts), 77)
     frozen = {f"{n}.{k}": v.clone() for n, m in (("unet", module.net.unet), ("vae", module.vae))
@@ -88,7 +89,9 @@ def test_one_training_step_changes_controlnet_only(fill):
     assert all(p.grad is None for p in module.net.unet.parameters())
     assert all(p.grad is None for p in module.vae.parameters())
     opt.step()
-    after_frozen = {f"{n}.{k}": v for n, m in (("unet", module.net.unet), ("vae", module.vae)) for k, v in m.state_dict().items()}
+    after_frozen = {
+        f"{n}.{k}": v for n, m in (("unet", module.net.unet), ("vae", module.vae)) for k, v in m.state_dict().items()
+    }
     assert all(torch.equal(frozen[k], after_frozen[k]) for k in frozen)
     after = module.net.controlnet.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -225,6 +228,115 @@ def test_generator_is_deterministic_and_names_match_course_prompts(tmp_path):
             assert circle in names and background in names
 
 
+def _mini_samples(count: int, size: int = 48, seed: int = 3, **overrides):
+    import dataclasses
+
+    from p3_controlnet.make_fill50k import PRESET_OPTIONS, draw_sample, palette_colours
+    options = dataclasses.replace(PRESET_OPTIONS["mini"], **overrides)
+    colours = palette_colours(options.palette)
+    return [draw_sample(np.random.default_rng([seed, i]), size, colours, options) for i in range(count)]
+
+
+def test_fill50k_default_draw_is_the_original():
+    """The options default to the original Fill50k: these pixels and prompts are those the generator drew
+    before the options existed."""
+    import hashlib
+
+    from p3_controlnet.make_fill50k import draw_sample, named_colours
+    h = hashlib.sha256()
+    for i in range(8):
+        source, target, prompt, _ = draw_sample(np.random.default_rng([4, i]), 48, named_colours())
+        h.update(source.tobytes())
+        h.update(target.tobytes())
+        h.update(prompt.encode())
+    assert h.hexdigest() == "c6c4d2962803f8466198689646255923e4468f5422a85301c1c2baf9a282b27c"
+
+
+def test_fill50k_mini_preset_captions_circles_and_unnamed_colour():
+    from scipy import ndimage
+
+    from p3_controlnet.make_fill50k import BASIC_PALETTE, caption
+    samples = _mini_samples(400)
+    names = set(BASIC_PALETTE) - {"chartreuse"}
+    colour = "(?:" + "|".join(sorted(names)) + ") "
+    grammar = re.compile(rf"(?:(?:an? )?(?:{colour})?circle(?: and (?:an? )?(?:{colour})?circle)?|two circles)"
+                         rf" with ({'|'.join(sorted(names))}) background\.?")
+    counts = {"circles": [], "chartreuse": 0, "styled": 0, "omitted": 0, "forms": set()}
+    for source, target, prompt, record in samples:
+        assert "chartreuse" not in prompt and grammar.fullmatch(prompt), prompt
+        circles = record["circles"]
+        counts["circles"].append(len(circles))
+        used = [c["colour"] for c in circles] + [record["background"]]
+        assert len(set(used)) == len(used) and record["background"] != "chartreuse"
+        if len(circles) == 2:
+            a, b = circles
+            assert a["cx"] <= b["cx"]  # named left to right
+            assert np.hypot(a["cx"] - b["cx"], a["cy"] - b["cy"]) >= a["r"] + b["r"] + 48 / 32 + 2 - 0.02
+        # the outlines in the control do not touch, not even diagonally: one connected outline per circle
+        assert ndimage.label((source == 255).all(-1), structure=np.ones((3, 3)))[1] == len(circles)
+        # each circle the caption names is named in order; chartreuse ones never
+        said = [None if c["colour"] == "chartreuse" else c["colour"] for c in circles]
+        forms = {caption(said, record["background"], f) for f in range(4)}
+        if prompt not in forms:
+            counts["omitted"] += 1
+            assert prompt in {caption([None] * len(circles), record["background"], f) for f in range(4)}
+        counts["forms"].add((prompt.startswith(("a ", "an ")), prompt.endswith(".")))
+        counts["chartreuse"] += any(c["colour"] == "chartreuse" for c in circles)
+        counts["styled"] += record["style"] == "stripes"
+        # the pixels: background colour in a corner, each circle's colour at its centre (stripes start at
+        # band 1, so the top band of a striped circle keeps its colour too)
+        assert tuple(target[0, 0]) == ImageColor.getrgb(record["background"])
+        for c in circles:
+            rgb = ImageColor.getrgb(c["colour"])
+            y = int(c["cy"]) if record["style"] == "plain" else int(c["cy"] - c["r"]) + 1
+            y = min(max(y, 0), 47)
+            if record["style"] == "plain" or (y % 6) < 3:
+                assert tuple(target[y, int(c["cx"])]) == rgb
+    assert set(counts["circles"]) == {1, 2} and 0.35 < np.mean(np.array(counts["circles"]) == 2) < 0.65
+    assert counts["chartreuse"] > 20 and 20 < counts["styled"] < 70 and 20 < counts["omitted"] < 150
+    assert len(counts["forms"]) == 4
+
+
+def test_fill50k_options_are_deterministic_and_recorded(tmp_path, capsys):
+    from p3_controlnet.make_fill50k import main
+    args = ["--n", "6", "--size", "32", "--seed", "2", "--preset", "mini"]
+    for k in (1, 2):
+        main(["--out", str(tmp_path / f"d{k}")] + args)
+    a, b = tmp_path / "d1" / "training", tmp_path / "d2" / "training"
+    assert (a / "prompt.json").read_bytes() == (b / "prompt.json").read_bytes()
+    for i in range(6):
+        for sub in ("source", "target"):
+            assert np.array_equal(np.asarray(Image.open(a / sub / f"{i}.png")),
+                                  np.asarray(Image.open(b / sub / f"{i}.png")))
+    line = json.loads((a / "prompt.json").read_text().splitlines()[0])
+    assert set(line) == {"source", "target", "prompt", "circles", "background", "style"}
+    # a single option changes what is drawn; the original layout (no extra keys) only without any
+    main(["--out", str(tmp_path / "d3"), "--n", "2", "--size", "32", "--max-circles", "2"])
+    assert "circles" in (tmp_path / "d3" / "training" / "prompt.json").read_text()
+    main(["--out", str(tmp_path / "d4"), "--n", "2", "--size", "32"])
+    assert "circles" not in (tmp_path / "d4" / "training" / "prompt.json").read_text()
+    capsys.readouterr()
+    code, err = run_cli(main, ["--out", str(tmp_path / "d5"), "--n", "2", "--unnamed-colour", "chartreux"], capsys)
+    assert code == 2 and "--unnamed-colour 'chartreux' is not in the css palette" in err
+    code, err = run_cli(main, ["--out", str(tmp_path / "d5"), "--n", "2", "--max-circles", "3"], capsys)
+    assert code == 2 and "--max-circles must be 1 or 2" in err
+    code, err = run_cli(main, ["--out", str(tmp_path / "d5"), "--n", "2", "--omit-colour", "1.5"], capsys)
+    assert code == 2 and "--omit-colour must be in [0, 1]" in err and not (tmp_path / "d5").exists()
+
+
+def test_fill50k_ring_style_and_basic_palette_distances():
+    from common.colour import rgb255_to_lab
+    from p3_controlnet.make_fill50k import BASIC_PALETTE
+    lab = rgb255_to_lab([ImageColor.getrgb(n) for n in BASIC_PALETTE])
+    d = torch.cdist(lab, lab) + torch.eye(len(BASIC_PALETTE)) * 1e3
+    assert 34 < float(d.min()) < 36  # navy and purple, the closest pair the docstring names
+    for _, target, _, record in _mini_samples(60, style="ring", style_share=1.0):
+        assert record["style"] == "ring"
+        for c in record["circles"]:
+            centre = tuple(target[int(c["cy"]), int(c["cx"])])
+            assert centre == ImageColor.getrgb(record["background"])  # a ring: the middle shows the background
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 def test_bad_inputs(tmp_path, fill, sd_ckpt, trained, capsys):
@@ -301,10 +413,11 @@ def test_evaluate_controlnet_colour_iou_fid_math_and_missing_weights(fill, tmp_p
 def test_bf16_step_keeps_trainable_weights_fp32(fill):
     """The CUDA recipe (frozen SD in bf16, ControlNet in fp32, bf16 autocast), run on the CPU."""
     from p3_controlnet.data import Fill50kDataModule
-    from p3_controlnet.train import ControlNetModule
+    from p3_controlnet.train import ControlNetModule, P3TrainConfig
     sd = tiny_sd_components(seed=2)
     data = Fill50kDataModule(fill, SIZE, batch_size=2, val_count=2)
-    module = ControlNetModule(sd, data.prompts, data.empty_prompt_id, lr=1e-3, frozen_dtype=torch.bfloat16)
+    module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id,
+                              config=P3TrainConfig(lr=1e-3), frozen_dtype=torch.bfloat16)
     module.cache_text_embeddings()
     assert module.net.unet.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16
     assert module.text_cache.dtype == torch.bfloat16
@@ -372,11 +485,41 @@ def test_fit_ddp_on_cpu(sd_ckpt, tmp_path):
     """--devices 2 runs Lightning's DDP (gloo on CPU), the multi-GPU code path: the data set is generated
     once (the second rank, started by Lightning at fit time, reuses it) and rank 0 alone exports."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, str(REPO / "p3_controlnet" / "train.py"), "--sd", str(sd_ckpt), "--out", str(out),
-                        "--size", str(SIZE), "--generate-n", "8", "--max-steps", "2", "--batch-size", "2",
-                        "--sample-every", "2", "--sample-steps", "1", "--val-count", "2", "--num-workers", "0",
-                        "--accelerator", "cpu", "--devices", "2", "--quiet"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "p3_controlnet" / "train.py"),
+            "--sd",
+            str(sd_ckpt),
+            "--out",
+            str(out),
+            "--size",
+            str(SIZE),
+            "--generate-n",
+            "8",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--sample-every",
+            "2",
+            "--sample-steps",
+            "1",
+            "--val-count",
+            "2",
+            "--num-workers",
+            "0",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done at step 2") == 1
     assert "distributed_backend=gloo" in r.stderr or "world_size=2" in r.stderr

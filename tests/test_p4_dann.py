@@ -3,6 +3,7 @@ csv, t-SNE plots, the report table, and bad inputs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -14,14 +15,25 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, run_cli, shared_data
-
 from p4_dann.augment import AugmentConfig, augment
 from p4_dann.data import DomainAdaptationData
-from p4_dann.infer import main as infer_main, target_from_path
-from p4_dann.model import (DANN, SOURCE, TARGET, GradientReversal, dann_lr_factor, grl_coefficient, load_dann,
-                           predict_logits, reverse_gradient, save_dann)
-from p4_dann.train import DANNModule, main as train_main
+from p4_dann.infer import main as infer_main
+from p4_dann.infer import target_from_path
+from p4_dann.model import (
+    DANN,
+    SOURCE,
+    TARGET,
+    GradientReversal,
+    dann_lr_factor,
+    grl_coefficient,
+    load_dann,
+    predict_logits,
+    reverse_gradient,
+    save_dann,
+)
+from p4_dann.train import DANNModule, P4TrainConfig
+from p4_dann.train import main as train_main
+from tests.conftest import REPO, run_cli, shared_data
 
 TINY = dict(widths=(4, 8, 8), feature_dim=16, dropout=0.0)
 TINY_FLAGS = ["--widths", "4,8,8", "--feature-dim", "16", "--batch-size", "16", "--refresh-rate", "0"]
@@ -137,7 +149,11 @@ def test_a_few_steps_lower_the_loss_in_each_mode(digits_tree, mode, num_domains)
     batch = next(iter(data.train_dataloader()))
     batch = batch[0] if isinstance(batch, tuple) else batch  # CombinedLoader yields (batch, idx, dataloader_idx)
     torch.manual_seed(0)
-    module = DANNModule(dict(TINY, num_domains=num_domains), mode, total_steps=30, lr=0.05, seed=0)
+    # both domains with AugmentConfig's own (light) augmentation, not the scenario's
+    plain_aug = {f"{d}_{k}": v for d in ("src", "tgt") for k, v in AugmentConfig().as_dict().items()}
+    train = dataclasses.asdict(dataclasses.replace(P4TrainConfig(), lr=0.05, **plain_aug))
+    module = DANNModule(model_config=dict(TINY, num_domains=num_domains), train=train, mode=mode, total_steps=30,
+                        seed=0)
     assert module.eval_domain == (TARGET if num_domains == 2 and mode != "source" else 0)
     logged: dict[str, float] = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))

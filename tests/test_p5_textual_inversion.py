@@ -76,10 +76,15 @@ def one_step(module, photos_dir, seed=0):
 
 @pytest.mark.parametrize("method", ["ti", "joint-kv"])
 def test_a_step_changes_only_what_is_trained(photos, method):
-    from p5_personalization.train_ti import TextualInversionModule
-    concepts = [{"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 2},
-                {"images": str(photos["cat"]), "token": "<new2>", "init_word": "painting", "property": "style", "vectors": 1}]
-    module = TextualInversionModule("unused", concepts, method, lr=1e-2, kv_lr=1e-2, components=tiny_sd_components())
+    from p5_personalization.train_ti import P5TrainConfig, TextualInversionModule
+
+    concepts = [
+        {"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 2},
+        {"images": str(photos["cat"]), "token": "<new2>", "init_word": "painting", "property": "style", "vectors": 1},
+    ]
+    module = TextualInversionModule(sd_path="unused", concepts=concepts,
+                                    config=P5TrainConfig(method=method, lr=1e-2, kv_lr=1e-2),
+                                    components=tiny_sd_components())
     vocab = 49408
     assert module.token_ids == {"<new1>": [vocab, vocab + 1], "<new2>": [vocab + 2]}
     before = snapshot(module)
@@ -100,11 +105,15 @@ def test_a_step_changes_only_what_is_trained(photos, method):
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(photos):
-    from p5_personalization.train_ti import TextualInversionModule
-    concepts = [{"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 1}]
+    from p5_personalization.train_ti import P5TrainConfig, TextualInversionModule
+
+    concepts = [
+        {"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object", "vectors": 1}
+    ]
     grads = []
     for ckpt in (False, True):
-        module = TextualInversionModule("unused", concepts, "ti", gradient_checkpointing=ckpt,
+        module = TextualInversionModule(sd_path="unused", concepts=concepts,
+                                        config=P5TrainConfig(method="ti", gradient_checkpointing=ckpt),
                                         components=tiny_sd_components())
         from p5_personalization.train_ti import ConceptImages
         b = ConceptImages(concepts, TINY_IMAGE)[0]
@@ -223,7 +232,9 @@ def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
     proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(out), str(tiny_sd["ldm"]), str(out_emb),
                            "--steps", "2", "--resolution", RES, "--quiet"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = {f"{c}/{p}/source{c}_prompt{p}_{k}.png" for c, n in (("0", 2), ("1", 1)) for p in range(n) for k in range(25)}
+    expected = {
+        f"{c}/{p}/source{c}_prompt{p}_{k}.png" for c, n in (("0", 2), ("1", 1)) for p in range(n) for k in range(25)
+    }
     found = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
     assert found == expected
     with Image.open(out / "1" / "0" / "source1_prompt0_3.png") as im:
@@ -234,9 +245,30 @@ def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
 
     # an image depends on (seed, concept, prompt, k) only: another batch size and --only give the same pixels
     from p5_personalization import infer_ti
-    code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / "again"), "--sd", str(tiny_sd["ldm"]),
-                                        "--embeddings", str(out_emb), "--steps", "2", "--resolution", RES, "--quiet",
-                                        "--only", "1", "--batch-size", "7"], capsys)
+
+    code, err = run_cli(
+        infer_ti.main,
+        [
+            "--json",
+            str(js),
+            "--out",
+            str(tmp_path / "again"),
+            "--sd",
+            str(tiny_sd["ldm"]),
+            "--embeddings",
+            str(out_emb),
+            "--steps",
+            "2",
+            "--resolution",
+            RES,
+            "--quiet",
+            "--only",
+            "1",
+            "--batch-size",
+            "7",
+        ],
+        capsys,
+    )
     assert code == 0, err
     for k in (0, 13, 24):
         a = np.asarray(Image.open(out / "1" / "0" / f"source1_prompt0_{k}.png")).astype(int)
@@ -267,10 +299,41 @@ def test_joint_kv_composes_two_tokens(tiny_sd, photos, tmp_path, capsys):
     from p5_personalization import infer_ti, train_ti
     from p5_personalization.textual_inversion import KV_FILE
     emb = tmp_path / "joint"
-    r = train_ti.main(["--sd", str(tiny_sd["diffusers"]), "--images", str(photos["dog"]), "--token", "<new1>",
-                       "--init-word", "dog", "--images", str(photos["cat"]), "--token", "<new2>", "--init-word", "painting",
-                       "--property", "object", "--property", "style", "--method", "joint-kv", "--kv-lr", "1e-2",
-                       "--steps", "2", "--out", str(emb), "--resolution", RES, "--batch-size", "2", "--quiet"])
+    r = train_ti.main(
+        [
+            "--sd",
+            str(tiny_sd["diffusers"]),
+            "--images",
+            str(photos["dog"]),
+            "--token",
+            "<new1>",
+            "--init-word",
+            "dog",
+            "--images",
+            str(photos["cat"]),
+            "--token",
+            "<new2>",
+            "--init-word",
+            "painting",
+            "--property",
+            "object",
+            "--property",
+            "style",
+            "--method",
+            "joint-kv",
+            "--kv-lr",
+            "1e-2",
+            "--steps",
+            "2",
+            "--out",
+            str(emb),
+            "--resolution",
+            RES,
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
     assert {Path(f).name for f in r["files"]} == {"new1.safetensors", "new2.safetensors", KV_FILE}
     assert json.loads((emb / "cross_attn_kv.json").read_text())["tokens"] == ["<new1>", "<new2>"]
     js = write_input_json(tmp_path / "input.json")
@@ -290,9 +353,13 @@ def test_bad_inputs(trained, tiny_sd, photos, tmp_path, capsys):
     from p5_personalization.textual_inversion import save_embedding
     sd = tiny_sd["diffusers"]
     out = tmp_path / "emb"
-    code, err = run_cli(train_ti.main, train_args(sd, out, tmp_path / "nowhere", "<new1>", "dog", "--steps", "1"), capsys)
+    code, err = run_cli(
+        train_ti.main, train_args(sd, out, tmp_path / "nowhere", "<new1>", "dog", "--steps", "1"), capsys
+    )
     assert code == 2 and "--images folder not found" in err
-    code, err = run_cli(train_ti.main, train_args(sd, out, photos["dog"], "<|endoftext|>", "dog", "--steps", "1"), capsys)
+    code, err = run_cli(
+        train_ti.main, train_args(sd, out, photos["dog"], "<|endoftext|>", "dog", "--steps", "1"), capsys
+    )
     assert code == 2 and "already in the tokenizer's vocabulary" in err
     code, err = run_cli(train_ti.main, train_args(sd, out, photos["dog"], "new1", "dog", "--steps", "1"), capsys)
     assert code == 2 and "write it as <name>" in err
@@ -349,9 +416,31 @@ def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys):
     js = write_input_json(tmp_path / "input.json")
     images = {}
     for prec in ("fp32", "bf16"):
-        code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / prec), "--sd", str(tiny_sd["diffusers"]),
-                                            "--embeddings", str(emb), "--steps", "2", "--resolution", RES, "--quiet",
-                                            "--only", "1", "--images-per-prompt", "2", "--precision", prec], capsys)
+        code, err = run_cli(
+            infer_ti.main,
+            [
+                "--json",
+                str(js),
+                "--out",
+                str(tmp_path / prec),
+                "--sd",
+                str(tiny_sd["diffusers"]),
+                "--embeddings",
+                str(emb),
+                "--steps",
+                "2",
+                "--resolution",
+                RES,
+                "--quiet",
+                "--only",
+                "1",
+                "--images-per-prompt",
+                "2",
+                "--precision",
+                prec,
+            ],
+            capsys,
+        )
         assert code == 0, err
         images[prec] = np.asarray(Image.open(tmp_path / prec / "1" / "0" / "source1_prompt0_0.png")).astype(int)
     diff = np.abs(images["fp32"] - images["bf16"])

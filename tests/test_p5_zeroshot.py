@@ -93,8 +93,8 @@ def test_weight_formats_load_the_same_model(tmp_path):
 
 
 def test_zeroshot_csv_summary_and_figure_agree(tiny_clip, zeroshot_data, tmp_path, capsys):
-    from p5_personalization import clip_zeroshot
     from common.clip_loading import encode_images, encode_texts, load_clip
+    from p5_personalization import clip_zeroshot
     cfg, weights = tiny_clip
     out = tmp_path / "out"
     templates = ["A photo of a {}.", "a drawing of a {}."]

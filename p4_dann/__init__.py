@@ -1,0 +1,1 @@
+"""P4: DANN domain adaptation across digit data sets."""
