@@ -68,6 +68,16 @@ def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, ma
     return factor
 
 
+def adamw_with_schedule(params, *, lr: float, weight_decay: float, warmup_steps: int,
+                        cooldown_from: int | None = None, max_steps: int | None = None) -> dict:
+    """configure_optimizers()'s answer for AdamW whose rate follows lr_factor (warm-up, constant, optional
+    cooldown), stepped per optimiser step. `params`: parameters or parameter groups (a group's own "lr"
+    is scaled by the same factor)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, cooldown_from, max_steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def resolve_resume(resume: str | None, out: Path) -> str | None:
     """--resume: None -> fresh start; 'auto' -> out/last.ckpt when it exists; else a path that must exist."""
     from common.errors import UserError

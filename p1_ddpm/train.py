@@ -37,7 +37,14 @@ from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, ensure_dir
 from common.images import save_grid, to_uint8
-from common.lightning_utils import EMA, add_trainer_flags, lr_factor, make_trainer, resolve_accelerator, resolve_resume
+from common.lightning_utils import (
+    EMA,
+    adamw_with_schedule,
+    add_trainer_flags,
+    make_trainer,
+    resolve_accelerator,
+    resolve_resume,
+)
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas
 from common.seeding import seed_everything
 from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target
@@ -157,10 +164,9 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, c.warmup_steps, c.cooldown_from, c.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                   warmup_steps=c.warmup_steps, cooldown_from=c.cooldown_from,
+                                   max_steps=c.max_steps)
 
     def export_config(self) -> dict:
         c = self.config

@@ -47,7 +47,13 @@ from common.datasets import IMAGE_SUFFIXES, list_images
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
-from common.lightning_utils import add_trainer_flags, lr_factor, make_trainer, resolve_accelerator, resolve_resume
+from common.lightning_utils import (
+    adamw_with_schedule,
+    add_trainer_flags,
+    make_trainer,
+    resolve_accelerator,
+    resolve_resume,
+)
 from common.seeding import sample_seed, seed_everything
 from p5_personalization.concepts import TOKEN_RE, token_file_stem
 from p5_personalization.textual_inversion import (
@@ -305,9 +311,8 @@ class TextualInversionModule(pl.LightningModule):
         groups = [{"params": [self.token_vectors], "lr": c.lr, "weight_decay": c.weight_decay}]
         if len(self.kv):
             groups.append({"params": list(self.kv.values()), "lr": c.kv_lr, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c.warmup_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # each group carries its own rate and decay; the schedule scales both
+        return adamw_with_schedule(groups, lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps)
 
     def learned(self) -> dict[str, torch.Tensor]:
         """token -> (N, D) current vectors (fp32, CPU)."""

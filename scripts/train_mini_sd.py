@@ -82,7 +82,14 @@ from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
-from common.lightning_utils import EMA, add_trainer_flags, lr_factor, make_trainer, resolve_accelerator, resolve_resume
+from common.lightning_utils import (
+    EMA,
+    adamw_with_schedule,
+    add_trainer_flags,
+    make_trainer,
+    resolve_accelerator,
+    resolve_resume,
+)
 from common.seeding import seed_everything
 
 STAGES = ("vae", "unet")
@@ -322,10 +329,9 @@ class MiniVAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        opt = torch.optim.AdamW(self.vae.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, c.warmup_steps, c.cooldown_from, c.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.vae.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                   warmup_steps=c.warmup_steps, cooldown_from=c.cooldown_from,
+                                   max_steps=c.max_steps)
 
 
 def folded_vae_state(vae, latent_std: float) -> tuple[dict, float]:
@@ -667,10 +673,9 @@ class MiniUNetModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, c.warmup_steps, c.cooldown_from, c.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                   warmup_steps=c.warmup_steps, cooldown_from=c.cooldown_from,
+                                   max_steps=c.max_steps)
 
     def components(self):
         """The EMA UNet and text encoder with the VAE, as the SDComponents that load_sd would return."""
