@@ -342,6 +342,15 @@ def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path:
     """Instantiate without allocating or initialising weights, then adopt the checkpoint's tensors."""
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix_keys is not None:
+        # the renaming that diffusers' own from_pretrained applies to a one-file (unsharded) weights file:
+        # older SD v1 folders name the VAE's mid-block attention query/key/value/proj_attn, today's
+        # to_q/to_k/to_v/to_out.0. Calling diffusers' method (not a table of our own) converts whatever
+        # legacy names it knows. It renames in place and leaves current names alone, so converted LDM
+        # weights pass through unchanged.
+        state_dict = dict(state_dict)
+        fix_keys(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

@@ -14,6 +14,7 @@ The table is printed and written into BENCHMARKS.md between the bench_p2 markers
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch
 
 from common.device import add_precision_flag, autocast_dtype, device_name, pick_device, set_tf32
 from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
 from common.images import to_uint8
 from p2_ddim.infer import sample_faces_ddim
 from p2_ddim.model import FaceUNet
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
                    help="also time bash hw2_2.sh end to end (default: on CUDA only)")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the timings to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)
     if args.count < 1 or args.steps < 1 or args.size < 32 or args.size % 32:
         raise UserError("--count and --steps must be >= 1 and --size a positive multiple of 32")
@@ -99,15 +102,19 @@ def main(argv=None) -> None:
     common = dict(steps=args.steps, device=device, amp_dtype=amp, progress=True)
     idx = list(range(args.count))
     rows = []
+    numbers = {"device": device_name(device), "count": args.count, "size": args.size, "steps": args.steps,
+               "precision": "bf16" if amp is not None else "fp32", "parameters": nparams}
     batched, t_batched = timed(lambda: sample_faces_ddim(gpu_model, noises, idx, batch_size=args.count,
                                                          desc="batched", **common), device)
     rows.append(("all at once", args.count, t_batched))
+    numbers["batched_s"] = t_batched
     print(f"batched: {t_batched:.2f} s", flush=True)
     ratio_line = ""
     if not args.skip_single and args.count > 1:
         single, t_single = timed(lambda: sample_faces_ddim(gpu_model, noises, idx, batch_size=1,
                                                            desc="one at a time", **common), device)
         rows.append(("one at a time", 1, t_single))
+        numbers["one_at_a_time_s"] = t_single
         print(f"one at a time: {t_single:.2f} s", flush=True)
         diff = (to_uint8(batched, "minmax").astype(int) - to_uint8(single, "minmax").astype(int))
         ratio_line = (f"\n\nOne at a time / batched: **{t_single / t_batched:.2f}x** "
@@ -116,6 +123,7 @@ def main(argv=None) -> None:
     e2e_line = ""
     if e2e:
         wall = run_e2e(model.cpu(), noises, args)
+        numbers["e2e_s"] = wall
         e2e_line = (f"\n\n`bash hw2_2.sh` end to end ({args.count} noise files, random UNet.pt loaded from disk, "
                     f"PNGs written): **{wall:.1f} s** wall (course limit 5 min; target under 30 s on one H100).")
         print(f"hw2_2.sh end to end: {wall:.1f} s", flush=True)
@@ -133,6 +141,8 @@ def main(argv=None) -> None:
         f"{ratio_line}{e2e_line}\n\nCommand: `{cmd.strip()}`\n"
     )
     print(body)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(numbers, indent=1) + "\n")
     if args.write:
         replace_section(args.write, "bench_p2", body)
         print(f"updated {args.write}")

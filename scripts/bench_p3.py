@@ -13,6 +13,7 @@ shapes (from common/sd_v1_configs; nothing downloaded), so its timings hold for 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 import common.stable_diffusion as sdlib
 from common.device import device_name
+from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +83,9 @@ def main(argv=None) -> None:
     p.add_argument("--gpu", action="store_true", help="run the SD1.4-sized CUDA benchmark (needs a GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (section p3)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)
+    numbers: dict = {"cpu_tiny": None, "gpu": None}
     lines = ["## P3: ControlNet training step", ""]
     torch.manual_seed(0)
 
@@ -103,6 +107,7 @@ def main(argv=None) -> None:
         "",
     ]
     print(f"CPU tiny: {r['s_per_step']:.3f} s/step")
+    numbers["cpu_tiny"] = {"device": device_name(cpu), "s_per_step": r["s_per_step"]}
 
     if args.gpu:
         if not torch.cuda.is_available():
@@ -114,6 +119,7 @@ def main(argv=None) -> None:
             from common.device import setup_cuda_fast_math
             setup_cuda_fast_math()
             rows = []
+            numbers["gpu"] = {"device": device_name(dev), "batch": 4, "size": 512, "configs": []}
             for name, bf16, ck in (
                 ("fp32, no checkpointing", False, False),
                 ("fp32 + checkpointing", False, True),
@@ -125,8 +131,10 @@ def main(argv=None) -> None:
                 try:
                     r = bench(sd, dev, batch=4, size=512, bf16=bf16, checkpointing=ck, steps=args.steps or 20, warmup=3)
                     rows.append(f"| {name} | {r['steps_per_s']:.2f} | {r['peak_gib']:.1f} |")
+                    numbers["gpu"]["configs"].append({"config": name, **r})
                 except torch.OutOfMemoryError:
                     rows.append(f"| {name} | out of memory | - |")
+                    numbers["gpu"]["configs"].append({"config": name, "out_of_memory": True})
                 print(rows[-1])
                 del sd
                 torch.cuda.empty_cache()
@@ -138,6 +146,8 @@ def main(argv=None) -> None:
                   "run `python scripts/bench_p3.py --gpu --write` on a CUDA machine.", ""]
     body = "\n".join(lines)
     print(body)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(numbers, indent=1) + "\n")
     if args.write:
         replace_section(REPO / "BENCHMARKS.md", "p3", body)
 

@@ -14,6 +14,7 @@ printed and written into BENCHMARKS.md between the bench_p5 markers.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 import common.stable_diffusion as sdlib
 from common.device import device_name, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--gen-batch", type=int, default=25, help="images per UNet batch when generating")
     p.add_argument("--photos", default=str(SHARED_DOG), help="training photos (the shared DreamBooth dog)")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     if args.sd14 and device.type != "cuda":
@@ -151,12 +154,16 @@ def main(argv=None) -> None:
         rows.append(f"| {name} | {r['steps_per_s']:.2f} | {3000 / r['steps_per_s'] / 60:.1f} | {peak} |")
         print(rows[-1], flush=True)
     ratio = results[True]["steps_per_s"] / results[False]["steps_per_s"]
+    numbers = {"device": device_name(device), "sd14": args.sd14, "batch": args.batch_size, "resolution": res,
+               "steps": steps, "fp32": results[False], "bf16_checkpointing": results[True], "generation": None}
     gen_line = ""
     if args.gen_steps:
         secs = bench_generation(
             make, device, device.type == "cuda", res, args.gen_steps, args.gen_count, args.gen_batch
         )
         prec = "bf16" if device.type == "cuda" else "fp32"
+        numbers["generation"] = {"seconds": secs, "images": args.gen_count, "steps": args.gen_steps,
+                                 "batch": args.gen_batch, "precision": prec}
         gen_line = (
             f"\n\nGeneration, one prompt: {args.gen_count} images of {res}x{res}, {args.gen_steps} DDIM steps with "
             f"classifier-free guidance (batch {args.gen_batch}, {prec}), VAE decoding included: **{secs:.1f} s**."
@@ -174,6 +181,8 @@ def main(argv=None) -> None:
                  "The SD v1.4-sized GPU numbers (`python scripts/bench_p5.py --sd14 --device cuda`) have not been "
                  "measured yet: no GPU was available when this section was written.\n")
     print(body)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(numbers, indent=1) + "\n")
     if args.write:
         replace_section(args.write, "bench_p5" + ("_sd14" if args.sd14 else ""), body)
         print(f"updated {args.write}")

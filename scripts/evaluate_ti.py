@@ -11,8 +11,13 @@ concept's photos are INPUT_DIR/<src_image>/ (or INPUT_DIR/<c>/, as the course's 
 The --top-k (5) images with the highest image + 2.5 x text are kept and each score is averaged over them;
 the prompt passes when both averages reach its baseline [image, text] (entries without "baseline" are
 scored, not graded). An entry whose src_image is a list (a prompt with several learned concepts) gets
-the mean of its per-concept image scores, and each concept's score is reported too. Scores are computed as numbers
-(the course's script multiplies a Python list by 100, which repeats the list instead of scaling it).
+the mean of its per-concept image scores, and each concept's score is reported too.
+This is what the course's evaluation/grade_hw2_3.py computes. Its image score multiplies the tensor of cosine
+similarities by 100, and its text score is CLIP's logits_per_image (logit scale 100 x cosine). Its CLIP is
+openai/clip-vit-base-patch32 (transformers), i.e. OpenAI's ViT-B-32.pt here (--clip-model ViT-B-32). It
+reads the photos from INPUT_DIR/<key>/ only. It raises an error when a prompt folder does not hold the 25 images
+the homework asks for. Preprocessing and arithmetic come from other libraries, so scores may differ from the
+course's in the last digits.
 Prints a table; --report writes the same as JSON. Exit status 0 whatever the scores (1 with --strict
 when a prompt fails).
 """
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-dir", required=True, help="generated images: <key>/<prompt index>/*.png (what hw2_ti.sh writes)"
     )
-    p.add_argument("--clip-weights", required=True, help="local CLIP weights (OpenAI .pt or open_clip file)")
+    p.add_argument("--clip-weights", required=True, help="local CLIP weights (OpenAI .pt or open_clip file); the "
+                   "course grades with openai/clip-vit-base-patch32, OpenAI's ViT-B-32.pt")
     p.add_argument(
         "--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (or a JSON config)"
     )

@@ -143,3 +143,76 @@ def test_bad_paths(tmp_path, tiny):
 def _touch(p):
     p.write_text("x")
     return p
+
+
+# older diffusers (before 0.14) saved the VAE's mid-block attention as an `AttentionBlock` with these names;
+# SD v1 folders converted back then (e.g. early CompVis/stable-diffusion-v1-4 revisions) still have them.
+# Hand-mapped here only to WRITE such a folder; load_sd converts them with diffusers' own method.
+LEGACY_VAE_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _write_legacy_vae_names(folder):
+    from safetensors.torch import load_file, save_file
+    f = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    sd, out, renamed = load_file(str(f)), {}, 0
+    for k, v in sd.items():
+        for side in ("encoder", "decoder"):
+            prefix = f"{side}.mid_block.attentions.0."
+            name, _, leaf = k[len(prefix):].rpartition(".")
+            if k.startswith(prefix) and name in LEGACY_VAE_ATTN:
+                k, renamed = f"{prefix}{LEGACY_VAE_ATTN[name]}.{leaf}", renamed + 1
+        out[k] = v
+    assert renamed == 16  # q, k, v, out x weight, bias x encoder, decoder
+    save_file(out, str(f), metadata={"format": "pt"})
+    return f
+
+
+@pytest.fixture(scope="module")
+def legacy_vae_folder(tiny, tmp_path_factory):
+    comps, _ = tiny
+    folder = write_tiny_sd(tmp_path_factory.mktemp("legacy_vae"), "diffusers", comps=comps)
+    return folder, _write_legacy_vae_names(folder)
+
+
+def test_diffusers_folder_with_legacy_vae_attention_names_loads(legacy_vae_folder):
+    # before the fix: "its vae weights do not fit SD v1: 16 missing (...to_k...), 16 unexpected (...key...)"
+    folder, weights = legacy_vae_folder
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+    assert "encoder.mid_block.attentions.0.query.weight" in keys
+    assert not any(".to_q." in k or ".to_out." in k for k in keys)  # really the legacy names only
+    load_sd(folder)
+
+
+def test_legacy_vae_attention_names_give_the_same_outputs(tiny, legacy_vae_folder, no_network):
+    comps, paths = tiny
+    legacy, current = load_sd(legacy_vae_folder[0]), load_sd(paths["diffusers"])
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, TINY_IMAGE, TINY_IMAGE) * 2 - 1
+    x = torch.randn(2, 4, TINY_IMAGE // 8, TINY_IMAGE // 8)
+    with torch.no_grad():
+        for a, b in ((legacy, current), (legacy, comps)):
+            assert torch.equal(a.vae.encode(img).latent_dist.mean, b.vae.encode(img).latent_dist.mean)
+            assert torch.equal(a.vae.encode(img).latent_dist.std, b.vae.encode(img).latent_dist.std)
+            assert torch.equal(a.vae.decode(x).sample, b.vae.decode(x).sample)
+    for a, b in zip(_outputs(legacy), _outputs(current)):
+        assert torch.equal(a, b)
+    # the test's legacy writer mirrors what diffusers itself converts: its own loader reads the same weights
+    from diffusers import AutoencoderKL
+    ref = AutoencoderKL.from_pretrained(legacy_vae_folder[0] / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    own = legacy.vae.state_dict()
+    assert set(ref.state_dict()) == set(own)
+    assert all(torch.equal(v, own[k]) for k, v in ref.state_dict().items())
+
+
+def test_wrong_vae_names_are_still_refused(tmp_path, tiny):
+    # the conversion renames only what diffusers knows; anything else still fails the strict check
+    from safetensors.torch import load_file, save_file
+    folder = write_tiny_sd(tmp_path / "bad", "diffusers", comps=tiny[0])
+    f = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["encoder.mid_block.attentions.0.queries.weight"] = sd.pop("encoder.mid_block.attentions.0.to_q.weight")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"vae weights do not fit SD v1: 1 missing.*1 unexpected"):
+        load_sd(folder)
