@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Problem 1 benchmark: hw2_1.sh wall time and accuracy, samplers side by side, guidance sweep.
+"""Problem 1 benchmark: hand-in wall time and accuracy, samplers side by side, guidance sweep.
 
     python scripts/bench_p1.py --lenet ../shared/data/dlcv/Classifier.pth
 
 All rows of one table come from one run on one machine (the device is printed with them).
-  A. `bash hw2_1.sh` end to end (process start, model load, 1000 images, PNG writing): wall time;
-     course LeNet accuracy on mnistm/ and this project's SVHN classifier on svhn/.
+  A. `bash handin/2024/hw2_1.sh` end to end (process start, model load, 1000 images, PNG writing): wall
+     time; course LeNet accuracy on mnistm/ and this project's SVHN classifier on svhn/. The 2024 layout,
+     because it draws every digit from both data sets.
   B. Samplers on the same MNIST-M subset (same noise): seconds per image and LeNet accuracy, with
      the 1000-step ancestral sampler as the reference (on a subset: it is ~100x slower).
   C. Guidance scale sweep for the default sampler (mnistm LeNet / svhn own classifier accuracy).
@@ -35,6 +36,7 @@ from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict
 from scripts.evaluate_digits import evaluate_folder
 
 REPO = Path(__file__).resolve().parents[1]
+HANDIN_2024 = REPO / "handin" / "2024" / "hw2_1.sh"  # every digit in both mnistm/ and svhn/
 
 DEFAULT_SVHN = REPO / "checkpoints" / "svhn_classifier.safetensors"
 
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
     if "A" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            subprocess.run(["bash", str(REPO / "hw2_1.sh"), f"{tmp}/out", "--quiet", "--checkpoint", args.checkpoint],
+            subprocess.run(["bash", str(HANDIN_2024), f"{tmp}/out", "--quiet", "--checkpoint", args.checkpoint],
                            check=True)
             wall = time.perf_counter() - t0
             rep = evaluate_folder(Path(tmp) / "out", lenet, svhn_net)
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         summary.update({f"hw2_1_accuracy_{k}": v for k, v in accs.items()})
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in accs.items())
         sections.append(
-            f"### A. `bash hw2_1.sh OUT` (1000 images: 500 MNIST-M, 500 SVHN)\n\n"
+            f"### A. `bash handin/2024/hw2_1.sh OUT` (1000 images: 500 MNIST-M, 500 SVHN)\n\n"
             f"Wall time: **{wall:.1f} s** (target <= 120 s).\n\n"
             f"| folder | accuracy |\n|---|---|\n{rows}\n\nmnistm/ is scored by the course LeNet, svhn/ by "
             f"this project's SVHN classifier (`checkpoints/svhn_classifier.safetensors`)."

@@ -94,15 +94,61 @@ def test_plan_conditions():
     assert names[-1] == os.path.join("svhn", "9_050.png") and cond[-1].tolist() == [9, 1]
 
 
+def test_report_reverse_process_follows_the_year(tiny_p1_checkpoint, tmp_path, monkeypatch):
+    from common.images import make_grid, to_uint8
+    from common.seeding import PerSampleNoise
+    from p1_ddpm import report
+    from p1_ddpm.infer import layout_jobs, sample_index
+
+    labels = {year: [report.row_label(k, d) for k, d in report.reverse_rows(year)] for year in report.YEARS}
+    assert labels == {"2023": ["MNIST-M 0"], "2024": ["MNIST-M 0", "SVHN 0"], "2025": ["MNIST-M 0", "SVHN 1"]}
+    for year in report.YEARS:  # each row's digit is drawn from a data set that year's hw2_1.sh puts it in
+        assert all((k, d) in {(kk, dd) for _, kk, dd, _ in layout_jobs(year)} for k, d in report.reverse_rows(year))
+
+    # Record what main() draws, so that the figure can be rebuilt from it. The 1000-step chain is sampled for
+    # real for the default year only; the other years' rows and labels are checked on stand-in frames.
+    drawn = {}
+    real = report.reverse_process
+
+    def spy(model, ab, rows, seed, *args, **kwargs):
+        if year == "2025":
+            drawn[year] = real(model, ab, rows, seed, *args, **kwargs)
+        else:
+            g = torch.Generator().manual_seed(len(drawn))
+            drawn[year] = torch.rand(len(rows), len(report.REVERSE_TIMESTEPS), 3, 28, 28, generator=g) * 2 - 1
+        return drawn[year]
+
+    monkeypatch.setattr(report, "reverse_process", spy)
+    for year in report.YEARS:
+        out = tmp_path / year
+        argv = ["--out", str(out), "--checkpoint", str(tiny_p1_checkpoint), "--steps", "1", "--scale", "1",
+                "--seed", "5", "--device", "cpu"]
+        report.main(argv + (["--year", year] if year != "2025" else []))  # 2025 is the default
+        rows = report.reverse_rows(year)
+        assert drawn[year].shape == (len(rows), len(report.REVERSE_TIMESTEPS), 3, 28, 28)
+        expected = make_grid(to_uint8(drawn[year].flatten(0, 1)), len(rows), len(report.REVERSE_TIMESTEPS),
+                             row_labels=labels[year], col_labels=[f"t={t}" for t in report.REVERSE_TIMESTEPS])
+        with Image.open(out / "reverse_process.png") as im:
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(expected)), year
+        assert (out / "grid_mnistm.png").is_file() and (out / "grid_svhn.png").is_file()
+    # the chain starts from the noise hw2_1.sh gives image 001 of that data set and digit, and moves away from it
+    rows = report.reverse_rows("2025")
+    noise = PerSampleNoise(5, [sample_index(k, d, 1) for k, d in rows]).randn(3, 28, 28)
+    assert torch.equal(drawn["2025"][:, 0], noise)
+    assert not torch.allclose(drawn["2025"][:, -1], noise)
+
+
 def test_hw2_1_sh_end_to_end(tiny_p1_checkpoint, tmp_path):
+    """The 2024 hand-in script with extra flags (tests/test_handin.py runs every year's as the course does)."""
+    script = str(REPO / "handin" / "2024" / "hw2_1.sh")
     out = tmp_path / "hw"
     env = dict(os.environ, PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(REPO / "hw2_1.sh"), str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST,
+    r = subprocess.run(["bash", script, str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST,
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     _check_folder(out / "mnistm", range(10), 50)
     _check_folder(out / "svhn", range(10), 50)
-    r = subprocess.run(["bash", str(REPO / "hw2_1.sh")], capture_output=True, text=True, env=env)
+    r = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "usage" in r.stderr
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# DLCV HW2 2023 hand-in, problem 3: bash hw2_3.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]
+# DANN: predicts the digit of every image in IMAGE_DIR and writes OUT_CSV (`image_name,label`, header
+# first) with the shipped checkpoint of the target domain (checkpoints/p4_dann_{usps,svhn}.safetensors), read
+# from IMAGE_DIR's path (it contains usps or svhn) unless --target says. Extra flags go to p4_dann/infer.py.
+# The same as hw2_dann.sh.
+# The course passes no flags. Runs from any working directory; to hand in, copy this year's three
+# scripts (handin/2023/hw2_{1,2,3}.sh) to the repository's top.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: bash hw2_3.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]" >&2
+  exit 2
+fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The repository root: the first folder upwards that holds scripts/python_env.sh (this one when the script
+# sits at the top, as handed in; two levels up in handin/<year>/).
+ROOT="$HERE"
+while [ ! -f "$ROOT/scripts/python_env.sh" ]; do
+  if [ "$ROOT" = / ]; then
+    echo "hw2_3.sh: scripts/python_env.sh not found above $HERE; run this script inside the repository" >&2
+    exit 2
+  fi
+  ROOT="$(dirname "$ROOT")"
+done
+source "$ROOT/scripts/python_env.sh"
+exec "$PY" "$ROOT/p4_dann/infer.py" "$@"

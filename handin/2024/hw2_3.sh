@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# DLCV HW2 2024 hand-in, problem 3: bash hw2_3.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]
+# Textual inversion: writes OUT_DIR/<concept>/<prompt index>/source<concept>_prompt<prompt index>_<k>.png,
+# 25 images per prompt of INPUT_JSON, with Stable Diffusion v1.4 from SD_CKPT (sd-v1-4.ckpt, a .safetensors
+# or a diffusers folder) and the tokens learned by p5_personalization/train_ti.py, read from EMBEDDINGS_DIR
+# (default checkpoints/textual_inversion). Extra flags go to p5_personalization/infer_ti.py.
+# The same as hw2_ti.sh.
+# The course passes no flags. Runs from any working directory; to hand in, copy this year's three
+# scripts (handin/2024/hw2_{1,2,3}.sh) to the repository's top.
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: bash hw2_3.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]" >&2
+  exit 2
+fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The repository root: the first folder upwards that holds scripts/python_env.sh (this one when the script
+# sits at the top, as handed in; two levels up in handin/<year>/).
+ROOT="$HERE"
+while [ ! -f "$ROOT/scripts/python_env.sh" ]; do
+  if [ "$ROOT" = / ]; then
+    echo "hw2_3.sh: scripts/python_env.sh not found above $HERE; run this script inside the repository" >&2
+    exit 2
+  fi
+  ROOT="$(dirname "$ROOT")"
+done
+source "$ROOT/scripts/python_env.sh"
+JSON="$1"; OUT="$2"; SD="$3"; shift 3
+EMB="$ROOT/checkpoints/textual_inversion"
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then EMB="$1"; shift; fi
+exec "$PY" "$ROOT/p5_personalization/infer_ti.py" --json "$JSON" --out "$OUT" --sd "$SD" --embeddings "$EMB" "$@"
