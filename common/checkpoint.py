@@ -24,6 +24,25 @@ def sidecar_json(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def sort_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header in place with its `__metadata__` keys sorted. safetensors keeps the
+    metadata in a hash map, whose order varies from run to run; sorted, identical runs write identical bytes.
+    Readers do not care about the order (the shipped checkpoints, written unsorted, read the same)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:  # never: the same keys and values, only reordered
+            raise RuntimeError(f"{path}: re-serialised safetensors header grew ({len(new)} > {n} bytes)")
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], kind: str,
                     config: dict[str, Any], metrics: dict[str, Any] | None = None,
                     dtype: torch.dtype | None = None) -> Path:
@@ -40,9 +59,18 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     header = {"kind": kind, "config": json.dumps(config, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        sort_metadata(tmp)
     info = {"kind": kind, "config": config, "metrics": metrics or {}}
     write_text_atomic(sidecar_json(path), json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """UserError naming the file and the first tensor that holds NaN or infinity (a diverged run's weights
+    would otherwise load silently and give black images or constant outputs)."""
+    for k, v in tensors.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path}: tensor {k!r} contains NaN or infinity (saved from a diverged run?)")
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,6 +92,7 @@ def read_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch
         config = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: checkpoint header has a malformed config: {e}") from None
+    check_finite(tensors, path)
     return tensors, config
 
 
@@ -80,4 +109,5 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path:
         k = bad[0]
         raise UserError(f"{path}: shape mismatch for {k}: file {tuple(state_dict[k].shape)}, "
                         f"model {tuple(own[k].shape)} ({len(bad)} tensors differ)")
+    check_finite(state_dict, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from common.errors import UserError
+from common.fileio import folder_error
 
 # the image files every folder lister accepts (compared case-insensitively); PNG_SUFFIXES for callers that
 # compare or score PNGs only
@@ -75,16 +76,17 @@ def list_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFI
     """The image files directly in `folder`, sorted by name: plain files whose suffix is one of `suffixes`
     (case-insensitive), skipping dot-files (such as the `._x.png` files macOS leaves on shared drives).
 
-    The project's one image-folder lister. A missing folder raises UserError('<folder>: <not_found>'), a
-    folder with no image UserError('<folder>: <empty>'), where '{suffixes}' in `empty` becomes the list of
-    suffixes; pass None for either to get [] instead and report it in the caller's own words.
+    The project's one image-folder lister. A missing folder raises UserError('<folder>: <not_found>') (a file
+    there: '<folder>: is a file, not a folder'), a folder with no image UserError('<folder>: <empty>'), where
+    '{suffixes}' in `empty` becomes the list of suffixes; pass None for either to get [] instead and report it
+    in the caller's own words.
     """
     folder = Path(folder)
     suffixes = tuple(x.lower() for x in suffixes)
     if not folder.is_dir():
         if not_found is None:
             return []
-        raise UserError(f"{folder}: {not_found}")
+        raise folder_error(folder, not_found)
     files = sorted(p for p in folder.iterdir()
                    if not p.name.startswith(".") and p.suffix.lower() in suffixes and p.is_file())
     if not files and empty is not None:
@@ -105,9 +107,9 @@ class CourseImageFolder(Dataset):
         self.name = name
         base = self.root / name
         if not self.root.is_dir():
-            raise UserError(f"{self.root}: data folder not found")
+            raise folder_error(self.root, "data folder not found")
         if not base.is_dir():
-            raise UserError(f"{base}: data set folder not found (expected {base}/data and {base}/{split}.csv)")
+            raise folder_error(base, f"data set folder not found (expected {base}/data and {base}/{split}.csv)")
         rows = read_label_csv(base / f"{split}.csv")
         images = [load_image(base / "data" / fname, size=size, mode=mode, resize=resize) for fname, _ in rows]
         self.image_names = [fname for fname, _ in rows]

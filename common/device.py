@@ -10,13 +10,21 @@ from common.errors import UserError
 
 # --precision, in every command: auto = bf16 autocast on CUDA, exact fp32 elsewhere
 PRECISIONS = ("auto", "fp32", "bf16")
+# --device, in every command: the device types pick_device accepts (cuda may carry an index, cuda:1)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; otherwise the named device, checked to exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES or (dev.type != "cuda" and dev.index is not None):
+        raise UserError(f"--device must be one of {DEVICE_CHOICES}, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return dev

@@ -24,6 +24,14 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def folder_error(path: str | os.PathLike, not_found: str = "folder not found") -> UserError:
+    """The UserError for a folder argument that is not a folder: '<path>: <not_found>' when nothing is there,
+    '<path>: is a file, not a folder' when a file is."""
+    if Path(path).exists():
+        return UserError(f"{path}: is a file, not a folder")
+    return UserError(f"{path}: {not_found}")
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early, creating nothing, when `path` (a folder to be) could not be created or written."""
     p = Path(path).absolute()

@@ -184,10 +184,18 @@ def _load_diffusers_folder(path: Path) -> SDComponents:
         raise _bad_path(
             path, "not a diffusers Stable Diffusion folder (no " + ", ".join(f"{m}/config.json" for m in missing) + ")"
         )
+    from safetensors import SafetensorError
     try:
         unet = load_diffusers_model(UNet2DConditionModel, path / "unet")
         vae = load_diffusers_model(AutoencoderKL, path / "vae")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
+    try:
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    except SafetensorError as e:  # a truncated or corrupt text_encoder/*.safetensors: name the file
+        files = sorted((path / "text_encoder").glob("*.safetensors"))
+        where = files[0] if len(files) == 1 else path / "text_encoder"
+        raise UserError(f"{where}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})") from None
     except (OSError, ValueError, RuntimeError) as e:
         raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
     if (path / "tokenizer" / "vocab.json").is_file():
@@ -206,9 +214,14 @@ def load_diffusers_model(cls, folder: Path):
     found = next((w for w in weights if w.is_file()), None)
     if found is None:
         return cls.from_pretrained(folder, local_files_only=True)
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     config = {k: v for k, v in cls.load_config(folder).items() if not k.startswith("_")}
-    return _build_on_meta(cls, config, load_file(str(found)), found, folder.name)
+    try:
+        state_dict = load_file(str(found))
+    except (SafetensorError, OSError) as e:  # truncated (interrupted download) or corrupt: one line naming it
+        raise UserError(f"{found}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})") from None
+    return _build_on_meta(cls, config, state_dict, found, folder.name)
 
 
 # ------------------------------------------------------------------------------------ single-file checkpoints

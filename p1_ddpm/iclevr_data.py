@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import UserError
+from common.fileio import folder_error
 from p1_ddpm.render_iclevr import check_label_list, load_json
 
 IMAGE_SIZE = 64
@@ -73,7 +74,7 @@ class ICLEVRDataset(Dataset):
                  objects_json: str | None = None):
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"{root}: data folder not found")
+            raise folder_error(root, "data folder not found")
         labels_path = Path(labels_json) if labels_json else root / "train.json"
         self.objects = load_objects(objects_json or root / "objects.json")
         labels = load_json(labels_path)

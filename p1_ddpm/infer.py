@@ -124,6 +124,8 @@ def main(argv=None) -> None:
         args.checkpoint = str(DEFAULT_CHECKPOINT if args.task == "digits" else ICLEVR_CHECKPOINT)
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task == "iclevr":
         return main_iclevr(args)
     t0 = time.time()
@@ -144,6 +146,13 @@ def main(argv=None) -> None:
     save_pngs(out, names, to_uint8(images))
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
+
+
+def sampler_calls(sampler: str, num_train_steps: int, steps: int) -> int:
+    """How many steps (callback calls) `sampler` takes: all T for ddpm, else --steps (at most T for ddim)."""
+    if sampler == "ddpm":
+        return num_train_steps
+    return min(steps, num_train_steps) if sampler == "ddim" else steps
 
 
 def denoise_frame_indices(num_states: int, frames: int) -> list[int]:
@@ -181,6 +190,9 @@ def main_iclevr(args) -> None:
     if args.denoise is not None:
         names = [n.strip() for n in args.denoise.split(",") if n.strip()]
         denoise_cond = multi_hot(names, objects, "--denoise")[None]
+        states = 1 + sampler_calls(args.sampler, config["num_train_steps"], args.steps)
+        if len(denoise_frame_indices(states, args.denoise_frames)) < 8:  # checked before anything is written
+            raise UserError(f"--denoise needs at least 8 frames: use --steps >= 7 (got --steps {args.steps})")
     out = check_writable(args.out)  # every input checked: only now spend time sampling
     seed_everything(args.seed)
     ab = schedule_of(config)

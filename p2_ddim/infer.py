@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from common.ddim import sample_ddim
 from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, set_tf32
 from common.errors import UserError, cli_main, one_line
-from common.fileio import check_writable, ensure_dir
+from common.fileio import check_writable, ensure_dir, folder_error
 from common.images import save_pngs, to_uint8
 from common.schedules import alphas_cumprod, make_betas
 from common.seeding import PerSampleNoise
@@ -77,8 +77,8 @@ def load_noises(
     """
     d = Path(noise_dir)
     if not d.is_dir():
-        raise UserError(f"{d}: noise folder not found (expected the course's hw2_data/face/noise)")
-    files = sorted(p for p in d.iterdir() if p.suffix == ".pt" and p.is_file())
+        raise folder_error(d, "noise folder not found (expected the course's hw2_data/face/noise)")
+    files = sorted(p for p in d.iterdir() if p.suffix == ".pt" and not p.name.startswith(".") and p.is_file())
     if not files:
         raise UserError(f"{d}: no .pt noise files in this folder")
     all_stems = [p.stem for p in files]

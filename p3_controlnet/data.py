@@ -23,26 +23,32 @@ from common.errors import UserError
 def read_prompt_file(path: str | os.PathLike, need_target: bool = True) -> list[dict]:
     """The lines of a prompt.json; UserError naming the file and line for anything malformed."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a prompt file")
     if not path.is_file():
         raise UserError(f"{path}: prompt file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-            keys = ("source", "target", "prompt") if need_target else ("source", "prompt")
-            if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in keys):
-                raise UserError(f"{path}:{lineno}: expected {{\"source\": ..., \"target\": ..., \"prompt\": ...}} "
-                                f"with string values, got {line.strip()[:120]!r}")
-            for k in ("source", "target"):
-                v = obj.get(k)
-                if isinstance(v, str) and (not v or os.path.isabs(v) or ".." in Path(v).parts):
-                    raise UserError(f"{path}:{lineno}: {k} must be a file name inside the folder, got {v!r}")
-            items.append(obj)
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+        keys = ("source", "target", "prompt") if need_target else ("source", "prompt")
+        if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in keys):
+            raise UserError(f"{path}:{lineno}: expected {{\"source\": ..., \"target\": ..., \"prompt\": ...}} "
+                            f"with string values, got {line.strip()[:120]!r}")
+        for k in ("source", "target"):
+            v = obj.get(k)
+            if isinstance(v, str) and (not v or os.path.isabs(v) or ".." in Path(v).parts):
+                raise UserError(f"{path}:{lineno}: {k} must be a file name inside the folder, got {v!r}")
+        items.append(obj)
     if not items:
         raise UserError(f"{path}: no lines")
     return items

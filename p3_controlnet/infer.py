@@ -21,7 +21,7 @@ import torch
 import common.stable_diffusion as sdlib
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.fileio import check_writable, ensure_dir
+from common.fileio import check_writable, ensure_dir, folder_error
 from common.images import save_pngs, to_uint8
 from p3_controlnet.data import load_control, read_prompt_file
 from p3_controlnet.model import (
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         raise UserError(f"{args.prompts}: target {dup[0]!r} appears more than once")
     src_dir = Path(args.source_dir)
     if not src_dir.is_dir():
-        raise UserError(f"{src_dir}: source folder not found")
+        raise folder_error(src_dir, "source folder not found")
     for it in items:
         if not (src_dir / it["source"]).is_file():
             raise UserError(f"{src_dir / it['source']}: control image listed in {args.prompts} not found")

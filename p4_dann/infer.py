@@ -12,6 +12,8 @@ three channels) and resized to 28x28 when they are not already; rows are sorted 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import re
 import time
 from pathlib import Path
@@ -79,8 +81,12 @@ def score(names: list[str], labels: list[int], truth: dict[str, int], label_csv:
 
 
 def write_predictions(path: str | Path, names: list[str], labels: list[int]) -> None:
-    lines = ["image_name,label"] + [f"{n},{int(y)}" for n, y in zip(names, labels, strict=True)]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    """`image_name,label` rows, quoted by the csv module where a name needs it (a comma, a quote)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_name", "label"])
+    writer.writerows([n, int(y)] for n, y in zip(names, labels, strict=True))
+    write_text_atomic(path, buf.getvalue())
 
 
 @cli_main

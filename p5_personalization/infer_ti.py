@@ -11,13 +11,15 @@ Every <token> that a prompt or token_name mentions is loaded from EMBEDDINGS_DIR
 work. If EMBEDDINGS_DIR also holds cross_attn_kv.safetensors (train_ti.py --method joint-kv), the UNet's
 cross-attention keys/values are replaced by the jointly fine-tuned ones (--no-kv: do not).
 Sampling: DDIM (LDM's grid), 50 steps, classifier-free guidance 7.5 against the empty prompt, eta 0;
-image k of prompt p starts from noise seeded by (--seed, concept, p, k) only, so an image does not
-depend on --batch-size or on the other prompts. bf16 on CUDA, exact fp32 on CPU.
+image k of prompt p starts from noise seeded by (--seed, concept key, p, k) only, so an image does not
+depend on --batch-size, on the other prompts or on where its concept stands in input.json.
+bf16 on CUDA, exact fp32 on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +59,16 @@ def find_embeddings(emb_dir: Path, tokens: list[str]) -> dict[str, Path]:
     return files
 
 
-def image_seed(seed: int, case_index: int, prompt_index: int, k: int) -> int:
-    return sample_seed(seed, (case_index * 1000 + prompt_index) * 1000 + k)
+def concept_number(key: str) -> int:
+    """A number for a concept's key (not its position in input.json): the key itself for a plain integer
+    ("0", "1", ...: the course's keys, which keeps their images), else 10**6 + CRC-32 of the key."""
+    if key.isdigit() and key == str(int(key)) and int(key) < 10**6:
+        return int(key)
+    return 10**6 + zlib.crc32(key.encode("utf-8"))
+
+
+def image_seed(seed: int, key: str, prompt_index: int, k: int) -> int:
+    return sample_seed(seed, (concept_number(key) * 1000 + prompt_index) * 1000 + k)
 
 
 @torch.no_grad()
@@ -152,16 +162,15 @@ def main(argv=None) -> dict:
     print(f"{len(tokens)} learned token(s) {', '.join(f'{t} ({num_vectors[t]} vectors)' for t in tokens)} "
           f"from {emb_dir}{kv_note}", flush=True)
 
-    jobs = [(ci, c, p) for ci, c in enumerate(cases) if not args.only or c.key in args.only
-            for p in range(len(c.prompts))]
+    jobs = [(c, p) for c in cases if not args.only or c.key in args.only for p in range(len(c.prompts))]
     written = 0
     t0 = time.perf_counter()
     n = args.images_per_prompt
-    for ci, case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
+    for case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
         images = sample_ti_images(
             sd,
             expand_prompt(case.prompts[p], num_vectors),
-            [image_seed(args.seed, ci, p, k) for k in range(n)],
+            [image_seed(args.seed, case.key, p, k) for k in range(n)],
             args.resolution,
             args.steps,
             args.guidance,

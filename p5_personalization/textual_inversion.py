@@ -174,6 +174,10 @@ def load_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[s
     vec = vec[None] if vec.ndim == 1 else vec
     if token is not None and name != token:
         raise UserError(f"{path}: holds the embedding of {name!r}, not {token!r}")
+    if not vec.is_floating_point() or not torch.isfinite(vec).all():
+        # a diverged training run: NaN/inf vectors would give all-black images without a word
+        raise UserError(f"{path}: the embedding {name!r} contains NaN or infinity (or is not floating point); "
+                        f"retrain it (a lower --lr?)")
     return name, vec.float()
 
 
@@ -210,6 +214,8 @@ def load_kv(path: str | os.PathLike, unet) -> int:
     for n in names:
         if sd[n].shape != params[n].shape:
             raise UserError(f"{path}: {n} has shape {tuple(sd[n].shape)}, the UNet {tuple(params[n].shape)}")
+    from common.checkpoint import check_finite
+    check_finite(sd, path)
     with torch.no_grad():
         for n in names:
             params[n].copy_(sd[n].to(params[n].dtype))

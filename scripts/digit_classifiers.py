@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from common.checkpoint import load_into, read_checkpoint, save_checkpoint
 from common.errors import UserError, one_line
@@ -63,7 +64,7 @@ def load_course_lenet(path: str | os.PathLike, device: torch.device | str = "cpu
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError,
-            AttributeError, TypeError, KeyError, IndexError) as e:
+            AttributeError, TypeError, KeyError, IndexError, SafetensorError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another format?): "
                         f"{one_line(e, 100)}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None

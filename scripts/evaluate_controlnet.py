@@ -36,7 +36,7 @@ import torch
 from common.clip_loading import add_quick_gelu_flag
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.errors import UserError, cli_main
-from common.fileio import write_text_atomic
+from common.fileio import folder_error, write_text_atomic
 
 PROMPT_RE = re.compile(r"(.+) circle with (.+) background")
 FID_PIP = "torch-fidelity==0.4.0"
@@ -169,14 +169,14 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     pred = Path(args.pred)
     if not pred.is_dir():
-        raise UserError(f"{pred}: --pred folder not found")
+        raise folder_error(pred, "--pred folder not found")
     items = load_items(Path(args.prompts) if args.prompts else None, pred)
     pred_imgs = [load_image(pred / it["target"]) for it in items]
     gt_imgs = None
     if args.gt:
         gt = Path(args.gt)
         if not gt.is_dir():
-            raise UserError(f"{gt}: --gt folder not found")
+            raise folder_error(gt, "--gt folder not found")
         gt_imgs = [load_image(gt / it["target"], size=None) for it in items]
         from PIL import Image
 

@@ -23,7 +23,7 @@ import torch
 
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.errors import UserError, cli_main
-from common.fileio import write_text_atomic
+from common.fileio import folder_error, write_text_atomic
 from scripts.digit_classifiers import load_course_lenet, load_svhn_net, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +52,11 @@ def label_of(path: Path) -> int:
 def find_sets(folder: Path, notes: bool = True) -> list[tuple[str, str, Path]]:
     """(name, kind, path) of every digits set under `folder`: itself when it holds images, else its subfolders."""
     if not folder.is_dir():
-        raise UserError(f"{folder}: folder not found")
+        raise folder_error(folder)
     if list_images(folder, PNG_SUFFIXES, empty=None):
         return [(folder.name or str(folder), folder_kind(folder.name) or "mnistm", folder)]
     sets, skipped = [], []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         kind = folder_kind(sub.name)
         (sets if kind else skipped).append((sub.name, kind, sub))
     for name, _, _ in (skipped if notes else []):

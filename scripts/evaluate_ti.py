@@ -34,7 +34,7 @@ from common.clip_loading import add_quick_gelu_flag
 from common.datasets import list_images
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.fileio import write_text_atomic
+from common.fileio import folder_error, write_text_atomic
 from p5_personalization.concepts import find_concept_photos, read_input_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     cases = read_input_json(args.json, need_eval=True)
     out_root = Path(args.output_dir)
     if not out_root.is_dir():
-        raise UserError(f"{out_root}: generated-image folder not found")
+        raise folder_error(out_root, "generated-image folder not found")
     jobs = []
     for case in cases:
         photo_dirs = find_concept_photos(args.input_dir, case)

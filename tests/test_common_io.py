@@ -76,6 +76,19 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
         read_checkpoint(tmp_path / "none.safetensors", "test.Linear")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, bad):
+    """A diverged run's weights (NaN/inf) must not load silently: one line naming the file and the tensor."""
+    lin = torch.nn.Linear(3, 2)
+    state = {k: v.detach().clone() for k, v in lin.state_dict().items()}
+    state["bias"][1] = bad
+    path = save_checkpoint(tmp_path / "m.safetensors", state, "test.Linear", {})
+    with pytest.raises(UserError, match=r"m\.safetensors: tensor 'bias' contains NaN or infinity"):
+        read_checkpoint(path, "test.Linear")
+    with pytest.raises(UserError, match=r"m\.safetensors: tensor 'bias' contains NaN or infinity"):
+        load_into(torch.nn.Linear(3, 2), state, path)
+
+
 def test_fp16_checkpoint(tmp_path):
     lin = torch.nn.Linear(3, 2)
     save_checkpoint(tmp_path / "h.safetensors", lin.state_dict(), "k", {}, dtype=torch.float16)
@@ -160,3 +173,35 @@ def test_lightning_precision_choice(monkeypatch):
     assert devices_and_strategy("1") == (1, "auto") and devices_and_strategy("2") == (2, "ddp")
     with pytest.raises(UserError, match="--devices"):
         devices_and_strategy("two")
+
+
+@pytest.mark.parametrize("name", ["tpu", "foo", "", "cuda:x", "meta", "cpu:0"])
+def test_pick_device_refuses_unknown_devices(name):
+    from common.device import pick_device
+    with pytest.raises(UserError, match="--device must be one of auto, cpu, cuda, cuda:N, mps"):
+        pick_device(name)
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    import json
+    blobs = set()
+    for i in range(8):
+        path = save_checkpoint(tmp_path / f"m{i}.safetensors", {"w": torch.ones(2)}, "some.Kind", {"b": 1, "a": 2})
+        blobs.add(path.read_bytes())
+        assert read_checkpoint(path, "some.Kind")[1] == {"a": 2, "b": 1}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    assert list(header["__metadata__"]) == ["config", "kind"]
+
+
+def test_a_file_given_as_a_folder_is_called_a_file(tmp_path):
+    f = tmp_path / "f.png"
+    f.write_bytes(b"x")
+    with pytest.raises(UserError, match="f.png: is a file, not a folder"):
+        list_images(f)
+    with pytest.raises(UserError, match="nope: folder not found"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(UserError, match="f.png: is a file, not a folder"):
+        CourseImageFolder(f, "mnistm")

@@ -208,3 +208,25 @@ def test_error_bad_checkpoints(good_folder, tmp_path, capsys):
         capsys, ["--folder", str(good_folder), "--checkpoint", str(tmp_path / "missing.pth")]
     )
     assert str(good_folder) in run_error(capsys, ["--folder", str(good_folder)])
+
+
+def test_error_non_safetensors_file_named_safetensors(good_folder, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(bytes(range(256)) * 2)
+    for flag in ("--checkpoint", "--svhn-checkpoint"):
+        folder = good_folder if flag == "--checkpoint" else tmp_path / "gen"
+        if flag == "--svhn-checkpoint":
+            (folder / "svhn").mkdir(parents=True)
+            for f in good_folder.iterdir():
+                (folder / "svhn" / f.name).write_bytes(f.read_bytes())
+        assert str(junk) in run_error(capsys, ["--folder", str(folder), flag, str(junk)])
+
+
+def test_folder_that_is_a_file_and_dot_folders(good_folder, tmp_path, capsys):
+    a_png = next(good_folder.iterdir())
+    assert "is a file, not a folder" in run_error(capsys, ["--folder", str(a_png)])
+    gen = tmp_path / "gen2"
+    (gen / "._svhn").mkdir(parents=True)  # a macOS dot-folder is not a set
+    (gen / "mnistm").mkdir()
+    msg = run_error(capsys, ["--folder", str(gen)])
+    assert "mnistm" in msg and "._svhn" not in msg

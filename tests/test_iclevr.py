@@ -407,3 +407,17 @@ def test_shipped_iclevr_model_draws_the_requested_objects():
         model, cond, range(len(cond)), schedule_of(config), 0, "ddim", 20, ICLEVR_DEFAULTS["guidance"], eta=1.0
     )
     assert score(load_own_judge(OWN_JUDGE), to_uint8(images), cond) >= 0.7
+
+
+def test_iclevr_binary_labels_and_short_denoise_fail_before_writing(tiny_iclevr_checkpoint, tmp_path, capsys):
+    from p1_ddpm.infer import main as infer_main
+    binary = tmp_path / "labels.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    base = ["--task", "iclevr", "--checkpoint", str(tiny_iclevr_checkpoint), "--quiet"]
+    for flags in (["--labels", str(binary), "--steps", "2"],
+                  ["--labels", str(ASSETS / "test.json"), "--denoise", "red cube", "--steps", "3"]):
+        out = tmp_path / "out"
+        code, err = run_cli(infer_main, base + flags + ["--out", str(out)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert ("labels.bin" in err) if "--denoise" not in flags else ("--steps >= 7" in err)
+        assert not out.exists()

@@ -324,3 +324,12 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o2"), "--grad-clip", "-1"],
                         capsys)
     assert code == 2 and "--grad-clip" in err and not (tmp_path / "o2").exists()
+
+
+def test_infer_bad_batch_size_and_device_are_one_line_errors(tiny_p1_checkpoint, tmp_path, capsys):
+    for flags in (["--batch-size", "0"], ["--batch-size", "-5"], ["--device", "tpu"], ["--device", "foo"]):
+        out = tmp_path / "out"
+        code, err = run_cli(infer_main, ["--checkpoint", str(tiny_p1_checkpoint), "--out", str(out)] + FAST + flags,
+                            capsys)
+        assert code == 2 and flags[0] in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

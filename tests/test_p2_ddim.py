@@ -433,3 +433,15 @@ def test_bench_p2_writes_its_section_only(tmp_path, capsys):
     text = md.read_text()
     assert "P1 TABLE" in text and text.count("<!-- bench_p2 start -->") == 1
     assert "one at a time" in text and "Command: `python scripts/bench_p2.py" in text
+
+
+def test_noise_folder_skips_dot_files_and_names_a_file(face_dir, tmp_path):
+    d = tmp_path / "noise"
+    d.mkdir()
+    for f in (face_dir / "noise").iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "._00.pt").write_bytes(b"\x00\x05macOS resource fork")
+    stems, x, _ = load_noises(d)
+    assert stems == ["00", "01", "02", "03"] and x.shape[0] == 4
+    with pytest.raises(UserError, match="00.pt: is a file, not a folder"):
+        load_noises(d / "00.pt")

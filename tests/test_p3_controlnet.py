@@ -550,3 +550,15 @@ def test_demo_p3_trains_a_demo_controlnet_when_none_is_given(sd_ckpt, tmp_path):
     assert _read(out / "p3" / lines[0]["target"])[:2] == ("RGB", (SIZE, SIZE))
     assert "colour_iou" in json.loads((out / "p3_scores.json").read_text())
     assert (out / "p3_figs" / "two_circles.png").is_file()
+
+
+def test_prompt_file_not_utf8_or_a_folder(tmp_path, capsys):
+    from p3_controlnet.infer import main as infer_main
+    bad = tmp_path / "prompt.json"
+    bad.write_bytes(b'{"source": "s.png", "target": "t.png", "prompt": "caf\xe9"}\n')
+    for prompts, needle in ((bad, "prompt.json: not UTF-8 text"), (tmp_path, "is a folder, not a prompt file")):
+        out = tmp_path / "out"
+        code, err = run_cli(infer_main, ["--prompts", str(prompts), "--source-dir", str(tmp_path), "--out", str(out),
+                                         "--sd", str(tmp_path / "no_sd")], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()

@@ -367,3 +367,22 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     code, err = run_cli(train_main, [*base[:-2], "--max-steps", "1", "--batch-size", "500"], capsys)
     assert code == 2 and "fewer than one batch" in err
     assert not out.exists()
+
+
+def test_infer_quotes_names_with_commas_and_skips_dot_files(tmp_path, capsys):
+    from common.datasets import read_label_csv
+    ckpt = tiny_checkpoint(tmp_path / "usps.safetensors", "usps")
+    image_dir = tmp_path / "imgs"
+    image_dir.mkdir()
+    for name in ("a,b.png", "plain.png"):
+        Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image_dir / name)
+    (image_dir / "._plain.png").write_bytes(b"\x00\x05macOS resource fork")
+    out = tmp_path / "pred.csv"
+    code, err = run_cli(infer_main, [str(image_dir), str(out), "--checkpoint", str(ckpt), "--target", "usps"], capsys)
+    assert code == 0, err
+    rows = read_label_csv(out)
+    assert [n for n, _ in rows] == ["a,b.png", "plain.png"]
+    assert out.read_text().splitlines()[1:] == [f'"a,b.png",{rows[0][1]}', f"plain.png,{rows[1][1]}"]
+    code, err = run_cli(infer_main, [str(image_dir), str(tmp_path / "again.csv"), "--checkpoint", str(ckpt),
+                                     "--target", "usps", "--labels", str(out)], capsys)
+    assert code == 0, err

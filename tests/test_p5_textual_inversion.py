@@ -394,6 +394,50 @@ def test_bad_inputs(trained, tiny_sd, photos, tmp_path, capsys):
     assert not (tmp_path / "gen").exists()
 
 
+def test_images_are_seeded_by_concept_key_not_position(trained, tiny_sd, tmp_path, capsys):
+    """Concept "1" gets the same images from the full input.json (where it stands second) as from a JSON
+    holding only "1" (where it stands first)."""
+    from p5_personalization import infer_ti
+    emb, _, _ = trained
+    full = write_input_json(tmp_path / "input.json")
+    only = tmp_path / "only1.json"
+    only.write_text(json.dumps({"1": json.loads(full.read_text())["1"]}))
+    base = ["--sd", str(tiny_sd["diffusers"]), "--embeddings", str(emb), "--steps", "1", "--resolution", RES,
+            "--images-per-prompt", "2", "--quiet"]
+    for js, out in ((full, "full"), (only, "only")):
+        code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / out)] + base, capsys)
+        assert code == 0, err
+    for k in range(2):
+        name = f"1/0/source1_prompt0_{k}.png"
+        a = np.asarray(Image.open(tmp_path / "full" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "only" / name)).astype(int)
+        assert np.array_equal(a, b), k
+    assert infer_ti.concept_number("7") == 7 and infer_ti.concept_number("07") != 7
+    assert infer_ti.concept_number("dog") != infer_ti.concept_number("cat") >= 10**6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embedding_is_refused(trained, tiny_sd, tmp_path, capsys, bad):
+    """A diverged run's NaN/inf embedding must not give all-black images with exit 0."""
+    from p5_personalization import infer_ti
+    from p5_personalization.textual_inversion import load_embedding, save_embedding
+    emb, _, _ = trained
+    _, vec = load_embedding(emb / "new1.safetensors")
+    vec = vec.clone()
+    vec[0, 3] = bad
+    broken = tmp_path / "emb"
+    save_embedding(broken / "new1.safetensors", "<new1>", vec, {})
+    with pytest.raises(Exception, match="new1.safetensors: the embedding '<new1>' contains NaN or infinity"):
+        load_embedding(broken / "new1.safetensors")
+    js = tmp_path / "in.json"
+    js.write_text(json.dumps({"0": {"src_image": "dog", "token_name": "<new1>", "prompt": ["a <new1>"]}}))
+    code, err = run_cli(infer_ti.main, ["--json", str(js), "--out", str(tmp_path / "gen"), "--sd",
+                                        str(tiny_sd["diffusers"]), "--embeddings", str(broken), "--steps", "1",
+                                        "--resolution", RES, "--quiet"], capsys)
+    assert code == 2 and "contains NaN or infinity" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "gen").exists()
+
+
 def test_demo_without_sd_says_what_it_needs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SD_PATH", "CLIP_WEIGHTS", "CLIP_DATA")}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo_p5.sh")], capture_output=True, text=True,

@@ -140,6 +140,21 @@ def test_bad_paths(tmp_path, tiny):
         load_sd(cut)
 
 
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_truncated_diffusers_folder_is_one_line_error_naming_the_file(tiny, tmp_path, part):
+    """A diffusers folder whose weights file was cut short (interrupted download): a UserError naming the
+    file, not safetensors' raw SafetensorError traceback."""
+    import shutil
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny[1]["diffusers"], folder)
+    (weights,) = (folder / part).glob("*.safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=f"{weights.name}: not a readable safetensors file") as info:
+        load_sd(folder)
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+
+
 def _touch(p):
     p.write_text("x")
     return p
