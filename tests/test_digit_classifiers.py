@@ -12,9 +12,8 @@ from safetensors.torch import save_file
 from common.checkpoint import save_checkpoint
 from scripts import evaluate_digits
 from scripts.digit_classifiers import CourseLeNet, SvhnNet, load_course_lenet, load_svhn_net, predict, save_svhn_net
+from tests.conftest import REPO, SHARED, shared_data
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 LENET_PATH = SHARED / "dlcv" / "Classifier.pth"
 SVHN_CHECKPOINT = REPO / "checkpoints" / "svhn_classifier.safetensors"
 
@@ -22,8 +21,7 @@ torch.set_num_threads(1)
 
 
 def need_shared():
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} (the project's shared real data) is absent")
+    shared_data()  # skips, counted in the run's closing line, when ../shared/data is absent
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from p2_ddim.infer import face_alphas_cumprod, load_noises, sample_faces_ddim
 from p2_ddim.infer import main as infer_main
 from p2_ddim.interpolation import interpolate, lerp, slerp
 from p2_ddim.model import FaceUNet, SelfAttention, load_face_unet
-from tests.conftest import REPO, SHARED, run_cli
+from tests.conftest import REPO, SHARED, run_cli, shared_data
 
 MANIFEST = SHARED / "dlcv" / "face_unet_state_dict.txt"
 FAST = ["--steps", "2", "--quiet"]
@@ -29,6 +29,7 @@ SMALL = 32  # GroupNorm has 32 groups: the smallest width
 
 
 def read_manifest() -> dict[str, tuple[int, ...]]:
+    shared_data()  # skips, counted in the run's closing line, when ../shared/data is absent
     if not MANIFEST.is_file():
         pytest.skip(f"manifest not present at {MANIFEST}")
     out = {}
