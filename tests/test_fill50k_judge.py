@@ -206,3 +206,81 @@ def test_touching_blurred_circles_come_apart_and_a_halo_stays_out():
         s = score_image(img, prompt, control=control)
         assert s.circles_found == 2 and s.circle_right == [True, True] and s.background_right, (halo, blur)
         assert s.iou > min_iou, (halo, blur, s.iou)
+
+
+# ------------------------------------------------------------------------------------------------ stripes
+
+def _drawn(size: int, circles, background: str) -> np.ndarray:
+    """An image drawn by make_fill50k's own painter: circles (cx, cy, r as shares of the side, colour,
+    striped) on a background."""
+    from p3_controlnet.make_fill50k import _fill
+    image = Image.new("RGB", (size, size), _rgb(background))
+    for cx, cy, r, colour, striped in circles:
+        box = [(cx - r) * size, (cy - r) * size, (cx + r) * size, (cy + r) * size]
+        _fill(image, box, _rgb(colour), _rgb(background), "stripes" if striped else None)
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("size", [64, 512])
+def test_stripes_are_seen_on_every_palette_colour(size):
+    """Plain and striped circles of every mini colour (yellow and pink, the lightest, among them), at the
+    smallest and a large striped radius; also soft and grainy at 64 px, as a decoder draws them. A striped
+    circle turned by 90 degrees (vertical bands) is not the style."""
+    rng = np.random.default_rng(size)
+    verdicts = {}
+    for colour in BASIC_PALETTE:
+        background = "navy" if colour not in ("navy", "blue", "purple") else "orange"
+        for r, (cx, cy) in ((0.12, (0.3, 0.6)), (0.28, (0.5, 0.45))):
+            for striped in (False, True):
+                image = _drawn(size, [(cx, cy, r, colour, striped)], background)
+                versions = {"drawn": image, "turned": np.ascontiguousarray(np.rot90(image))}
+                if size == 64:
+                    soft = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(0.8)), np.float32)
+                    versions["soft"] = np.clip(soft + rng.normal(0, 4, soft.shape), 0, 255).astype(np.uint8)
+                for how, im in versions.items():
+                    s = score_image(im, f"{colour} circle with {background} background")
+                    verdicts[(colour, r, striped, how)] = s.striped
+                    assert s.circle_right == [True], (colour, r, striped, how, s.as_dict())
+    wrong = {k: v for k, v in verdicts.items() if v != [k[2] and k[3] != "turned"]}
+    assert not wrong, wrong
+
+
+def test_stripes_features_of_light_paints():
+    """Yellow and pink are the paints closest to white in lightness: plain, almost none of their pixels read
+    white; striped, about half do, and the bands run along the rows."""
+    from scipy import ndimage
+
+    from p3_controlnet.fill50k_judge import circle_striped, stripe_features, to_lab
+    for colour in ("yellow", "pink"):
+        for striped in (False, True):
+            lab = to_lab(_drawn(64, [(0.5, 0.5, 0.25, colour, striped)], "navy"))
+            disc = ndimage.binary_fill_holes(_disc(64, 32, 32, 16))
+            f = stripe_features(lab, disc)
+            assert circle_striped(lab, disc) is striped
+            if striped:
+                assert 0.3 < f.white_share < 0.7 and f.row_r2 > 0.9 and f.col_r2 < 0.1, (colour, f)
+            else:
+                assert f.white_share < 0.05, (colour, f)
+    # the other unnamed style, a ring around a disc of the background colour, is not stripes
+    from p3_controlnet.make_fill50k import _fill
+    for colour, background in (("yellow", "navy"), ("navy", "pink"), ("red", "yellow"), ("pink", "cyan")):
+        image = Image.new("RGB", (64, 64), _rgb(background))
+        _fill(image, [12, 12, 48, 48], _rgb(colour), _rgb(background), "ring")
+        assert score_image(np.asarray(image), f"circle with {background} background").striped == [False], colour
+    # too small to tell, and a circle missing: no stripes; the verdict is None for a missing circle
+    lab = to_lab(_drawn(64, [(0.5, 0.5, 0.04, "red", True)], "navy"))
+    assert stripe_features(lab, _disc(64, 32, 32, 2.5)) is None and not circle_striped(lab, _disc(64, 32, 32, 2.5))
+    s = score_image(_drawn(64, [(0.3, 0.5, 0.15, "red", True)], "navy"),
+                    "red circle and blue circle with navy background")
+    assert s.striped == [True, None] and not s.all_striped
+
+
+def test_striped_verdicts_match_the_drawn_style(mini_items):
+    """make_fill50k's mini preset draws a tenth of its images striped: the judge reads every circle's style
+    as drawn, and summarise counts the items whose circles are all striped."""
+    scores = [score_image(it["image"], it["prompt"], control=it["control"]) for it in mini_items]
+    for it, s in zip(mini_items, scores):
+        assert s.striped == [it["style"] == "stripes"] * len(it["circles"]), (it["prompt"], it["style"], s.striped)
+    n = sum(it["style"] == "stripes" for it in mini_items)
+    assert n >= 2 and summarise(scores)["striped_share"] == pytest.approx(n / len(mini_items))
+    assert json.loads(json.dumps(scores[0].as_dict()))["striped"] == scores[0].striped
