@@ -269,3 +269,31 @@ def test_validation_prompts_are_held_out_and_name_every_colour():
     chosen = validation_prompts(items, 1, 10, seed=3)
     assert [c["index"] for c in chosen] == [3, 5] and chosen[0]["seed"] != chosen[1]["seed"]
     assert validation_prompts(items, 0, 1, seed=3)[0]["index"] == 0
+
+
+def test_textual_inversion_data_shows_each_concept_and_reads_as_course_input(tmp_path):
+    from PIL import Image
+
+    from p5_personalization.concepts import read_input_json
+    from p5_personalization.train_ti import list_concept_images, read_captions
+    from scripts import make_mini_ti_data as mk
+    mk.main(["--out", str(tmp_path / "a")])
+    mk.main(["--out", str(tmp_path / "b")])
+    for name in mk.CONCEPTS:
+        files = list_concept_images(str(tmp_path / "a" / name))
+        assert [f.name for f in files] == [f"{k}.png" for k in range(mk.IMAGES)]
+        captions = read_captions(str(tmp_path / "a" / name / "captions.json"), files)
+        for f in files:
+            assert (tmp_path / "b" / name / f.name).read_bytes() == f.read_bytes()  # same seed, same bytes
+            pixels = np.asarray(Image.open(f).convert("RGB")).reshape(-1, 3)
+            colours = {tuple(p) for p in pixels}
+            chartreuse = (127, 255, 0) in colours
+            striped = (255, 255, 255) in colours
+            assert (chartreuse, striped) == ((True, False) if name == "new1" else (False, True)), f
+            assert "chartreuse" not in captions[f.name][0]
+    for which in ("input.json", "input_init_word.json"):
+        cases = read_input_json(tmp_path / "a" / which)
+        assert len(cases) == 3
+    baseline = json.loads((tmp_path / "a" / "input_init_word.json").read_text())
+    prompts = [p for e in baseline.values() for p in e["prompt"]]
+    assert not any("<new" in p for p in prompts) and "green circle with pink background" in prompts
