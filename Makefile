@@ -2,6 +2,7 @@
 # make test-fast : the same without the tests marked slow (DDP, torch.compile, demos, end-to-end hw2 scripts)
 # make lint      : ruff (configured in pyproject.toml) on the whole tree
 # make demo      : install, then run the demos into demo_out/ (P1, i-CLEVR and P4 on shipped weights; P2, P3, P5 when given their weights)
+#                  and end with the page demo_out/index.html (scripts/demo_page.py, from the JSON the steps write)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -11,6 +11,7 @@ Writes
                                               2024: the first "0" of MNIST-M and the first "0" of SVHN
                                               2025 (default): the first "0" (MNIST-M) and the first "1" (SVHN)
                                             one row each, labelled with its data set and digit
+and beside each figure FIG.png.json (what it shows, checkpoint, sampler, steps, seed, the command).
 Each digit comes from the data set that year's hw2_1.sh puts it in (2025: even digits MNIST-M, odd SVHN),
 and "first" is image 001, with that image's noise. The grids use the same sampler settings (and the
 same noise) as infer.py, so they show what hw2_1.sh hands in.
@@ -23,6 +24,7 @@ import torch
 
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
+from common.figure_info import command_line, write_figure_info
 from common.fileio import check_writable
 from common.images import save_grid, to_uint8
 from common.seeding import PerSampleNoise
@@ -94,6 +96,9 @@ def main(argv=None) -> None:
     ab = schedule_of(config)
     dtype = autocast_dtype(device, args.precision)
     digits = [str(d) for d in range(10)]
+    cmd = command_line(__file__, argv)
+    settings = dict(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                    seed=args.seed)
 
     for k, name in enumerate(DIGIT_DATASETS[: config["model"]["num_domains"]]):
         cond = torch.tensor([[d, k] for d in range(10) for _ in range(10)])
@@ -101,12 +106,17 @@ def main(argv=None) -> None:
         imgs = sample_conditional_images(model, cond, idx, ab, args.seed, args.sampler, args.steps, args.guidance,
                                          device=device, amp_dtype=dtype)
         path = save_grid(out / f"grid_{name}.png", to_uint8(imgs), 10, 10, row_labels=digits, scale=args.scale)
+        write_figure_info(path, f"{DATASET_TITLES[name]} samples, 10x10: rows digits 0-9, columns ten noise draws",
+                          cmd, **settings)
         print(f"wrote {path}")
 
     frames = reverse_process(model, ab, rows, args.seed, args.guidance, device, dtype)
     path = save_grid(out / "reverse_process.png", to_uint8(frames.flatten(0, 1)), len(rows), len(REVERSE_TIMESTEPS),
                      row_labels=[row_label(k, d) for k, d in rows],
                      col_labels=[f"t={t}" for t in REVERSE_TIMESTEPS], scale=args.scale)
+    write_figure_info(path, f"reverse process ({args.year} report) of {', '.join(row_label(k, d) for k, d in rows)}"
+                      f" at t = {', '.join(map(str, REVERSE_TIMESTEPS))}", cmd,
+                      **{**settings, "sampler": "ddpm (ancestral)", "steps": len(ab)})
     print(f"wrote {path} ({args.year}: {', '.join(row_label(k, d) for k, d in rows)})")
 
 

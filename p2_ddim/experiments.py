@@ -11,7 +11,8 @@ eta-grid: rows eta = 0, 0.25, 0.5, 0.75, 1 (--etas), columns noises 00-03 (--noi
 noise of column NAME is drawn from --seed and NAME's number, so every row uses the same random stream.
 interpolate: one row, alpha = 0.0, 0.1, ..., 1.0, between noises 00 and 01 (--pair), DDIM with eta 0;
 slerp (spherical) or lerp (linear) interpolation of the initial noise. Images are min-max normalised each
-on its own, as in hw2_2.sh. The sampling flags are those of p2_ddim/infer.py.
+on its own, as in hw2_2.sh. The sampling flags are those of p2_ddim/infer.py. Beside the figure, OUT.png.json
+says what it shows, with the UNet, sampler, steps, seed and the command.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError, cli_main
+from common.figure_info import command_line, write_figure_info
 from common.fileio import check_writable
 from common.images import save_grid, to_uint8
 from p2_ddim.infer import add_sampling_args, check_sampling_args, load_model, load_noises, sample_faces_ddim, setup
@@ -137,6 +139,13 @@ def main(argv=None) -> None:
     images = _resize(images, args.scale)
     save_grid(out, images, len(row_labels), len(col_labels), row_labels=row_labels, col_labels=col_labels,
               label_size=max(10, images.shape[1] // 12))
+    if args.command == "eta-grid":
+        what = f"DDIM eta grid: rows eta = {', '.join(map(fmt, _floats(args.etas, '--etas')))}, columns noises " \
+               f"{', '.join(col_labels)}"
+    else:
+        what = f"{args.mode} of the initial noise between {args.pair.replace(',', ' and ')}, alpha 0 to 1, DDIM eta 0"
+    write_figure_info(out, what, command_line(__file__, argv), unet=args.unet, sampler="ddim", steps=args.steps,
+                      seed=args.seed if args.command == "eta-grid" else None)
     print(f"wrote {out} ({len(row_labels)}x{len(col_labels)}) in {time.time() - t0:.1f} s")
 
 

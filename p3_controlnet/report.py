@@ -5,7 +5,8 @@
 
 The ControlNet was trained on one circle a picture; this shows whether it generalises to two circles
 and to prompts naming two circle colours. Writes OUT (control | prompt 1 | prompt 2) and, beside it,
-OUT_control.png (the control image) and OUT_1.png, OUT_2.png (the generated images at full size).
+OUT_control.png (the control image), OUT_1.png, OUT_2.png (the generated images at full size) and
+OUT.png.json (what the figure shows, the weights, sampler, steps, seed and the command).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 import common.stable_diffusion as sdlib
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
+from common.figure_info import command_line, write_figure_info
 from common.fileio import check_writable
 from common.images import save_grid, save_png, to_uint8
 from p3_controlnet.model import (
@@ -100,6 +102,9 @@ def main(argv=None) -> None:
     for k, img in enumerate(images, start=1):
         save_png(f"{stem}_{k}.png", img)
     save_grid(out, np.stack([control_img, *images]), 1, 3, col_labels=["control"] + [f"prompt {k}" for k in (1, 2)])
+    write_figure_info(out, f"two-circle control and its two prompts: '{PROMPTS[0]}' | '{PROMPTS[1]}'",
+                      command_line(__file__, argv), controlnet=args.controlnet, sd=args.sd, sampler="ddim",
+                      steps=args.steps, guidance=args.guidance, seed=args.seed)
     print(f"wrote {out}: control | '{PROMPTS[0]}' | '{PROMPTS[1]}'")
 
 

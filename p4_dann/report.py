@@ -15,6 +15,7 @@ Writes to --out:
   results.json                   every number in the table, with the device
   tsne_<src>_<tgt>_digit.png     t-SNE of DANN features of source and target val images, by digit
   tsne_<src>_<tgt>_domain.png    the same points, by domain
+  tsne_*.png.json                what each plot shows, its checkpoint and the command
 The test splits are only scored here, after training; nothing is chosen by them.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError, cli_main
+from common.figure_info import command_line, write_figure_info
 from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic
 from p4_dann.data import MODES, load_split
 from p4_dann.model import SOURCE, load_dann, predict_logits
@@ -246,7 +248,7 @@ def format_table(results: dict, scenarios: list[tuple[str, str]], modes: list[st
 
 def run_report(data: str, runs: Path, out: Path, scenarios, modes, seed: int = 0, retrain: bool = False,
                extra: list[str] | None = None, tsne: bool = True, tsne_count: int = 1000, refresh_rate: int = 50,
-               jobs: int = 1, log=print) -> dict:
+               jobs: int = 1, log=print, command: str | None = None) -> dict:
     out = check_writable(out)
     check_writable(runs)
     splits: dict = {}
@@ -285,6 +287,11 @@ def run_report(data: str, runs: Path, out: Path, scenarios, modes, seed: int = 0
             paths = tsne_plots(model, config["eval_domain"], split(s, "val"), split(t, "val"),
                                out / f"tsne_{s}_{t}", scenario_name(s, t), tsne_count, seed)
             payload.setdefault("tsne", []).extend(str(p) for p in paths)
+            for p, kind in zip(paths, ("digit", "domain")):
+                write_figure_info(p, f"t-SNE of DANN features, {scenario_name(s, t)}: {tsne_count} source and "
+                                     f"{tsne_count} target val images (at most), coloured by {kind}",
+                                  command or command_line(__file__), checkpoint=runs / f"{s}_{t}" / "dann" /
+                                  "best.safetensors", seed=seed)
             log(f"wrote {', '.join(str(p) for p in paths)}")
     write_text_atomic(out / "results.json", json.dumps(payload, indent=2) + "\n")
     log(table)
@@ -333,7 +340,7 @@ def main(argv=None) -> None:
         raise UserError(f"--tsne-count must be >= 3, got {args.tsne_count}")
     run_report(args.data, Path(args.runs), Path(args.out), parse_scenarios(args.scenarios), parse_modes(args.modes),
                args.seed, args.retrain, args.train_args.split(), not args.no_tsne, args.tsne_count, args.refresh_rate,
-               args.jobs)
+               args.jobs, command=command_line(__file__, argv))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 # On real test digits written from ../shared/data/digits when it is there (the first 500 USPS test images and
 # SVHN images 900-1082), else on the ten USPS and five SVHN samples in assets/p4/. Then prints the
 # accuracy table of BENCHMARKS.md (or p4_report/p4_table.md) when present.
-# Writes demo_out/p4/{usps,svhn}_pred.csv (image_name,label).
+# Writes demo_out/p4/{usps,svhn}_pred.csv (image_name,label) and their accuracy, demo_out/p4/{usps,svhn}_accuracy.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/python_env.sh
 OUT="${OUT:-demo_out}"
 SHARED="${SHARED:-../shared/data/digits}"
+step() { "$PY" scripts/demo_step.py "$OUT" "$@"; }
 
 echo "== P4: DANN (MNIST-M -> USPS, MNIST-M -> SVHN) with the shipped checkpoints =="
 mkdir -p "$OUT/p4"
@@ -42,7 +43,9 @@ else
   echo "($SHARED not found: using the samples in assets/p4/)"
 fi
 for t in usps svhn; do
-  time bash hw2_dann.sh "$SAMPLES/$t" "$OUT/p4/${t}_pred.csv" --labels "$SAMPLES/${t}_labels.csv"
+  step "p4_$t" -- bash hw2_dann.sh "$SAMPLES/$t" "$OUT/p4/${t}_pred.csv"
+  step "p4_score_$t" -- "$PY" scripts/evaluate_labels.py --pred "$OUT/p4/${t}_pred.csv" \
+    --labels "$SAMPLES/${t}_labels.csv" --json "$OUT/p4/${t}_accuracy.json"
 done
 head -4 "$OUT/p4/usps_pred.csv"
 
@@ -54,4 +57,4 @@ elif [ -f p4_report/p4_table.md ]; then
 else
   echo "(no P4 table yet: python p4_dann/report.py --data hw2_data/digits writes p4_report/p4_table.md)"
 fi
-echo "P4 outputs: $OUT/p4/{usps,svhn}_pred.csv"
+echo "P4 outputs: $OUT/p4/{usps,svhn}_pred.csv, accuracy in $OUT/p4/{usps,svhn}_accuracy.json"

@@ -3,7 +3,10 @@
 * CourseLeNet: the course's MNIST-M grader (`Classifier.pth`), rebuilt layer for layer so its
   weights load strictly. Input: RGB in [0, 1] normalised with mean 0.5, std 0.5 per channel.
 * SvhnNet: a small conv-BN-ReLU network trained by scripts/train_digit_classifier.py on the real
-  SVHN images (the course grades SVHN-style digits with a hub model that cannot run here). Input:
+  SVHN images (the course grades SVHN-style digits with a hub model that cannot run here). The same
+  network, trained on real MNIST-M (`--dataset mnistm`), is this project's MNIST-M classifier
+  (checkpoints/mnistm_classifier.safetensors), which scores MNIST-M digits when the course's LeNet
+  is not at hand. Input:
   each image standardised on its own (zero mean, unit std over all its pixels), which takes away
   most of SVHN's brightness and contrast variation.
 

@@ -18,12 +18,14 @@ top-k classes are true; sum over images and divide by the sum of k. The last lin
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.errors import UserError, cli_main
+from common.fileio import write_text_atomic
 from p1_ddpm.iclevr_judge import (
     DEFAULT_OBJECTS,
     OWN_JUDGE,
@@ -68,6 +70,14 @@ def read_images(path: Path, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
 
 
+def _short(path) -> str:
+    """A path relative to the repository when inside it (as the page and the JSON show it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of 0.png..N-1.png (or a grid PNG)")
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="judge weights: the lab's checkpoint.pth (required for --judge lab); "
                         "default for --judge own: checkpoints/iclevr_judge.safetensors")
+    p.add_argument("--json", default=None, help="also write the score here (judge, checkpoint, hits, total, accuracy)")
     return p
 
 
@@ -98,6 +109,12 @@ def main(argv=None) -> float:
     acc = hits / total
     print(f"{args.judge} judge: {hits}/{total} objects in the top-k over {len(lists)} images")
     print(f"accuracy {acc:.4f}")
+    if args.json:
+        judge = "the lab's evaluator (ResNet-18)" if args.judge == "lab" else "this project's judge (iclevr_judge)"
+        report = {"judge": args.judge, "grader": judge, "checkpoint": _short(args.checkpoint or OWN_JUDGE),
+                  "images": str(args.images), "labels": str(args.labels), "image_count": len(lists),
+                  "hits": int(hits), "total": int(total), "accuracy": float(acc)}
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return acc
 
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Train SvhnNet, the classifier that scores SVHN-style generated digits, on the real SVHN images.
+"""Train SvhnNet, the small classifier that scores generated digits, on the real images of one data set.
 
-    python scripts/train_digit_classifier.py --data hw2_data/digits --out checkpoints/svhn_classifier.safetensors
+    python scripts/train_digit_classifier.py --data hw2_data/digits --extra mnistm   # checkpoints/svhn_classifier
+    python scripts/train_digit_classifier.py --data hw2_data/digits --dataset mnistm \
+        --widths 16,32,64 --epochs 4 --threads 1                                     # checkpoints/mnistm_classifier
 
-Reads the course layout `<data>/svhn/{train,val,test}.csv` + `data/*.png` (28x28 RGB). Trains on
+Reads the course layout `<data>/<dataset>/{train,val,test}.csv` + `data/*.png` (28x28 RGB; write it
+with scripts/prepare_digits.py, whose val.csv is a seeded 10% of the training arrays). Trains on
 train.csv with augmentation meant for street-view digits (small random rotation/scale/shear/shift,
 colour jitter, channel shuffles, inversion, greyscale, blur and noise; never a horizontal flip),
 keeps the epoch with the best val.csv accuracy (ties: lower val loss), and only after that scores
-test.csv once, as the reported number. `--extra mnistm` also draws a batch of MNIST-M training
-images (`<data>/mnistm/train.csv`) into every step. Writes the checkpoint atomically (fp16 when
-that changes no prediction on train+val) with a JSON sidecar holding the metrics.
+test.csv once, as the reported number. `--extra mnistm` (or `svhn`) also draws a batch of that data
+set's training images (`<data>/<extra>/train.csv`) into every step. Writes the checkpoint atomically
+(fp16 when that changes no prediction on train+val) with a JSON sidecar holding the metrics.
 """
 from __future__ import annotations
 
@@ -102,15 +105,15 @@ def train(args) -> dict:
     seed_everything(args.seed)
     device = pick_device(args.device)
     root = Path(args.data)
-    train_set = CourseImageFolder(root, "svhn", "train")
-    val_set = CourseImageFolder(root, "svhn", "val")
+    train_set = CourseImageFolder(root, args.dataset, "train")
+    val_set = CourseImageFolder(root, args.dataset, "val")
     x_tr, y_tr = train_set.images.to(device), train_set.labels.to(device)
     x_extra = y_extra = None
-    if args.extra == "mnistm":
-        x_extra, y_extra = load_subset(root, "mnistm", args.extra_count, args.seed)
+    if args.extra != "none":
+        x_extra, y_extra = load_subset(root, args.extra, args.extra_count, args.seed)
         x_extra, y_extra = x_extra.to(device), y_extra.to(device)
-    print(f"svhn: {len(y_tr)} train, {len(val_set)} val" +
-          (f"; mnistm extra: {len(y_extra)} images, {args.extra_batch} per step" if x_extra is not None else ""))
+    print(f"{args.dataset}: {len(y_tr)} train, {len(val_set)} val" +
+          (f"; {args.extra} extra: {len(y_extra)} images, {args.extra_batch} per step" if x_extra is not None else ""))
 
     model = SvhnNet(widths=args.widths, dropout=args.dropout).to(device)
     ema = EMA(model, args.ema).to(device) if args.ema > 0 else None
@@ -129,7 +132,7 @@ def train(args) -> dict:
     best = {"val_accuracy": -1.0, "val_loss": float("inf"), "epoch": 0}
     best_state = None
     history = []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     bar = tqdm(range(1, args.epochs + 1), desc="train SvhnNet", unit="epoch")
     for epoch in bar:
         model.train()
@@ -156,12 +159,12 @@ def train(args) -> dict:
             best = {"val_accuracy": acc, "val_loss": vloss, "epoch": epoch}
             best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{acc:.3f}", best=f"{best['val_accuracy']:.3f}@{best['epoch']}")
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
 
     final = SvhnNet(widths=args.widths, dropout=args.dropout)
     final.load_state_dict(best_state)
     final.eval()
-    return {"model": final, "best": best, "history": history, "seconds": seconds,
+    return {"model": final, "best": best, "history": history, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "train_set": train_set, "val_set": val_set}
 
 
@@ -178,12 +181,14 @@ def choose_dtype(model: SvhnNet, images: torch.Tensor) -> torch.dtype | None:
 @cli_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="course digits root holding svhn/ (and mnistm/ for --extra)")
-    p.add_argument("--out", default="checkpoints/svhn_classifier.safetensors", help="output .safetensors")
-    p.add_argument("--extra", choices=["none", "mnistm"], default="none",
-                   help="also train on MNIST-M images drawn into every batch")
-    p.add_argument("--extra-count", type=int, default=5000, help="MNIST-M training images loaded for --extra")
-    p.add_argument("--extra-batch", type=int, default=32, help="MNIST-M images added to every batch")
+    p.add_argument("--data", required=True, help="course digits root holding <dataset>/ (and <extra>/ for --extra)")
+    p.add_argument("--dataset", choices=["svhn", "mnistm"], default="svhn", help="the data set to classify")
+    p.add_argument("--out", default=None,
+                   help="output .safetensors (default: checkpoints/<dataset>_classifier.safetensors)")
+    p.add_argument("--extra", choices=["none", "mnistm", "svhn"], default="none",
+                   help="also train on images of this other data set drawn into every batch")
+    p.add_argument("--extra-count", type=int, default=5000, help="training images of --extra loaded")
+    p.add_argument("--extra-batch", type=int, default=32, help="images of --extra added to every batch")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -199,6 +204,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-test", action="store_true", help="skip the final test.csv score (for model search)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"checkpoints/{args.dataset}_classifier.safetensors"
+    if args.extra == args.dataset:
+        raise UserError(f"--extra {args.extra}: already the --dataset; choose another data set or none")
     if not str(args.out).endswith(".safetensors"):
         raise UserError(f"--out {args.out}: must end in .safetensors")
     if args.epochs < 1 or args.batch_size < 1:
@@ -215,6 +224,7 @@ def main(argv=None) -> None:
     dtype = choose_dtype(model, torch.cat([train_set.images, val_set.images]))
     metrics = {"val_accuracy": best["val_accuracy"], "val_loss": round(best["val_loss"], 4),
                "best_epoch": best["epoch"], "train_seconds": round(result["seconds"], 1),
+               "train_cpu_seconds": round(result["cpu_seconds"], 1), "train_threads": torch.get_num_threads(),
                "weights_dtype": "float16" if dtype == torch.float16 else "float32",
                "history": result["history"]}
     train_config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads", "no_test")}
@@ -222,11 +232,11 @@ def main(argv=None) -> None:
     save_svhn_net(out, model, train_config, metrics, dtype=dtype)
     print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.4f} (val loss {best['val_loss']:.4f})")
     if not args.no_test:
-        test_csv = Path(args.data) / "svhn" / "test.csv"
+        test_csv = Path(args.data) / args.dataset / "test.csv"
         if not test_csv.is_file():
             print(f"note: {test_csv} not found, no test accuracy", file=sys.stderr)
         else:
-            test_set = CourseImageFolder(args.data, "svhn", "test")
+            test_set = CourseImageFolder(args.data, args.dataset, "test")
             saved = load_svhn_net(out)  # score exactly the weights that were written
             test_acc, _ = evaluate(saved, test_set.images, test_set.labels)
             metrics["test_accuracy"] = test_acc

@@ -201,11 +201,17 @@ def test_error_bad_checkpoints(good_folder, tmp_path, capsys):
     sd["fc3.weight"] = torch.zeros(5, 64)
     torch.save({"state_dict": sd}, wrong)
     assert str(wrong) in run_error(capsys, ["--folder", str(good_folder), "--checkpoint", str(wrong)])
-    # a missing checkpoint, and none given for an MNIST-M folder
+    # a missing checkpoint; none given for an MNIST-M folder scores it with our MNIST-M classifier, whose file
+    # is named when it is missing
     assert "missing.pth" in run_error(
         capsys, ["--folder", str(good_folder), "--checkpoint", str(tmp_path / "missing.pth")]
     )
-    assert str(good_folder) in run_error(capsys, ["--folder", str(good_folder)])
+    report = evaluate_digits.main(["--folder", str(good_folder)])
+    assert next(iter(report["sets"].values()))["classifier"] == "MnistmNet"
+    capsys.readouterr()
+    assert "nomnistm.safetensors" in run_error(
+        capsys, ["--folder", str(good_folder), "--mnistm-checkpoint", str(tmp_path / "nomnistm.safetensors")]
+    )
 
 
 def test_error_non_safetensors_file_named_safetensors(good_folder, tmp_path, capsys):

@@ -414,8 +414,8 @@ def test_experiments_eta_grid_and_interpolation(face_dir, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_demo_p2_without_face_dir_says_what_it_needs():
-    env = dict(_env())
+def test_demo_p2_without_face_dir_says_what_it_needs(tmp_path):
+    env = dict(_env(), OUT=str(tmp_path / "demo_out"))  # the skip record goes there, not into the repository
     env.pop("FACE_DIR", None)
     r = subprocess.run(["bash", str(REPO / "scripts" / "demo_p2.sh")], capture_output=True, text=True, env=env,
                        timeout=60)
