@@ -111,3 +111,44 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path:
                         f"model {tuple(own[k].shape)} ({len(bad)} tensors differ)")
     check_finite(state_dict, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+# ------------------------------------------------------------------------- Lightning checkpoints for --resume
+
+def read_resume_checkpoint(path: str | os.PathLike, program: str, hparams: tuple[str, ...] = ()) -> dict:
+    """The Lightning checkpoint that --resume names, read (memory-mapped) and checked before a trainer writes
+    anything: a torch file holding a dict with 'state_dict', 'global_step' and the hyper-parameters `hparams`
+    (which tell one trainer's checkpoint from another's). A truncated file, another program's checkpoint or
+    not a checkpoint at all is a one-line UserError '<path>: not a checkpoint of <program> (...)'."""
+    from common.errors import one_line
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a truncated zip, a pickle error, a file of another format
+        raise UserError(f"{path}: not a checkpoint of {program} ({one_line(e)})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of {program} (not a Lightning checkpoint)")
+    hp = ckpt.get("hyper_parameters")
+    missing = [k for k in hparams if not isinstance(hp, dict) or k not in hp]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of {program} (it has no hyper-parameter {missing[0]!r})")
+    return ckpt
+
+
+def check_resume_fits(path: str | os.PathLike, ckpt: dict, module: torch.nn.Module, program: str,
+                      keys=None, strict: bool = True) -> None:
+    """UserError unless the module's tensors (those whose names pass `keys`, a predicate; default all) are in
+    the --resume checkpoint `ckpt` (read_resume_checkpoint) with the same shapes, and (strict) the checkpoint
+    holds no others: a checkpoint of a run with other settings fails here, in one line, not in Lightning."""
+    state = ckpt["state_dict"]
+    own = {k: v for k, v in module.state_dict().items() if keys is None or keys(k)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in state if (keys is None or keys(k)) and k not in own) if strict else []
+    if missing or unexpected:
+        raise UserError(f"{path}: not a checkpoint of this {program} run: {len(missing)} tensors missing "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for k, v in own.items():
+        found = state[k]
+        if not torch.is_tensor(found) or tuple(found.shape) != tuple(v.shape):
+            shape = tuple(found.shape) if torch.is_tensor(found) else type(found).__name__
+            raise UserError(f"{path}: tensor {k!r} is {shape} there, {tuple(v.shape)} in this run's model "
+                            f"(trained with other settings? resume with the same flags, or start a new --out)")

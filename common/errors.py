@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -21,18 +23,41 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def cli_main(fn):
-    """Wrap a `main()` so a UserError prints `error: ...` on stderr and exits 2."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt), so that `finally` blocks and
+    common.fileio.all_or_nothing clean up before the program exits."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def cli_main(fn=None, *, sigterm: bool = False):
+    """Wrap a `main()` so a UserError prints `error: ...` on stderr and exits 2, and Ctrl-C prints one line and
+    exits 130. With sigterm=True (the commands that write outputs, not the Lightning trainers, which handle
+    SIGTERM themselves), SIGTERM is handled like Ctrl-C: one line, exit 143, temp files removed on the way out.
+
+    Use as `@cli_main` or `@cli_main(sigterm=True)`."""
+    if fn is None:
+        return functools.partial(cli_main, sigterm=sigterm)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        install = sigterm and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if install else None
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Terminated:
+            print("terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+            sys.exit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            if install:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from common.fileio import atomic_path
+from common.fileio import all_or_nothing, atomic_path
 
 
 def to_uint8(images: torch.Tensor, value_range: str = "minus1_1") -> np.ndarray:
@@ -44,18 +44,13 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 def save_pngs(out: str | os.PathLike, names: Sequence[str], images: np.ndarray) -> None:
-    """Write images[k] to out/names[k] (each atomically); if any write fails, remove the ones this call
-    wrote, so a failed run leaves no partial set behind."""
+    """Write images[k] to out/names[k], all or nothing (common.fileio.all_or_nothing): if any write fails or
+    the run is interrupted, no file is added or replaced. Inside a caller's all_or_nothing block, the files
+    land when that block ends."""
     out = Path(out)
-    written = []
-    try:
+    with all_or_nothing():
         for name, img in zip(names, images, strict=True):
             save_png(out / name, img)
-            written.append(out / name)
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
 
 
 def _font(size: int):

@@ -2,12 +2,14 @@
 a model, and the command-line flags every trainer has (devices, precision, resume, seed)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 from pathlib import Path
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback, Checkpoint
 
 from common.fileio import atomic_path
 
@@ -22,16 +24,113 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-def last_checkpoint_callback(out: str | os.PathLike, every_n_train_steps: int):
-    """Writes `<out>/last.ckpt` every N optimiser steps, always to that name.
+class LastCheckpoint(Checkpoint):
+    """Writes `<out>/last.ckpt` every N optimiser steps, at the last step and when the run is stopped early
+    (e.g. by --max-minutes), always to that name, at the END of that step: after the step's validation and what
+    hangs on it (exports, the best model, sample grids) when one runs, else right after the step.
 
-    Lightning's version counter would write `last-v1.ckpt` beside an existing `last.ckpt` whenever the
-    callback's saved state is not restored, which happens when a run is resumed with another save interval
-    (Lightning keys that state by the interval); `--resume` would then silently read the stale `last.ckpt`."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    return ModelCheckpoint(dirpath=out, filename="step{step:06d}", save_last=True, save_top_k=0,
-                           every_n_train_steps=every_n_train_steps, auto_insert_metric_name=False,
-                           enable_version_counter=False)
+    Lightning's ModelCheckpoint writes before the step's validation; a run killed between the two and resumed
+    skips that validation for good (Lightning counts it as done), so its exports and samples were never made
+    and the choice of the best model differed. Written at the end of the step, every checkpoint is one an
+    uninterrupted run passes through: resumed from it, a run continues exactly (with batches and noise drawn
+    from the step, see common.step_batches and StepSeed)."""
+
+    def __init__(self, out: str | os.PathLike, every_n_train_steps: int):
+        self.out, self.every = Path(out), every_n_train_steps
+        self._saved_step = None    # the step last.ckpt holds
+        self._step_at_start = None  # global_step when the current batch began
+        self._pending = False       # this step's checkpoint waits for its validation
+
+    def save(self, trainer) -> None:
+        trainer.save_checkpoint(self.out / "last.ckpt")
+        self._saved_step, self._pending = trainer.global_step, False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run does not write its starting point again
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[BATCHES_PER_STEP_KEY] = {"world_size": trainer.world_size,
+                                            "accumulate": trainer.accumulate_grad_batches}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        check_batches_per_step(checkpoint.get(BATCHES_PER_STEP_KEY), trainer.world_size,
+                               trainer.accumulate_grad_batches, trainer.ckpt_path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step_at_start or step == self._saved_step:
+            return  # no optimiser step in this batch (gradient accumulation), or saved already
+        if not (self.every > 0 and step % self.every == 0) and not trainer.should_stop:
+            return
+        # the very test Lightning's loop makes right after this hook to decide whether to validate now
+        # (pytorch-lightning is pinned: requirements.txt)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._pending = True
+        else:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # callbacks that are Checkpoints run after all others: exports and samples of this validation are done
+        if self._pending and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # the final step too (max_steps not a multiple of N), or one whose validation did not run after all
+        if self._pending or (self._saved_step is not None and trainer.global_step != self._saved_step):
+            self.save(trainer)
+
+
+BATCHES_PER_STEP_KEY = "hw2_batches_per_step"
+
+
+def check_batches_per_step(saved: dict | None, world_size: int, accumulate: int, ckpt_path) -> None:
+    """--resume across a change of processes: a step's batches are the positions step x P .. step x P + P - 1 of the
+    run's stream (common.step_batches), P = processes x gradient accumulation. A run with the same P continues
+    exactly (the same batches and noise a step; with another split of P between processes and accumulation the
+    sum of the gradients is the same up to rounding); with another P it would read batches again or skip some, so
+    it is refused. Checkpoints from before this check carry no record and are not checked."""
+    from common.errors import UserError
+    if not saved:
+        return
+    was_ws, was_acc = int(saved["world_size"]), int(saved["accumulate"])
+    if was_ws * was_acc == world_size * accumulate:
+        return
+    hint = (f"resume on {was_ws} process(es) (--devices x --num-nodes = {was_ws})" +
+            (f", or keep processes x --accumulate = {was_ws * was_acc}" if accumulate > 1 or was_acc > 1 else ""))
+    raise UserError(
+        f"{ckpt_path}: written by a run of {was_ws} process(es) x {was_acc} accumulated batch(es) = "
+        f"{was_ws * was_acc} batches a step; this run has {world_size} x {accumulate} = {world_size * accumulate}. "
+        f"Every step's batches and noise are counted in those positions, so it cannot continue that run: {hint}")
+
+
+def last_checkpoint_callback(out: str | os.PathLike, every_n_train_steps: int) -> LastCheckpoint:
+    """The `<out>/last.ckpt` writer of every trainer (see LastCheckpoint)."""
+    return LastCheckpoint(out, every_n_train_steps)
+
+
+class StepSeed(Callback):
+    """Seeds torch's global generators (CPU and every CUDA device) before each training batch from (seed,
+    position) alone: position = the run's batch index x world size + rank, counted from the start of training
+    and restored by --resume. So the noise, timesteps, dropout masks and condition dropout a training step
+    draws from the global generators are the same in a resumed run as in an uninterrupted one, and differ
+    between ranks."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._batch = 0  # the run's batch index b, as common.step_batches counts it
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._batch = trainer.global_step * trainer.accumulate_grad_batches
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from common.step_batches import NOISE, derived_seed
+        position = self._batch * trainer.world_size + trainer.global_rank
+        self._batch += 1
+        torch.manual_seed(derived_seed(self.seed, NOISE, position))
 
 
 class EMA(torch.nn.Module):
@@ -117,7 +216,42 @@ def resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
-def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/last.ckpt", num_workers: int = 0) -> None:
+def num_workers_flag(value: str) -> int | str:
+    """--num-workers: a count, or 'auto' (see resolve_num_workers)."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a count or 'auto', not {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def resolve_num_workers(args, decodes: bool = True) -> int:
+    """--num-workers auto (set args.num_workers to the count): 0 on the CPU, where the loader's workers take cores
+    from the training itself (scripts/bench_loader.py), and for data held in memory (decodes=False: P1's digits,
+    whose batches the main process collates faster than workers hand them over); on CUDA the cores this process
+    has, less one for itself, at most 6: SLURM's --cpus-per-task when set, else the cores this process may run
+    on shared by the node's processes (--devices)."""
+    if args.num_workers != "auto":
+        return args.num_workers
+    workers = 0
+    if decodes and resolve_accelerator(args.accelerator) == "gpu":
+        if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+            cores = int(os.environ["SLURM_CPUS_PER_TASK"])
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            per_node = torch.cuda.device_count() if args.devices == "auto" else int(args.devices)
+            cores //= max(1, per_node)
+        workers = max(0, min(6, cores - 1))
+    args.num_workers = workers
+    return workers
+
+
+def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/last.ckpt",
+                      num_workers: int | str = "auto") -> None:
     """The flags every trainer shares: --accelerator, --devices, --num-nodes, --precision, --resume,
     --max-minutes, --num-workers, --seed, --quiet.
 
@@ -134,20 +268,24 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
                    help=f"resume from a Lightning checkpoint (no value: {resume_help})")
     g.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this much wall time (--resume continues)")
-    g.add_argument("--num-workers", type=int, default=num_workers,
-                   help=f"data-loading worker processes (default: {num_workers})")
+    g.add_argument("--num-workers", type=num_workers_flag, default=num_workers,
+                   help=f"data-loading worker processes per process, or auto: 0 on CPU, on CUDA the process's share "
+                        f"of the cores less one, at most 6 (default: {num_workers})")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def make_trainer(args, *, out: Path, precision: str, max_steps: int, checkpoint_every: int, callbacks=(),
                  val_every: int | None = None, limit_val_batches: float = 1.0, log_every_n_steps: int = 25,
-                 **trainer_kwargs):
+                 seed_steps: bool = False, **trainer_kwargs):
     """The Lightning Trainer every trainer uses, from the shared flags in `args` (add_trainer_flags).
 
-    Writes `<out>/last.ckpt` atomically every `checkpoint_every` optimiser steps and CSV logs to
-    `<out>/logs/`; validates every `val_every` steps (None: never). `precision` is Lightning's string
-    (common.device.lightning_precision); other pl.Trainer arguments pass through."""
+    Writes `<out>/last.ckpt` atomically every `checkpoint_every` optimiser steps, at the end of the step
+    (LastCheckpoint), and CSV logs to `<out>/logs/`; validates every `val_every` steps (None: never).
+    seed_steps: seed the global generators before each batch from --seed and the batch's position (StepSeed);
+    with a common.step_batches loader, a resumed run then ends bit-identical to an uninterrupted one.
+    `precision` is Lightning's string (common.device.lightning_precision); other pl.Trainer arguments pass
+    through."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
@@ -160,7 +298,9 @@ def make_trainer(args, *, out: Path, precision: str, max_steps: int, checkpoint_
         accelerator=accelerator, devices=devices, num_nodes=args.num_nodes, strategy=strategy, precision=precision,
         max_steps=max_steps, max_time={"minutes": args.max_minutes} if args.max_minutes else None,
         num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"), log_every_n_steps=log_every_n_steps,
-        callbacks=[last_checkpoint_callback(out, checkpoint_every), *callbacks], plugins=[AtomicCheckpointIO()],
+        callbacks=[last_checkpoint_callback(out, checkpoint_every), *([StepSeed(args.seed)] if seed_steps else []),
+                   *callbacks],
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, enable_progress_bar=not args.quiet, default_root_dir=out,
         **validation, **trainer_kwargs,
     )

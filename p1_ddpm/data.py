@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from common.datasets import CourseImageFolder
 from common.errors import UserError
+from common.step_batches import BatchStream, step_batch_loader
 
 DIGIT_DATASETS = ("mnistm", "svhn")  # the dataset index is the position here
 
@@ -57,11 +58,12 @@ class DigitsDataModule(pl.LightningDataModule):
             self.val_set = DigitUnionDataset(self.root, "val", self.datasets)
 
     def train_dataloader(self) -> DataLoader:
+        # each data epoch draws len(train_set) images with replacement by the weights, from (seed, epoch):
+        # the batches of a step never depend on where a run was resumed (common.step_batches)
         weights = self.train_set.sample_weights(self.temperature)
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        stream = BatchStream(self.train_set, self.batch_size, self.seed, weights=weights)
+        return step_batch_loader(self.trainer, stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=256, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

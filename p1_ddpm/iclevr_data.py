@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.errors import UserError
 from common.fileio import folder_error
+from common.step_batches import BatchStream, step_batch_loader
 from p1_ddpm.render_iclevr import check_label_list, load_json
 
 IMAGE_SIZE = 64
@@ -68,7 +69,10 @@ def load_image(path: Path) -> np.ndarray:
 
 
 class ICLEVRDataset(Dataset):
-    """Items are (uint8 image 3x64x64, float multi-hot (K,)); everything is decoded once, up front."""
+    """Items are (uint8 image 3x64x64, float multi-hot (K,)). The label lists are read and every image file is
+    checked to be there up front (a missing file fails before training starts); the images are decoded when an
+    item is read (in the loader's workers), so start-up does not decode the whole folder. `images` decodes them
+    all at once, for code that wants one tensor (the judge's trainer)."""
 
     def __init__(self, root: str | os.PathLike, names: list[str] | None = None, labels_json: str | None = None,
                  objects_json: str | None = None):
@@ -81,15 +85,31 @@ class ICLEVRDataset(Dataset):
         if not isinstance(labels, dict) or not labels:
             raise UserError(f"{labels_path}: expected a non-empty object mapping image files to label lists")
         self.names = list(labels) if names is None else list(names)
-        image_dir = find_image_dir(root)
+        self.image_dir = find_image_dir(root)
         self.cond = torch.stack([multi_hot(labels[n], self.objects, f"{labels_path} entry {n!r}") for n in self.names])
-        self.images = torch.from_numpy(np.stack([load_image(image_dir / n) for n in self.names])).permute(0, 3, 1, 2)
+        for n in self.names:
+            if not (self.image_dir / n).is_file():
+                raise UserError(f"{self.image_dir / n}: image listed in train.json not found")
+        self._images: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def image(self, i: int) -> torch.Tensor:
+        """Image i, decoded now: uint8 (3, 64, 64)."""
+        return torch.from_numpy(load_image(self.image_dir / self.names[i]).copy()).permute(2, 0, 1)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image, decoded once and kept: uint8 (N, 3, 64, 64)."""
+        if self._images is None:
+            self._images = torch.from_numpy(np.stack([load_image(self.image_dir / n) for n in self.names])
+                                            ).permute(0, 3, 1, 2)
+        return self._images
+
     def __getitem__(self, i: int):
-        return self.images[i], self.cond[i]
+        image = self._images[i] if self._images is not None else self.image(i)
+        return image, self.cond[i]
 
 
 def split_names(root: str | os.PathLike, val_fraction: float, seed: int,
@@ -126,9 +146,10 @@ class ICLEVRDataModule(pl.LightningDataModule):
         return self.train_set.objects
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # a fresh permutation from (seed, data epoch) each pass; batches depend on the step alone (common.step_batches)
+        stream = BatchStream(self.train_set, self.batch_size, self.seed)
+        return step_batch_loader(self.trainer, stream, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=128, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=128, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)

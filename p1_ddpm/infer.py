@@ -6,7 +6,8 @@
     python p1_ddpm/infer.py --layout 2025 --out OUT  # even digits in OUT/mnistm/, odd digits in OUT/svhn/
 
 Files are named {digit}_{index:03d}.png (index from 001), 28x28 RGB. Image k's noise comes only from
---seed and (dataset, digit, index), so any image is the same whatever the layout or --batch-size.
+--seed and (dataset, digit, index), so any image is the same whatever the layout or --batch-size (to the bit
+on the CPU, batch sizes 1 and 3 included: common.seeding.BATCH_QUANTUM; CUDA kernels may round otherwise).
 Sampler: DPM-Solver++(2M) by default (see BENCHMARKS.md for why); --sampler ddim|ddpm for the others.
 
 i-CLEVR (--task iclevr, the multi-label lab variant, 64x64):
@@ -29,7 +30,7 @@ import torch
 
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.fileio import check_writable, ensure_dir
+from common.fileio import all_or_nothing, check_writable, remove_stale_temps
 from common.images import save_grid, save_pngs, to_uint8
 from common.seeding import PerSampleNoise, seed_everything
 from p1_ddpm.data import DIGIT_DATASETS
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     task_defaults = DEFAULTS if args.task == "digits" else ICLEVR_DEFAULTS
@@ -130,20 +131,19 @@ def main(argv=None) -> None:
         return main_iclevr(args)
     t0 = time.time()
     device = pick_device(args.device)
+    out = check_writable(args.out)  # fail before loading or sampling anything, creating nothing
     model, config = load_unet(args.checkpoint, device)
-    out = check_writable(args.out)  # fail before spending time sampling, creating nothing
     seed_everything(args.seed)
     if config["model"].get("condition") != "digits":
         raise UserError(f"{args.checkpoint}: not a digits model (condition {config['model'].get('condition')!r})")
     ab = schedule_of(config)
     names, cond, indices = plan(args.layout)
+    remove_stale_temps(*{out / os.path.dirname(n) for n in names})  # what a killed earlier run left
     dtype = autocast_dtype(device, args.precision)
     images = sample_conditional_images(model, cond, indices, ab, args.seed, args.sampler, args.steps, args.guidance,
                                        args.eta, batch_size=args.batch_size, device=device, amp_dtype=dtype,
                                        progress=not args.quiet)
-    for sub in {os.path.dirname(n) for n in names}:
-        ensure_dir(out / sub)
-    save_pngs(out, names, to_uint8(images))
+    save_pngs(out, names, to_uint8(images))  # all or nothing: a failure or SIGTERM adds no file and no folder
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
 
@@ -167,6 +167,7 @@ def main_iclevr(args) -> None:
     if args.denoise_frames < 8:
         raise UserError(f"--denoise-frames must be >= 8, got {args.denoise_frames}")
     device = pick_device(args.device)
+    out = check_writable(args.out)  # fail before loading or sampling anything, creating nothing
     model, config = load_unet(args.checkpoint, device)
     if config["model"].get("condition") != "multihot":
         raise UserError(f"{args.checkpoint}: not an i-CLEVR model (condition {config['model'].get('condition')!r})")
@@ -193,38 +194,40 @@ def main_iclevr(args) -> None:
         states = 1 + sampler_calls(args.sampler, config["num_train_steps"], args.steps)
         if len(denoise_frame_indices(states, args.denoise_frames)) < 8:  # checked before anything is written
             raise UserError(f"--denoise needs at least 8 frames: use --steps >= 7 (got --steps {args.steps})")
-    out = check_writable(args.out)  # every input checked: only now spend time sampling
+    remove_stale_temps(out, *(out / stem for stem in stems))  # every input checked: only now spend time sampling
     seed_everything(args.seed)
     ab = schedule_of(config)
     dtype = autocast_dtype(device, args.precision)
     common = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, eta=args.eta,
                   batch_size=args.batch_size, device=device, amp_dtype=dtype)
     size = config["model"]["image_size"]
-    for stem, _lists, cond in jobs:
-        images = to_uint8(sample_conditional_images(model, cond, range(len(cond)), ab, args.seed,
-                                                    progress=not args.quiet, **common))
-        ensure_dir(out / stem)
-        save_pngs(out / stem, [f"{k}.png" for k in range(len(images))], images)
-        rows = -(-len(images) // GRID_COLUMNS)
-        cols = min(GRID_COLUMNS, len(images))
-        blank = np.full((rows * cols - len(images), size, size, 3), 255, np.uint8)
-        save_grid(out / f"{stem}_grid.png", np.concatenate([images, blank]), rows, cols)
-        print(f"wrote {len(images)} images to {out / stem} and the grid {out / (stem + '_grid.png')}")
-    if denoise_cond is not None:
-        states = []
+    notes = []
+    with all_or_nothing():  # every file lands at the end: a failure or SIGTERM adds no file and no folder
+        for stem, _lists, cond in jobs:
+            images = to_uint8(sample_conditional_images(model, cond, range(len(cond)), ab, args.seed,
+                                                        progress=not args.quiet, **common))
+            save_pngs(out / stem, [f"{k}.png" for k in range(len(images))], images)
+            rows = -(-len(images) // GRID_COLUMNS)
+            cols = min(GRID_COLUMNS, len(images))
+            blank = np.full((rows * cols - len(images), size, size, 3), 255, np.uint8)
+            save_grid(out / f"{stem}_grid.png", np.concatenate([images, blank]), rows, cols)
+            notes.append(f"wrote {len(images)} images to {out / stem} and the grid {out / (stem + '_grid.png')}")
+        if denoise_cond is not None:
+            states = []
 
-        def record(i, t, x, x0):
-            states.append(x.detach().float().cpu().clone())
+            def record(i, t, x, x0):
+                states.append(x.detach().float().cpu().clone())
 
-        x_T = PerSampleNoise(args.seed, [0]).randn(3, size, size)  # the sampler's start for index 0
-        sample_conditional_images(model, denoise_cond, [0], ab, args.seed, callback=record, **common)
-        states = [x_T] + states
-        keep = denoise_frame_indices(len(states), args.denoise_frames)
-        if len(keep) < 8:
-            raise UserError(f"--denoise needs at least 8 frames: use --steps >= 7 (got --steps {args.steps})")
-        frames = to_uint8(torch.cat([states[i] for i in keep]))
-        save_grid(out / "denoise.png", frames, 1, len(frames))
-        print(f"wrote {out / 'denoise.png'} ({len(frames)} frames from noise to result: {args.denoise})")
+            x_T = PerSampleNoise(args.seed, [0]).randn(3, size, size)  # the sampler's start for index 0
+            sample_conditional_images(model, denoise_cond, [0], ab, args.seed, callback=record, **common)
+            states = [x_T] + states
+            keep = denoise_frame_indices(len(states), args.denoise_frames)
+            if len(keep) < 8:
+                raise UserError(f"--denoise needs at least 8 frames: use --steps >= 7 (got --steps {args.steps})")
+            frames = to_uint8(torch.cat([states[i] for i in keep]))
+            save_grid(out / "denoise.png", frames, 1, len(frames))
+            notes.append(f"wrote {out / 'denoise.png'} ({len(frames)} frames from noise to result: {args.denoise})")
+    print("\n".join(notes))
     print(f"done in {time.time() - t0:.1f} s ({args.sampler} {args.steps} steps, guidance {args.guidance}, "
           f"seed {args.seed})")
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
 from common.device import autocast
-from common.seeding import PerSampleNoise
+from common.seeding import PerSampleNoise, pad_items, padded_size
 from p1_ddpm.model import eps_from_output
 
 SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
@@ -149,12 +149,17 @@ def sample_conditional_images(model: torch.nn.Module, cond: torch.Tensor, indice
     pbar = tqdm(total=len(indices), desc=f"sampling ({sampler})", disable=not progress, unit="img")
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        c = cond[start:start + batch_size].to(device)
-        noise = PerSampleNoise(seed, idx, device)
+        n = len(idx)
+        # padded with copies of the last image (dropped) so that the network's batch has a size whose CPU
+        # kernels give every image the bits of any other batch size (common.seeding.BATCH_QUANTUM)
+        size = padded_size(n, 1 if guidance == 1.0 else 2, device)
+        c = pad_items(cond[start:start + batch_size], size).to(device)
+        noise = PerSampleNoise(seed, pad_items(idx, size), device)
         x_T = noise.randn(*shape).contiguous(memory_format=torch.channels_last)
         eps_fn = guided_eps_fn(model, c, guidance, alphas_cumprod, amp_dtype)
+        step_callback = None if callback is None else (lambda i, t, x, x0, n=n: callback(i, t, x[:n], x0[:n]))
         outs.append(run_sampler(sampler, eps_fn, x_T, alphas_cumprod, noise, steps, eta, clip_x0,
-                                callback=callback).float().cpu())
-        pbar.update(len(idx))
+                                callback=step_callback)[:n].float().cpu())
+        pbar.update(n)
     pbar.close()
     return torch.cat(outs)

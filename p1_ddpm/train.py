@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
-from common.checkpoint import read_checkpoint, save_checkpoint
+from common.checkpoint import read_checkpoint, read_resume_checkpoint, save_checkpoint
 from common.config import add_config_flags, config_from_args, explicit_flags, pre_parse
 from common.device import lightning_precision, setup_cuda_fast_math
-from common.errors import UserError, cli_main, one_line
+from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
@@ -43,6 +43,7 @@ from common.lightning_utils import (
     add_trainer_flags,
     make_trainer,
     resolve_accelerator,
+    resolve_num_workers,
     resolve_resume,
 )
 from common.schedules import SCHEDULES, alphas_cumprod, make_betas
@@ -273,6 +274,7 @@ def parse_config(argv) -> tuple[argparse.Namespace, P1TrainConfig, set[str]]:
     task = pre_parse(argv, ("--task", "digits")).task
     task = task if task in TASKS else "digits"  # an unknown task is reported by the full parser
     args = build_parser(task).parse_args(argv)
+    resolve_num_workers(args, decodes=args.task == "iclevr")  # the digits are held in memory
     config = config_from_args(TASK_CONFIGS[args.task], args)
     return args, config, explicit_flags(lambda: build_parser(args.task), argv)
 
@@ -330,11 +332,8 @@ def main(argv=None) -> None:
     init_state = None
     if resume is not None:
         # the network and its schedule are the checkpoint's, whatever the flags say now
-        try:
-            hparams = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
-            model_config, saved = hparams["model_config"], hparams["train"]
-        except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
-            raise UserError(f"{resume}: not a checkpoint of p1_ddpm/train.py ({one_line(e)})") from None
+        hparams = read_resume_checkpoint(resume, "p1_ddpm/train.py", ("model_config", "train"))["hyper_parameters"]
+        model_config, saved = hparams["model_config"], hparams["train"]
         for flag in ("prediction", "schedule"):
             if flag in given and getattr(config, flag) != saved[flag]:
                 raise UserError(f"{resume}: was trained with --{flag} {saved[flag]}; --resume cannot change it "
@@ -368,7 +367,7 @@ def main(argv=None) -> None:
     trainer = make_trainer(args, out=out, precision=lightning_precision(accelerator, args.precision),
                            max_steps=config.max_steps, checkpoint_every=config.val_every, callbacks=[sampler],
                            val_every=config.val_every, limit_val_batches=config.limit_val_batches,
-                           gradient_clip_val=config.grad_clip or None)
+                           gradient_clip_val=config.grad_clip or None, seed_steps=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from common.ddim import sample_ddim
 from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, set_tf32
 from common.errors import UserError, cli_main, one_line
-from common.fileio import check_writable, ensure_dir, folder_error
+from common.fileio import check_writable, folder_error, remove_stale_temps
 from common.images import save_pngs, to_uint8
 from common.schedules import alphas_cumprod, make_betas
 from common.seeding import PerSampleNoise
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_sampling_args(args)
@@ -201,12 +201,12 @@ def main(argv=None) -> None:
     device, amp = setup(args)
     stems, noises, indices = load_noises(args.noise_dir)
     out = check_writable(args.out)  # fail before loading weights or sampling, creating nothing
+    remove_stale_temps(out)  # what a killed earlier run left
     model = load_model(args.unet, device)
     images = sample_faces_ddim(model, noises, indices, steps=args.steps, eta=args.eta, seed=args.seed,
                                timestep_offset=args.timestep_offset, clip_x0=args.clip_x0,
                                batch_size=args.batch_size, device=device, amp_dtype=amp, progress=not args.quiet)
-    ensure_dir(out)
-    save_pngs(out, [f"{s}.png" for s in stems], to_uint8(images, "minmax"))
+    save_pngs(out, [f"{s}.png" for s in stems], to_uint8(images, "minmax"))  # all or nothing
     print(f"wrote {len(stems)} images to {out} (DDIM {args.steps} steps, eta {args.eta:g}, "
           f"offset {args.timestep_offset}, {args.precision}{' +tf32' if args.tf32 else ''}, {device}) "
           f"in {time.time() - t0:.1f} s")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from common.datasets import CourseImageFolder
 from common.errors import UserError
+from common.step_batches import ORDER, BatchStream, derived_seed, step_batch_loader
 
 DATASETS = ("mnistm", "svhn", "usps", "mnist")
 MODES = ("source", "dann", "target")
@@ -94,18 +94,17 @@ class DomainAdaptationData(pl.LightningDataModule):
                 raise UserError(f"{Path(self.root) / name / 'train.csv'}: {len(ds)} images, fewer than one batch "
                                 f"({self.batch_size}); lower --batch-size")
 
-    def _loader(self, ds: Dataset, offset: int) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed * 1000 + offset)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self):
-        loaders = {k: self._loader(ds, i) for i, (k, ds) in enumerate(sorted(self.train_sets.items()))}
-        # an epoch is one pass over the larger set; the smaller one is cycled
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        # {"source": batch, "target": batch} for every step; each domain goes through its own permutations, drawn
+        # from (seed, domain, data epoch), so the batches of a step never depend on where a run was resumed
+        # (common.step_batches)
+        streams = {k: BatchStream(ds, self.batch_size, derived_seed(self.seed, ORDER, -1 - i))
+                   for i, (k, ds) in enumerate(sorted(self.train_sets.items()))}
+        return step_batch_loader(self.trainer, streams, self.num_workers)
 
     def val_dataloader(self):
         return [
-            DataLoader(self.val_sets[k], batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+            DataLoader(self.val_sets[k], batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+                       persistent_workers=self.num_workers > 0)
             for k in self.val_names
         ]

@@ -24,7 +24,7 @@ import torch
 from common.datasets import list_images, load_image, read_label_csv
 from common.device import pick_device
 from common.errors import UserError, cli_main
-from common.fileio import check_writable, write_text_atomic
+from common.fileio import all_or_nothing, check_writable_file, remove_stale_temps, write_text_atomic
 from p4_dann.model import load_dann, predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def write_predictions(path: str | Path, names: list[str], labels: list[int]) -> 
     write_text_atomic(path, buf.getvalue())
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image_dir", help="folder of target-domain digit images")
@@ -105,14 +105,13 @@ def main(argv=None) -> None:
     t0 = time.time()
     target = resolve_target(args.image_dir, args.target)
     checkpoint = args.checkpoint or default_checkpoint(target)
-    out = Path(args.out_csv)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give the path of the csv file to write")
-    check_writable(out.parent if str(out.parent) else ".")
+    out = check_writable_file(args.out_csv)  # writes and removes a probe file: fails now, not after the work
+    remove_stale_temps(out.parent if str(out.parent) else ".")  # what a killed earlier run left
     truth = dict(read_label_csv(args.labels)) if args.labels else None  # a bad csv fails before any output
     names, labels, _ = predict_folder(args.image_dir, checkpoint, target, args.device)
     scored = score(names, labels, truth, args.labels) if truth is not None else None
-    write_predictions(out, names, labels)
+    with all_or_nothing():  # a failed write leaves no temp file and no folder it made
+        write_predictions(out, names, labels)
     print(f"wrote {len(names)} predictions ({target}, {Path(checkpoint).name}) to {out} in {time.time() - t0:.1f} s")
     if scored is not None:
         print(f"accuracy on the {scored[1]} images listed in {args.labels}: {100 * scored[0]:.2f}%")

@@ -37,11 +37,19 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
+from common.checkpoint import check_resume_fits, read_resume_checkpoint
 from common.config import add_config_flags, check_positive, config_from_args, pre_parse
 from common.device import lightning_precision
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
-from common.lightning_utils import EMA, add_trainer_flags, make_trainer, resolve_accelerator, resolve_resume
+from common.lightning_utils import (
+    EMA,
+    add_trainer_flags,
+    make_trainer,
+    resolve_accelerator,
+    resolve_num_workers,
+    resolve_resume,
+)
 from common.seeding import seed_everything
 from p4_dann.augment import AugmentConfig, augment
 from p4_dann.data import DATASETS, MODES, DomainAdaptationData, check_dataset_name
@@ -284,6 +292,7 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig]:
     a bad value is a one-line UserError before anything is written."""
     chosen = pre_parse(argv, ("--source", "mnistm"), ("--target", "usps"))
     args = build_parser(chosen.source, chosen.target).parse_args(argv)
+    resolve_num_workers(args)
     check_dataset_name(args.source, "--source")
     check_dataset_name(args.target, "--target")
     config = config_from_args(scenario_config(args.source, args.target), args)
@@ -298,18 +307,25 @@ def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
     out = check_writable(args.out)
     seed_everything(args.seed)
     resume = resolve_resume(args.resume, out)
+    # read and checked now: a truncated or foreign --resume checkpoint fails before anything is written
+    resume_ckpt = None
+    if resume is not None:
+        resume_ckpt = read_resume_checkpoint(resume, "p4_dann/train.py", ("model_config", "train", "mode"))
     accelerator = resolve_accelerator(args.accelerator)
     data = DomainAdaptationData(args.data, args.source, args.target, args.mode, config.batch_size, args.seed,
                                 args.num_workers)
     data.setup()  # decode every image now: a bad file fails here, before any training output exists
     steps_per_epoch = max(len(ds) // config.batch_size for ds in data.train_sets.values())
     total_steps = config.max_epochs * steps_per_epoch if config.max_epochs else config.max_steps
-    ensure_dir(out)
     widths = config.width_list()
     model_config = dict(widths=widths, feature_dim=config.feature_dim, dropout=config.dropout,
                         input_norm=config.input_norm, num_domains=2 if config.bn == "domain" else 1)
     module = DANNModule(model_config=model_config, train=dataclasses.asdict(config), mode=args.mode,
                         total_steps=total_steps, seed=args.seed, val_names=tuple(data.val_names))
+    if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning (leaving logs/)
+        check_resume_fits(resume, resume_ckpt, module, "p4_dann/train.py")
+        del resume_ckpt
+    ensure_dir(out)
     info = {"source": args.source, "target": args.target, "mode": args.mode, "total_steps": total_steps,
             "train": {**dataclasses.asdict(config), "seed": args.seed}}
     callbacks = [ExportBest(out, info)]
@@ -321,7 +337,7 @@ def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
     precision = lightning_precision(accelerator, args.precision, cpu_native_bf16=True)
     trainer = make_trainer(argparse.Namespace(**{**vars(args), "quiet": quiet}), out=out, precision=precision,
                            max_steps=total_steps, checkpoint_every=config.val_every, callbacks=callbacks,
-                           val_every=config.val_every, max_epochs=-1)
+                           val_every=config.val_every, max_epochs=-1, seed_steps=True)
     print(f"P4 {args.mode}: {args.source} -> {args.target}, {total_steps} steps, batch {config.batch_size}, "
           f"{precision}, widths {widths}", flush=True)
     t0 = time.time()

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.datasets import PNG_SUFFIXES, list_images
 from common.errors import UserError, cli_main
-from common.fileio import write_text_atomic
+from common.fileio import check_writable_file, write_text_atomic
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -70,13 +70,15 @@ def evaluate(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, float]:
     return scores
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", required=True, help="folder of generated NAME.png")
     p.add_argument("--gt", required=True, help="folder of ground-truth NAME.png (hw2_data/face/GT)")
     p.add_argument("--json", default=None, help="also write {per_image, mean} here")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json)  # fail now, not after the scoring
     scores = evaluate(args.pred, args.gt)
     mean = float(np.mean(list(scores.values())))
     for name, v in scores.items():

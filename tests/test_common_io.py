@@ -205,3 +205,119 @@ def test_a_file_given_as_a_folder_is_called_a_file(tmp_path):
         list_images(tmp_path / "nope")
     with pytest.raises(UserError, match="f.png: is a file, not a folder"):
         CourseImageFolder(f, "mnistm")
+
+
+# ----------------------------------------------------- write failures, all-or-nothing sets, stale temp files
+
+def test_atomic_path_turns_a_write_failure_into_one_line_and_removes_its_temp(tmp_path, monkeypatch):
+    """A full disk (ENOSPC, injected) while writing: one-line UserError naming the file and the error, no temp
+    file left; the same through save_png (PIL's write) and write_text_atomic."""
+    import errno
+
+    from common.fileio import write_text_atomic
+    target = tmp_path / "x.bin"
+    with pytest.raises(UserError, match=r"x\.bin: cannot write \(No space left on device\)"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from pathlib import Path
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UserError, match=r"3_007\.png: cannot write \(No space left on device\)"):
+        save_png(tmp_path / "3_007.png", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+    def onto_a_full_device(self, text):  # what a write onto a full disk raises: /dev/full answers ENOSPC
+        with open("/dev/full", "w") as f:
+            f.write(text)
+
+    monkeypatch.setattr(Path, "write_text", onto_a_full_device)
+    with pytest.raises(UserError, match=r"t\.json: cannot write \(No space left on device\)"):
+        write_text_atomic(tmp_path / "t.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_probes_by_writing(tmp_path):
+    """/proc passes os.access for root but refuses new files: the probe (a temp file created and removed)
+    finds it before any work. A writable path is left exactly as it was (nothing created)."""
+    import os
+
+    from common.fileio import check_writable, check_writable_file
+    if os.geteuid() == 0:
+        assert os.access("/proc", os.W_OK | os.X_OK)  # why permission bits are not enough
+    with pytest.raises(UserError, match=r"/proc/hw2_out: cannot write here \(/proc: "):
+        check_writable("/proc/hw2_out")
+    with pytest.raises(UserError, match=r"/proc/scores\.json: cannot write here"):
+        check_writable_file("/proc/scores.json")
+    with pytest.raises(UserError, match="is a folder"):
+        check_writable_file(tmp_path)
+    check_writable(tmp_path / "a" / "b")
+    check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_all_or_nothing_adds_nothing_when_it_fails(tmp_path):
+    """A failed (or interrupted) block adds no file and no folder, and files that were there stay unchanged;
+    a block that ends well writes everything; a nested block joins the outer one."""
+    from common.fileio import all_or_nothing, write_text_atomic
+    (tmp_path / "old.txt").write_text("before")
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with all_or_nothing():
+                write_text_atomic(tmp_path / "old.txt", "after")
+                write_text_atomic(tmp_path / "new" / "deeper" / "n.txt", "new")
+                save_png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
+                assert not (tmp_path / "a.png").exists()  # nothing lands before the block ends
+                raise exc
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+        assert (tmp_path / "old.txt").read_text() == "before"
+    with all_or_nothing():
+        write_text_atomic(tmp_path / "old.txt", "after")
+        with all_or_nothing():
+            write_text_atomic(tmp_path / "new" / "n.txt", "new")
+        assert not (tmp_path / "new" / "n.txt").exists()
+    assert (tmp_path / "old.txt").read_text() == "after" and (tmp_path / "new" / "n.txt").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["n.txt"]
+
+
+def test_remove_stale_temps_deletes_what_killed_runs_left(tmp_path):
+    """Temp files of a process that is gone (kill -9), and the older pattern without a pid, are removed; those
+    of a live process, this process's own pending ones and other files stay."""
+    import os
+    import subprocess
+    import sys
+
+    from common.fileio import all_or_nothing, remove_stale_temps, write_text_atomic
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [f".0_001.png.{gone}.ab12cd_3.hw2tmp", ".0_002.png.k2j4h5g6.tmp"]
+    keep = [f".0_003.png.{os.getppid()}.zz12cd_3.hw2tmp", "0_004.png", ".hidden", "notes.tmp"]
+    for name in stale + keep:
+        (tmp_path / name).write_bytes(b"")
+    with all_or_nothing():
+        write_text_atomic(tmp_path / "mine.txt", "pending")
+        assert remove_stale_temps(tmp_path, tmp_path / "missing") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["mine.txt"])
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("evaluate_digits", ["--folder", "nowhere", "--json", "/proc/scores.json"]),
+    ("evaluate_mse", ["--pred", "nowhere", "--gt", "nowhere", "--json", "/proc/scores.json"]),
+    ("evaluate_controlnet", ["--pred", "nowhere", "--json", "/proc/scores.json"]),
+    ("evaluate_ti", ["--json", "input.json", "--input-dir", "nowhere", "--output-dir", "nowhere", "--clip-weights",
+                     "ViT-B-32.pt", "--report", "/proc/scores.json"]),
+])
+def test_evaluation_scripts_check_their_json_output_first(script, argv, capsys):
+    """--json (--report) under /proc passes os.access as root but takes no file: one line, exit 2, before the
+    inputs are read or anything is scored."""
+    import importlib
+
+    from tests.conftest import run_cli
+    main = importlib.import_module(f"scripts.{script}").main
+    code, err = run_cli(main, argv, capsys)
+    assert code == 2 and "/proc/scores.json: cannot write here" in err and len(err.strip().splitlines()) == 1, err

@@ -297,3 +297,31 @@ def test_handin_hw2_3_forward_their_optional_arguments(tmp_path):
                         "usps"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + len(os.listdir(data))
+
+
+def test_hw2_3_2025_checks_every_control_image_before_loading_a_model(micro_sd, tmp_path):
+    """The course's call with a truncated 10th control image (the default batch is 8): exit 2 naming the image,
+    before SD or the ControlNet is loaded (SD_CKPT here is not even a file), and nothing added to OUT_DIR."""
+    from diffusers import ControlNetModel
+
+    from p3_controlnet.model import save_controlnet
+    _, comps = micro_sd
+    root = student_repo(tmp_path, "2025")
+    save_controlnet(ControlNetModel.from_unet(comps.unet, conditioning_embedding_out_channels=(4, 4, 4, 8)),
+                    root / "checkpoints" / "controlnet")
+    grader = tmp_path / "grader"
+    (grader / "source").mkdir(parents=True)
+    for i in range(10):
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(grader / "source" / f"{i}.png")
+    whole = (grader / "source" / "9.png").read_bytes()
+    (grader / "source" / "9.png").write_bytes(whole[: len(whole) // 2])
+    (grader / "prompt.json").write_text("".join(
+        json.dumps({"source": f"{i}.png", "target": f"{i}.png", "prompt": "red square"}) + "\n" for i in range(10)))
+    (grader / "out").mkdir()
+    (grader / "out" / "keep.txt").write_text("there before")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(root / "hw2_3.sh"), "prompt.json", "source", "out", "no-sd-v1-4.ckpt"],
+                       cwd=grader, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "9.png: not a readable image" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(grader / "out") == ["keep.txt"]

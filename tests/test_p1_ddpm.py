@@ -333,3 +333,117 @@ def test_infer_bad_batch_size_and_device_are_one_line_errors(tiny_p1_checkpoint,
                             capsys)
         assert code == 2 and flags[0] in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+# --------------------------------------------------------------- write failures and interruptions (issue 18)
+
+def test_infer_write_failure_is_one_line_and_leaves_nothing(tiny_p1_checkpoint, tmp_path, capsys, monkeypatch):
+    """A full disk (ENOSPC, injected into PIL's write of the 31st image): one line naming the file and the
+    error, exit 2, no image and no mnistm/ svhn/ folder added; a file that was there before stays as it was."""
+    import errno
+    saved = []
+
+    def save(self, fp, *args, **kwargs):
+        if len(saved) == 30:
+            Path(fp).write_bytes(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "out"
+    code, err = run_cli(infer_main, ["--layout", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
+                        + FAST, capsys)
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    (out / "mnistm").mkdir(parents=True)
+    (out / "mnistm" / "0_001.png").write_bytes(b"an earlier run's")
+    saved.clear()
+    code, err = run_cli(infer_main, ["--layout", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
+                        + FAST, capsys)
+    assert code == 2 and "No space left on device" in err
+    assert [str(p.relative_to(out)) for p in sorted(out.rglob("*"))] == ["mnistm", "mnistm/0_001.png"]
+    assert (out / "mnistm" / "0_001.png").read_bytes() == b"an earlier run's"
+
+
+def test_infer_unwritable_out_fails_before_any_model_work(tiny_p1_checkpoint, capsys, monkeypatch):
+    """/proc passes os.access as root but takes no new file: found by writing a probe, before the model is
+    loaded (digits and i-CLEVR)."""
+    import p1_ddpm.infer as infer
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(infer, "load_unet", no_model_work)
+    for task in ("digits", "iclevr"):
+        code, err = run_cli(infer_main, ["--task", task, "--out", "/proc/hw2_p1", "--checkpoint",
+                                         str(tiny_p1_checkpoint)] + FAST, capsys)
+        assert code == 2 and "/proc/hw2_p1: cannot write here" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _slow_writes_env(tmp_path: Path) -> dict:
+    """The environment of a child whose PNG writes each take 20 ms (a sitecustomize on PYTHONPATH), so that a
+    signal can be sent while it writes."""
+    hook = tmp_path / "slow_hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import time\nfrom PIL import Image\n_save = Image.Image.save\n\n\n"
+        "def save(self, *args, **kwargs):\n    time.sleep(0.02)\n    return _save(self, *args, **kwargs)\n\n\n"
+        "Image.Image.save = save\n")
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(hook))
+
+
+def _temps(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".*") if p.is_file()] if out.is_dir() else []
+
+
+def _start_and_signal(cmd, env, out: Path, sig, timeout: float = 120) -> tuple[int, str]:
+    """Run cmd, wait until it has written at least 5 (temporary) files into out, send `sig`; (exit code, stderr)."""
+    import signal
+    import time
+    err_file = out.parent / f"stderr_{int(sig)}.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + timeout
+            while len(_temps(out)) < 5:
+                assert proc.poll() is None, f"ended before it wrote anything: {err_file.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no files written in time"
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert sig != signal.SIGKILL or code == -signal.SIGKILL
+    return code, err_file.read_text()
+
+
+@pytest.mark.parametrize("sig,code,message", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")])
+def test_hw2_1_interrupted_while_writing_leaves_nothing(tiny_p1_checkpoint, tmp_path, sig, code, message):
+    """SIGTERM (as Ctrl-C) while hw2_1.sh writes its images: one line, a non-zero exit, and no file, temp file or
+    empty mnistm/ svhn/ folder left behind."""
+    import signal
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO / "hw2_1.sh"), str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST
+    got, err = _start_and_signal(cmd, _slow_writes_env(tmp_path), out, getattr(signal, sig))
+    assert got == code, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(message), err[-2000:]
+    assert not out.exists() or list(out.rglob("*")) == []
+
+
+def test_hw2_1_rerun_after_kill_9_ends_with_exactly_the_expected_files(tiny_p1_checkpoint, tmp_path):
+    """kill -9 while writing leaves hidden temp files (nothing can clean up then); a rerun into the same folder
+    deletes them and ends with exactly the 500 + 500 images."""
+    import signal
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO / "hw2_1.sh"), str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST
+    _start_and_signal(cmd, _slow_writes_env(tmp_path), out, signal.SIGKILL)
+    assert _temps(out)  # what a killed run leaves
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["mnistm", "svhn"]
+    _check_folder(out / "mnistm", range(0, 10, 2), 50)
+    _check_folder(out / "svhn", range(1, 10, 2), 50)

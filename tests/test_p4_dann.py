@@ -386,3 +386,62 @@ def test_infer_quotes_names_with_commas_and_skips_dot_files(tmp_path, capsys):
     code, err = run_cli(infer_main, [str(image_dir), str(tmp_path / "again.csv"), "--checkpoint", str(ckpt),
                                      "--target", "usps", "--labels", str(out)], capsys)
     assert code == 0, err
+
+
+def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_nothing(digits_tree, tmp_path, capsys):
+    """--resume with a last.ckpt that is truncated, another trainer's, or of a run with other --widths: one line
+    naming the file, exit 2, before anything is written (no logs/)."""
+    import os
+    cfg = P4TrainConfig()
+    other = DANNModule(model_config=dict(widths=[4, 8, 16], feature_dim=16, dropout=0.0, input_norm=cfg.input_norm,
+                                         num_domains=1), train=dataclasses.asdict(cfg), mode="dann", total_steps=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    base = ["--data", str(digits_tree), "--out", str(out), "--source", "mnistm", "--target", "svhn", "--mode", "dann",
+            *TINY_FLAGS, "--max-steps", "2", "--resume"]
+    other_widths = {"state_dict": other.state_dict(), "global_step": 1, "hyper_parameters": dict(other.hparams)}
+    torch.save(other_widths, out / "last.ckpt")
+    whole = (out / "last.ckpt").read_bytes()
+    cases = [
+        (whole[: len(whole) // 2], "last.ckpt: not a checkpoint of p4_dann/train.py ("),
+        ({"state_dict": {}, "global_step": 1, "hyper_parameters": {"model_config": {}, "train": {}}},
+         "not a checkpoint of p4_dann/train.py (it has no hyper-parameter 'mode')"),
+        (other_widths, "is (16, 8, 3, 3) there, (8, 8, 3, 3) in this run's model"),
+    ]
+    for content, needle in cases:
+        if isinstance(content, bytes):
+            (out / "last.ckpt").write_bytes(content)
+        else:
+            torch.save(content, out / "last.ckpt")
+        code, err = run_cli(train_main, base, capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert os.listdir(out) == ["last.ckpt"]
+
+
+def test_infer_write_failures_are_one_line(tmp_path, capsys, monkeypatch):
+    """hw2_dann: a full disk (ENOSPC from /dev/full) while writing the csv, and an output path that passes
+    os.access but takes no file (/proc, as root): one line each, exit 2, nothing left behind; the /proc path is
+    found before the model is loaded."""
+    import os
+
+    import p4_dann.infer as infer
+    images = REPO / "assets" / "p4" / "usps"
+    ckpt = tiny_checkpoint(tmp_path / "usps.safetensors", "usps")
+    out = tmp_path / "pred" / "usps_pred.csv"
+
+    def onto_a_full_device(self, text):
+        with open("/dev/full", "w") as f:
+            f.write(text)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", onto_a_full_device)
+        code, err = run_cli(infer_main, [str(images), str(out), "--checkpoint", str(ckpt)], capsys)
+    assert code == 2 and "usps_pred.csv: cannot write (No space left on device)" in err, err
+    assert len(err.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["usps.json", "usps.safetensors"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(infer, "load_dann", no_model)
+    code, err = run_cli(infer_main, [str(images), "/proc/usps_pred.csv", "--checkpoint", str(ckpt)], capsys)
+    assert code == 2 and "/proc/usps_pred.csv: cannot write here" in err and len(err.strip().splitlines()) == 1, err

@@ -127,7 +127,7 @@ def test_zeroshot_csv_summary_and_figure_agree(tiny_clip, zeroshot_data, tmp_pat
     assert summary["figure"] == {"successes": min(5, n_correct), "failures": min(5, 12 - n_correct)}
     with Image.open(out / "cases.png") as fig:
         assert fig.size[0] > 500 and fig.size[1] > 300
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*tmp"))
 
 
 def test_single_template_ensemble_equals_that_template(tiny_clip, zeroshot_data, tmp_path, capsys):
