@@ -142,7 +142,7 @@ def export_single_file(comps, path: str | os.PathLike, dtype: torch.dtype = torc
         # the writer picks the format from the suffix; the temporary name must keep it
         named = tmp.with_suffix(path.suffix)
         try:
-            write_ldm_checkpoint(cast, named)
+            write_ldm_checkpoint(cast, named, native_resolution=comps.native_resolution)
             named.replace(tmp)
         finally:
             named.unlink(missing_ok=True)

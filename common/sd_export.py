@@ -185,12 +185,16 @@ def write_diffusers_folder(comps, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def write_ldm_checkpoint(comps, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def write_ldm_checkpoint(comps, path: str | os.PathLike, extra: dict | None = None,
+                         native_resolution: int | None = None) -> Path:
     """`comps` as one LDM-keyed single file, as the original SD v1 checkpoints are; returns the path.
 
     `.safetensors`: the flat tensor dict. Any other suffix (.ckpt): a torch pickle {'state_dict': ...,
     **extra}, as sd-v1-4.ckpt holds (it also has 'global_step' and pickled Lightning objects).
+    native_resolution: recorded in the file (safetensors metadata, or a top-level .ckpt entry) for a model
+    not trained at SD v1's 512 px, so load_sd builds it with its own sample size.
     """
+    from common.stable_diffusion import NATIVE_RESOLUTION_KEY
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = components_to_ldm(comps)
@@ -198,7 +202,11 @@ def write_ldm_checkpoint(comps, path: str | os.PathLike, extra: dict | None = No
         if extra:
             raise ValueError("a .safetensors file holds tensors only: no `extra` entries")
         from safetensors.torch import save_file
-        save_file(sd, str(path))
+        meta = {NATIVE_RESOLUTION_KEY: str(native_resolution)} if native_resolution else None
+        save_file(sd, str(path), metadata=meta)
     else:
-        torch.save({"state_dict": sd, **(extra or {})}, path)
+        extra = dict(extra or {})
+        if native_resolution:
+            extra[NATIVE_RESOLUTION_KEY] = int(native_resolution)
+        torch.save({"state_dict": sd, **extra}, path)
     return path

@@ -31,6 +31,7 @@ import torch
 
 from common.device import autocast
 from common.errors import UserError, one_line
+from common.seeding import pad_items, padded_size
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sd_v1_configs"
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
@@ -110,6 +111,12 @@ class SDComponents:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the model was trained at: the UNet's latent sample_size times the VAE's factor
+        (SD v1: 64 x 8 = 512; the mini SD: 8 x 8 = 64). Generation defaults to it."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
 def make_ddpm_scheduler(config: dict | None = None):
@@ -261,14 +268,25 @@ def _torch_load_weights_only(path: Path) -> dict:
             return _torch_load(path)
 
 
-def read_sd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The flat tensor dict of a single-file checkpoint (.safetensors, or a torch pickle with 'state_dict')."""
+NATIVE_RESOLUTION_KEY = "native_resolution"
+
+
+def read_sd_checkpoint(path: Path, info: dict | None = None) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of a single-file checkpoint (.safetensors, or a torch pickle with 'state_dict').
+
+    `info`, if given, receives the file's native resolution under NATIVE_RESOLUTION_KEY when the file records
+    one (the project's exports do, in the safetensors metadata or as a top-level entry of a .ckpt): the UNet's
+    weights do not say what image size it was trained at."""
     try:
         if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
             sd = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
         else:
             sd = _torch_load_weights_only(path)
+            meta = sd if isinstance(sd, dict) else {}
     except Exception as e:  # any reader failure means a bad file; report it as one line
         raise _bad_path(
             path,
@@ -278,6 +296,11 @@ def read_sd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise _bad_path(path, "holds no state dict")
+    if info is not None and NATIVE_RESOLUTION_KEY in meta:
+        try:
+            info[NATIVE_RESOLUTION_KEY] = int(meta[NATIVE_RESOLUTION_KEY])
+        except (TypeError, ValueError):
+            raise _bad_path(path, f"{NATIVE_RESOLUTION_KEY} {meta[NATIVE_RESOLUTION_KEY]!r} is not a number") from None
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -393,7 +416,8 @@ def _load_single_file(path: Path) -> SDComponents:
     except ImportError as e:  # the converters are diffusers internals: name the version that has them
         raise UserError(f"this diffusers has no LDM single-file converters ({e}); install the pinned diffusers "
                         f"from requirements.txt, or pass a diffusers-format folder to --sd") from None
-    sd = read_sd_checkpoint(path)
+    info = {}
+    sd = read_sd_checkpoint(path, info)
     unet_sd = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
     vae_sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     text_keys = [k for k in sd if k.startswith(TEXT_PREFIX)]
@@ -414,6 +438,9 @@ def _load_single_file(path: Path) -> SDComponents:
         vae_cfg = infer_vae_config(vae_sd)
     except (KeyError, IndexError, StopIteration) as e:
         raise _bad_path(path, f"unexpected LDM layout (no {e})") from None
+    if NATIVE_RESOLUTION_KEY in info:  # else SD v1's 64 latents (512 px)
+        unet_cfg["sample_size"] = info[NATIVE_RESOLUTION_KEY] // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        vae_cfg["sample_size"] = info[NATIVE_RESOLUTION_KEY]
     unet_dif = convert_ldm_unet_checkpoint(sd, unet_cfg)
     vae_dif = convert_ldm_vae_checkpoint(sd, vae_cfg)
     text_sd = convert_ldm_clip_checkpoint({k: sd[k] for k in text_keys})
@@ -462,8 +489,11 @@ def encode_images(
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1] (float32)."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    """Scaled latents -> images in [-1, 1] (float32). The batch is padded (on the CPU) so that an image decodes
+    to the same bits whatever batch it is in (common.seeding.BATCH_QUANTUM)."""
+    n = len(latents)
+    latents = pad_items(latents, padded_size(n, 1, latents.device))
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample[:n].float().clamp(-1, 1)
 
 
 def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int], device, dtype=torch.float32) -> torch.Tensor:
@@ -493,6 +523,16 @@ def sample_latents(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, u
         raise ValueError("sample_latents supports eta = 0 only (batch-size independent sampling)")
     scheduler.set_timesteps(steps, device=latents.device)
     guided = uncond is not None and guidance != 1.0
+    # padded with copies of the last item (dropped at the end) so that every UNet forward has a batch whose CPU
+    # kernels give each image the same bits in any batch (common.seeding.BATCH_QUANTUM)
+    n = len(latents)
+    size = padded_size(n, 2 if guided else 1, latents.device)
+    if size != n:
+        if unet_kwargs_fn is not None:
+            raise ValueError(f"sample_latents: pad the batch to {size} (common.seeding.padded_size) before passing "
+                             f"unet_kwargs_fn, whose per-item inputs it cannot pad")
+        latents, cond = pad_items(latents, size), pad_items(cond, size)
+        uncond = pad_items(uncond, size) if guided else uncond
     context = torch.cat([uncond, cond]) if guided else cond
     x = latents
     for t in tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False):
@@ -505,4 +545,4 @@ def sample_latents(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, u
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x
+    return x[:n]

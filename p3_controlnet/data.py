@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.datasets import load_image
 from common.errors import UserError
+from common.step_batches import BatchStream, step_batch_loader
 
 
 def read_prompt_file(path: str | os.PathLike, need_target: bool = True) -> list[dict]:
@@ -109,7 +110,7 @@ class Fill50kDataModule(pl.LightningDataModule):
                  num_workers: int = 0, limit: int | None = None):
         super().__init__()
         self.root = resolve_split(data)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         items = read_prompt_file(self.root / "prompt.json")
         if limit:
             items = items[:limit]
@@ -130,9 +131,9 @@ class Fill50kDataModule(pl.LightningDataModule):
         self.empty_prompt_id = index[""]
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        # a fresh permutation from (seed, data epoch) each pass; batches depend on the step alone (common.step_batches)
+        return step_batch_loader(self.trainer, BatchStream(self.train_set, self.batch_size, self.seed),
+                                 self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=0)

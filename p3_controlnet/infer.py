@@ -4,10 +4,11 @@
     python p3_controlnet/infer.py --prompts hw2_data/fill50k/testing/prompt.json \\
         --source-dir hw2_data/fill50k/testing/source --out OUT --sd sd-v1-4.ckpt --controlnet runs/p3/controlnet
 
-For each line {"source", "target", "prompt"} of --prompts, writes OUT/<target> (RGB PNG, --size px) from
+For each line {"source", "target", "prompt"} of --prompts, writes OUT/<target> (RGB PNG, --size px;
+by default the model's native resolution, 512 for SD v1.4 and 64 for the mini SD) from
 the control image SOURCE_DIR/<source>. Defaults are the course's: DDIM 50 steps, eta 0, guidance 7.5,
 seed 42; line i starts from latent noise seeded with seed + i, so an image depends only on its line,
-never on --batch-size.
+never on --batch-size (to the bit on the CPU: common.seeding.BATCH_QUANTUM).
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
+from common.datasets import load_image
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.fileio import check_writable, ensure_dir, folder_error
+from common.fileio import all_or_nothing, check_writable, folder_error, remove_stale_temps
 from common.images import save_pngs, to_uint8
 from p3_controlnet.data import load_control, read_prompt_file
 from p3_controlnet.model import (
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="line i uses seed + i")
     p.add_argument("--control-scale", type=float, default=1.0, help="multiplier of the ControlNet residuals")
-    p.add_argument("--size", type=int, default=512, help="output side in pixels; control images are resized to it")
+    p.add_argument("--size", type=int, default=None,
+                   help="output side in pixels; control images are resized to it (default: the SD's native "
+                        "resolution, 512 for SD v1.4, 64 for the mini SD)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (the guided pass doubles it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
@@ -57,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise UserError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
-    if args.size % 8:
-        raise UserError(f"--size must be a multiple of 8, got {args.size}")
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise UserError(f"--size must be a positive multiple of 8, got {args.size}")
     t0 = time.time()
     items = read_prompt_file(args.prompts)
     names = [it["target"] for it in items]
@@ -76,7 +80,10 @@ def main(argv=None) -> None:
     for it in items:
         if not (src_dir / it["source"]).is_file():
             raise UserError(f"{src_dir / it['source']}: control image listed in {args.prompts} not found")
+    for source in dict.fromkeys(it["source"] for it in items):
+        load_image(src_dir / source)  # decoded in full now: a truncated image fails before any model is loaded
     out = check_writable(args.out)
+    remove_stale_temps(*{(out / name).parent for name in names})  # what a killed earlier run left
     device = pick_device(args.device)
     ac_dtype = autocast_dtype(device, args.precision)
     weight_dtype = ac_dtype or torch.float32
@@ -88,6 +95,8 @@ def main(argv=None) -> None:
     net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()
     use_sdpa(net.unet, net.controlnet)
     multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if args.size is None:
+        args.size = sd.native_resolution
     if args.size % multiple:
         raise UserError(f"--size must be a multiple of {multiple} for this SD (64 for SD v1), got {args.size}")
 
@@ -98,31 +107,31 @@ def main(argv=None) -> None:
         uncond1 = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""], device)
     row = {p: k for k, p in enumerate(prompts)}
     scheduler = sdlib.make_ddim_scheduler(sd.noise_scheduler)
-    ensure_dir(out)
     done = 0
-    for start in range(0, len(items), args.batch_size):
-        batch = items[start:start + args.batch_size]
-        control = torch.stack([load_control(src_dir / it["source"], args.size) for it in batch]).to(device)
-        cond = emb[[row[it["prompt"]] for it in batch]]
-        uncond = uncond1.expand(len(batch), -1, -1)
-        images = sample_controlnet_images(
-            net,
-            sd.vae,
-            scheduler,
-            cond,
-            uncond,
-            control,
-            [args.seed + start + i for i in range(len(batch))],
-            steps=args.steps,
-            guidance=args.guidance,
-            control_scale=args.control_scale,
-            amp_dtype=ac_dtype,
-            progress=not args.quiet,
-        )
-        save_pngs(out, [it["target"] for it in batch], to_uint8(images))
-        done += len(batch)
-        if not args.quiet:
-            print(f"{done}/{len(items)} images", file=sys.stderr)
+    with all_or_nothing():  # every image lands at the end: a failure or SIGTERM adds no file to OUT
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start:start + args.batch_size]
+            control = torch.stack([load_control(src_dir / it["source"], args.size) for it in batch]).to(device)
+            cond = emb[[row[it["prompt"]] for it in batch]]
+            uncond = uncond1.expand(len(batch), -1, -1)
+            images = sample_controlnet_images(
+                net,
+                sd.vae,
+                scheduler,
+                cond,
+                uncond,
+                control,
+                [args.seed + start + i for i in range(len(batch))],
+                steps=args.steps,
+                guidance=args.guidance,
+                control_scale=args.control_scale,
+                amp_dtype=ac_dtype,
+                progress=not args.quiet,
+            )
+            save_pngs(out, [it["target"] for it in batch], to_uint8(images))
+            done += len(batch)
+            if not args.quiet:
+                print(f"{done}/{len(items)} images sampled", file=sys.stderr)
     print(f"wrote {len(items)} images to {out} (DDIM {args.steps} steps, eta 0, guidance {args.guidance}, "
           f"seed {args.seed}+line) in {time.time() - t0:.1f} s")
 

@@ -20,6 +20,7 @@ import torch
 
 from common.device import autocast
 from common.errors import UserError, one_line
+from common.seeding import pad_items, padded_size
 
 # the conditioning encoder's widths in SD v1 ControlNets: three stride-2 convs take 512 px to 64 latents
 COND_EMBED_CHANNELS = (16, 32, 96, 256)
@@ -157,8 +158,14 @@ def sample_controlnet_images(net: ControlledUNet, vae, scheduler, cond: torch.Te
     if h % factor or w % factor:
         raise UserError(f"control images must have sides divisible by {factor}, got {w}x{h}")
     device = control.device
-    latents = initial_latents(seeds, (net.unet.config.in_channels, h // factor, w // factor), device)
     guided = guidance != 1.0
+    # padded with copies of the last image (dropped) so that each image is the same bits in any batch
+    # (common.seeding.BATCH_QUANTUM); sample_latents and decode_latents then pad no further
+    n = len(seeds)
+    size = padded_size(n, 2 if guided else 1, device)
+    control, cond, seeds = pad_items(control, size), pad_items(cond, size), pad_items(list(seeds), size)
+    uncond = pad_items(uncond, size) if uncond is not None else None
+    latents = initial_latents(seeds, (net.unet.config.in_channels, h // factor, w // factor), device)
     control_in = torch.cat([control, control]) if guided else control
     dtype = net.controlnet.dtype
 
@@ -168,4 +175,4 @@ def sample_controlnet_images(net: ControlledUNet, vae, scheduler, cond: torch.Te
     x = sample_latents(net.unet, scheduler, latents, cond, uncond if guided else None, steps=steps,
                        guidance=guidance, unet_kwargs_fn=residuals, progress=progress, amp_dtype=amp_dtype)
     with autocast(device, amp_dtype):
-        return decode_latents(vae, x)
+        return decode_latents(vae, x)[:n]

@@ -36,12 +36,19 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
+from common.checkpoint import check_resume_fits, read_resume_checkpoint
 from common.config import add_config_flags, check_positive, config_from_args
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
-from common.lightning_utils import add_trainer_flags, make_trainer, resolve_accelerator, resolve_resume
+from common.lightning_utils import (
+    add_trainer_flags,
+    make_trainer,
+    resolve_accelerator,
+    resolve_num_workers,
+    resolve_resume,
+)
 from common.seeding import seed_everything
 from p3_controlnet.data import Fill50kDataModule
 from p3_controlnet.make_fill50k import write_split
@@ -53,8 +60,9 @@ class P3TrainConfig:
     """Every hyper-parameter of a P3 training run: the flags of this script, saved in last.ckpt (and in the
     hparams.yaml of the CSV log)."""
 
-    size: int = field(default=512, metadata={
-        "help": "training resolution (images are resized to it; a multiple of 64)"})
+    size: int | None = field(default=None, metadata={
+        "help": "training resolution, images are resized to it (default: the SD's native resolution, 512 for SD "
+                "v1.4, 64 for the mini SD; recorded resolved)"})
     generate_n: int = field(default=50000, metadata={
         "help": "without --data: how many training samples to generate (Fill50k has 50000); drawn at --size with "
                 "generator seed --seed"})
@@ -280,20 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
     add_config_flags(p, P3TrainConfig(), "hyper-parameters")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU", num_workers=4)
+    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU")
     return p
+
+
+PROGRAM = "p3_controlnet/train.py"
 
 
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    resolve_num_workers(args)
     config = config_from_args(P3TrainConfig(), args)
     # the frozen SD is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if not 0.0 <= config.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {config.proportion_empty_prompts}")
-    if config.size % 64:
-        raise UserError(f"--size must be a multiple of 64 (SD's UNet down-samples latents 3 times), got {config.size}")
+    if config.size is not None and (config.size < 8 or config.size % 8):
+        raise UserError(f"--size must be a positive multiple of 8, got {config.size}")
     check_positive(config, "batch_size", "accumulate", "max_steps", "sample_every", "generate_n")
     if config.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
@@ -301,6 +313,8 @@ def main(argv=None) -> None:
     seed_everything(args.seed)
     setup_cuda_fast_math()
     resume = resolve_resume(args.resume, out)
+    # read and checked now: a truncated or foreign --resume checkpoint fails before anything is written
+    resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("train", "empty_prompt_id")) if resume else None
     accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
     frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
@@ -314,21 +328,27 @@ def main(argv=None) -> None:
         sd = sdlib.load_sd(args.sd)
         return sd, time.time() - t0
 
-    sd = None
+    sd, load_seconds = load_sd()  # first: a bad --sd fails before minutes of data generation or reading
+    if config.size is None:
+        config = dataclasses.replace(config, size=sd.native_resolution)
+    multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    if config.size % multiple:
+        raise UserError(f"--size must be a multiple of {multiple} for this SD (its UNet down-samples the "
+                        f"latents {len(sd.unet.config.block_out_channels) - 1} times), got {config.size}")
     data_root = args.data
     if data_root is None:
-        sd, load_seconds = load_sd()  # first: a bad --sd fails before minutes of generation
         data_root = generated_fill50k(out / "fill50k", config.generate_n, config.size, args.seed)
     data = Fill50kDataModule(
         data_root, config.size, config.batch_size, config.val_count, args.seed, args.num_workers, args.limit
     )
-    if sd is None:
-        sd, load_seconds = load_sd()
     print(f"loaded SD from {args.sd} in {load_seconds:.1f} s; {len(data.train_set)} training items, "
           f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
-    ensure_dir(out)
     module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id, config=config,
                               frozen_dtype=frozen_dtype)
+    if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
+        check_resume_fits(resume, resume_ckpt, module, PROGRAM, keys=lambda k: k.startswith("net.controlnet."))
+        del resume_ckpt
+    ensure_dir(out)
     if args.compile:
         module.net.controlnet.compile()
         module.net.unet.compile()
@@ -340,7 +360,8 @@ def main(argv=None) -> None:
                            checkpoint_every=config.checkpoint_every or config.sample_every, callbacks=[export],
                            val_every=config.sample_every * config.accumulate,
                            log_every_n_steps=min(25, config.sample_every),
-                           accumulate_grad_batches=config.accumulate, gradient_clip_val=config.grad_clip or None)
+                           accumulate_grad_batches=config.accumulate, gradient_clip_val=config.grad_clip or None,
+                           seed_steps=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"done at step {trainer.global_step}: ControlNet in {out / 'controlnet'} "

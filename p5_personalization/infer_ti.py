@@ -12,7 +12,8 @@ work. If EMBEDDINGS_DIR also holds cross_attn_kv.safetensors (train_ti.py --meth
 cross-attention keys/values are replaced by the jointly fine-tuned ones (--no-kv: do not).
 Sampling: DDIM (LDM's grid), 50 steps, classifier-free guidance 7.5 against the empty prompt, eta 0;
 image k of prompt p starts from noise seeded by (--seed, concept key, p, k) only, so an image does not
-depend on --batch-size, on the other prompts or on where its concept stands in input.json.
+depend on --batch-size (to the bit on the CPU: common.seeding.BATCH_QUANTUM), on the other prompts or on where
+its concept stands in input.json.
 bf16 on CUDA, exact fp32 on CPU.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 import common.stable_diffusion as sdlib
 from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
-from common.fileio import check_writable
+from common.fileio import all_or_nothing, check_writable, remove_stale_temps
 from common.images import save_pngs, to_uint8
 from common.seeding import sample_seed
 from p5_personalization.concepts import read_input_json, token_file_stem
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance")
-    p.add_argument("--resolution", type=int, default=512, help="image side (a multiple of 8)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side, a multiple of 8 (default: the SD's native resolution, 512 for SD v1.4, 64 for "
+                        "the mini SD)")
     p.add_argument("--batch-size", type=int, default=25, help="images per UNet batch (x2 with guidance)")
     p.add_argument("--only", nargs="+", default=None, help="generate only these concepts (keys of input.json)")
     p.add_argument("--device", default="auto")
@@ -121,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.images_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--images-per-prompt, --steps and --batch-size must be >= 1")
-    if args.resolution < 8 or args.resolution % 8:
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError("--resolution must be a positive multiple of 8")
     cases = read_input_json(args.json)
     if args.only:
@@ -141,12 +144,15 @@ def main(argv=None) -> dict:
     emb_dir = Path(args.embeddings)
     files = find_embeddings(emb_dir, tokens)
     learned = dict(load_embedding(f, t) for t, f in files.items())
-    out = check_writable(args.out)
+    out = check_writable(args.out)  # writes and removes a probe file: fails now, not after minutes of sampling
+    jobs = [(c, p) for c in cases if not args.only or c.key in args.only for p in range(len(c.prompts))]
+    remove_stale_temps(*(out / c.key / str(p) for c, p in jobs))  # what a killed earlier run left
     device = pick_device(args.device)
     setup_cuda_fast_math()
     amp = autocast_dtype(device, args.precision)
 
     sd = sdlib.load_sd(args.sd).freeze()
+    resolution = args.resolution or sd.native_resolution
     add_tokens(sd.tokenizer, sd.text_encoder, learned)
     kv_note = ""
     if (emb_dir / KV_FILE).is_file() and not args.no_kv:
@@ -162,29 +168,30 @@ def main(argv=None) -> dict:
     print(f"{len(tokens)} learned token(s) {', '.join(f'{t} ({num_vectors[t]} vectors)' for t in tokens)} "
           f"from {emb_dir}{kv_note}", flush=True)
 
-    jobs = [(c, p) for c in cases if not args.only or c.key in args.only for p in range(len(c.prompts))]
     written = 0
     t0 = time.perf_counter()
     n = args.images_per_prompt
-    for case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
-        images = sample_ti_images(
-            sd,
-            expand_prompt(case.prompts[p], num_vectors),
-            [image_seed(args.seed, case.key, p, k) for k in range(n)],
-            args.resolution,
-            args.steps,
-            args.guidance,
-            args.negative_prompt,
-            args.batch_size,
-            amp,
-        )
-        names = [f"source{case.key}_prompt{p}_{k}.png" for k in range(n)]
-        folder = out / case.key / str(p)
-        save_pngs(folder, names, images)
+    with all_or_nothing():  # every image lands at the end: a failure or SIGTERM adds no file and no folder
+        for case, p in tqdm(jobs, desc="prompts", disable=args.quiet):
+            images = sample_ti_images(
+                sd,
+                expand_prompt(case.prompts[p], num_vectors),
+                [image_seed(args.seed, case.key, p, k) for k in range(n)],
+                resolution,
+                args.steps,
+                args.guidance,
+                args.negative_prompt,
+                args.batch_size,
+                amp,
+            )
+            save_pngs(out / case.key / str(p), [f"source{case.key}_prompt{p}_{k}.png" for k in range(n)], images)
+            written += n
+    for case, p in jobs:
         # a previous run with more images per prompt must not leave extra files behind
-        for stale in set(folder.glob(f"source{case.key}_prompt{p}_*.png")) - {folder / name for name in names}:
+        folder = out / case.key / str(p)
+        keep = {folder / f"source{case.key}_prompt{p}_{k}.png" for k in range(n)}
+        for stale in set(folder.glob(f"source{case.key}_prompt{p}_*.png")) - keep:
             stale.unlink()
-        written += n
     secs = time.perf_counter() - t0
     print(f"wrote {written} images ({len(jobs)} prompts x {args.images_per_prompt}) to {out} in {secs:.1f} s "
           f"({secs / max(1, len(jobs)):.1f} s per prompt)")

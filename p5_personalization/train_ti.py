@@ -9,11 +9,12 @@
 Only the new token's vectors learn; the UNet, VAE, text encoder and every other embedding row stay
 bit-identical. Each step: an augmented photo (random crop and scale, horizontal flip), a caption from
 the object or style templates with the token in it ("a photo of a <new1>", "a painting in the style
-of <new2>"), the usual noise-prediction loss of the frozen UNet; the gradient reaches the token through
-the text encoder. SD is loaded offline as P3 does (common.stable_diffusion; --sd is sd-v1-4.ckpt, a
-.safetensors or a diffusers folder).
+of <new2>"), or with --captions the photo's own caption ("a <new1> circle with navy background", for a
+model that only knows its own prompt language, such as the mini SD), the usual noise-prediction loss of the
+frozen UNet; the gradient reaches the token through the text encoder. SD is loaded offline as P3 does
+(common.stable_diffusion; --sd is sd-v1-4.ckpt, a .safetensors or a diffusers folder).
 
-Several concepts at once: repeat --images/--token/--init-word (and --property) once per concept. With
+Several concepts at once: repeat --images/--token/--init-word (and --property, --captions) once per concept. With
 --method ti they are independent embeddings trained side by side; with --method joint-kv the
 cross-attention key and value projections of the UNet are fine-tuned too, shared by the concepts (the
 multi-concept recipe of Custom Diffusion, Kumari et al. 2023, meant to help several concepts appear
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
+from common.checkpoint import check_resume_fits, read_resume_checkpoint
 from common.config import add_config_flags, check_positive, config_from_args
 from common.datasets import IMAGE_SUFFIXES, list_images
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
@@ -52,9 +54,11 @@ from common.lightning_utils import (
     add_trainer_flags,
     make_trainer,
     resolve_accelerator,
+    resolve_num_workers,
     resolve_resume,
 )
 from common.seeding import sample_seed, seed_everything
+from common.step_batches import SequentialStream, step_batch_loader
 from p5_personalization.concepts import TOKEN_RE, token_file_stem
 from p5_personalization.textual_inversion import (
     KV_FILE,
@@ -120,6 +124,8 @@ class P5TrainConfig:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the token vectors"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the learning rates over these steps"})
     flip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
+    crop_min_scale: float = field(default=0.6, metadata={
+        "help": "smallest random square crop, as a share of the photo's shorter side (1: the whole photo)"})
     # None: on with CUDA. Its flag is written by hand (build_parser): the generated help would call None "off"
     gradient_checkpointing: bool | None = field(default=None, metadata={"flag": False})
     save_every: int = field(default=500, metadata={
@@ -136,12 +142,37 @@ def list_concept_images(folder: str) -> list[Path]:
                        empty=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the --images folder")
 
 
+def read_captions(path: str, images: list[Path]) -> dict[str, tuple[str, ...]]:
+    """--captions: a JSON object mapping each photo's file name to its caption, or a list of captions, with
+    `{}` where the token goes (DreamBooth-style per-image captions). Every photo of the folder needs one."""
+    from common.fileio import read_json
+    raw = read_json(path, "--captions file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: --captions must be a JSON object mapping image file names to captions")
+    names = {f.name for f in images}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"{path}: captions for images that are not in the --images folder: {', '.join(unknown[:5])}")
+    missing = sorted(names - set(raw))
+    if missing:
+        raise UserError(f"{path}: no caption for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    out = {}
+    for name, caps in raw.items():
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and "{}" in c for c in caps):
+            raise UserError(f"{path}: the caption(s) of {name!r} must be strings with {{}} where the token goes")
+        out[name] = tuple(caps)
+    return out
+
+
 class ConceptImages(torch.utils.data.Dataset):
     """An endless, seeded stream of augmented concept photos with captions: item `pos` of the stream.
 
     The photos (of all concepts) are visited in a fresh seeded order every round; the crop, flip and
-    caption template of item `pos` come from a generator seeded by (seed, pos). So the stream is a pure
-    function of the seed, and a run resumed at step s reads exactly what an uninterrupted run would have.
+    caption of item `pos` come from a generator seeded by (seed, pos). So the stream is a pure function of
+    the seed, and a run resumed at step s reads exactly what an uninterrupted run would have. A concept's
+    captions are its "captions" file's (read_captions), one of the photo's own, else the templates of its
+    "property".
     """
 
     def __init__(self, concepts: list[dict], resolution: int, seed: int = 0, flip_p: float = 0.5,
@@ -155,9 +186,11 @@ class ConceptImages(torch.utils.data.Dataset):
             min_scale,
             length,
         )
-        self.items = []  # (concept, photo)
+        self.items = []  # (concept, photo, its captions)
         for c in concepts:
-            for f in list_concept_images(c["images"]):
+            files = list_concept_images(c["images"])
+            captions = read_captions(c["captions"], files) if c.get("captions") else {}
+            for f in files:
                 try:
                     with Image.open(f) as im:
                         im = im.convert("RGB")
@@ -167,7 +200,7 @@ class ConceptImages(torch.utils.data.Dataset):
                 scale = 1.25 * resolution / min(im.size)
                 if scale < 1:
                     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
-                self.items.append((c, im))
+                self.items.append((c, im, captions.get(f.name, TEMPLATES[c["property"]])))
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -183,7 +216,7 @@ class ConceptImages(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> dict:
         import torchvision.transforms.functional as TF
         round_, k = divmod(pos, len(self.items))
-        concept, im = self.items[self._order(round_)[k]]
+        concept, im, captions = self.items[self._order(round_)[k]]
         g = random.Random(f"{self.seed}/item/{pos}")
         # random square crop covering min_scale..1 of the shorter side, resized to the training resolution
         crop = max(1, int(min(im.size) * g.uniform(self.min_scale, 1.0)))
@@ -192,40 +225,28 @@ class ConceptImages(torch.utils.data.Dataset):
         if g.random() < self.flip_p:
             im = TF.hflip(im)
         x = TF.to_tensor(im) * 2 - 1
-        caption = g.choice(TEMPLATES[concept["property"]]).format(concept["token"])
+        caption = g.choice(captions).replace("{}", concept["token"])
         return {"pixel_values": x, "prompt": caption}
-
-
-class StreamLoader(torch.utils.data.DataLoader):
-    """A DataLoader over stream positions start, start+1, ...; its place in the stream is set from the step
-    it resumes at, so it has no state of its own to save (the empty state_dict tells Lightning so)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class ConceptDataModule(pl.LightningDataModule):
     def __init__(self, *, concepts: list[dict], resolution: int, batch_size: int, seed: int, flip_p: float,
-                 steps: int, num_workers: int = 0):
+                 steps: int, num_workers: int = 0, min_scale: float = 0.6):
         super().__init__()
         self.concepts, self.resolution, self.batch_size = concepts, resolution, batch_size
         self.seed, self.num_workers, self.flip_p, self.steps = seed, num_workers, flip_p, steps
+        self.min_scale = min_scale
         self.dataset = None
 
     def setup(self, stage=None):
         if self.dataset is None:
-            self.dataset = ConceptImages(self.concepts, self.resolution, self.seed, self.flip_p,
+            self.dataset = ConceptImages(self.concepts, self.resolution, self.seed, self.flip_p, self.min_scale,
                                          length=self.steps * self.batch_size)
 
     def train_dataloader(self):
-        # Lightning restores the step before it asks for the loader, so a resumed run starts where it stopped
-        done = self.trainer.global_step if self.trainer is not None else 0
-        positions = range(min(done * self.batch_size, len(self.dataset) - 1), len(self.dataset))
-        return StreamLoader(self.dataset, batch_size=self.batch_size, sampler=positions, num_workers=self.num_workers,
-                            persistent_workers=self.num_workers > 0)
+        # batch b of the run (rank r of R: stream batch b * R + r) holds stream items from b * batch_size on; the
+        # loader starts at the step Lightning restored and spans the whole run (common.step_batches)
+        return step_batch_loader(self.trainer, SequentialStream(self.dataset, self.batch_size), self.num_workers)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -400,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="word whose embedding the token starts from, e.g. dog (repeat per concept)")
     p.add_argument("--property", action="append", choices=tuple(TEMPLATES), default=None,
                    help="caption templates: object (default) or style (repeat per concept)")
+    p.add_argument("--captions", action="append", default=None,
+                   help="per-image captions instead of the templates: a JSON object mapping each photo's file name "
+                        "to a caption (or a list) with {} for the token, e.g. {\"1.png\": \"a {} circle with navy "
+                        "background\"} (repeat per concept; 'none' keeps a concept's templates)")
     p.add_argument("--out", required=True, help="folder for the learned embeddings (what hw2_ti.sh reads)")
     p.add_argument("--sample-prompt", action="append", default=None,
                    help="prompt for the samples (default: one caption per concept)")
@@ -416,31 +441,49 @@ def build_parser() -> argparse.ArgumentParser:
 def concepts_from_args(args, vectors: int) -> list[dict]:
     n = len(args.images)
     props = args.property or ["object"] * n
-    if not (len(args.token) == len(args.init_word) == n == len(props)):
+    captions = args.captions or ["none"] * n
+    if not (len(args.token) == len(args.init_word) == n == len(props) == len(captions)):
         raise UserError(
-            f"give --images, --token, --init-word (and --property, if any) once per concept: got "
-            f"{n} --images, {len(args.token)} --token, {len(args.init_word)} --init-word, {len(props)} --property"
+            f"give --images, --token, --init-word (and --property, --captions, if any) once per concept: got "
+            f"{n} --images, {len(args.token)} --token, {len(args.init_word)} --init-word, {len(props)} --property, "
+            f"{len(captions)} --captions"
         )
     if len(set(args.token)) != n:
         raise UserError(f"--token: the same token twice ({args.token})")
     out = []
-    for images, token, word, prop in zip(args.images, args.token, args.init_word, props):
+    for images, token, word, prop, caps in zip(args.images, args.token, args.init_word, props, captions):
         if not TOKEN_RE.fullmatch(token):
             raise UserError(f"--token {token!r}: write it as <name> with no spaces (e.g. <new1>)")
         token_file_stem(token)
-        list_concept_images(images)
-        out.append({"images": str(images), "token": token, "init_word": word, "property": prop,
-                    "vectors": vectors})
+        files = list_concept_images(images)
+        concept = {"images": str(images), "token": token, "init_word": word, "property": prop, "vectors": vectors}
+        if caps != "none":
+            read_captions(caps, files)
+            concept["captions"] = str(caps)
+        out.append(concept)
     return out
+
+
+def first_caption(concept: dict) -> str:
+    """The default sample prompt of a concept: its first photo's first caption, else its first template."""
+    if concept.get("captions"):
+        files = list_concept_images(concept["images"])
+        caption = read_captions(concept["captions"], files)[files[0].name][0]
+    else:
+        caption = TEMPLATES[concept["property"]][0]
+    return caption.replace("{}", concept["token"])
 
 
 @cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    resolve_num_workers(args, decodes=False)  # the few photos are decoded once and held in memory
     config = config_from_args(P5TrainConfig(), args)
     check_positive(config, "steps", "batch_size", "vectors", "save_every")
     if config.resolution < 8 or config.resolution % 8:
         raise UserError("--resolution must be a positive multiple of 8")
+    if not 0 < config.crop_min_scale <= 1:
+        raise UserError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
     concepts = concepts_from_args(args, config.vectors)
     out = check_writable(args.out)
     accelerator = resolve_accelerator(args.accelerator)
@@ -452,19 +495,27 @@ def main(argv=None) -> dict:
     )
     run_dir = out / "runs" / run_name
     resume = resolve_resume(args.resume, run_dir)
+    # read and checked now: a truncated or foreign --resume checkpoint fails before SD is loaded or anything written
+    resume_ckpt = None
+    if resume is not None:
+        resume_ckpt = read_resume_checkpoint(resume, "p5_personalization/train_ti.py", ("concepts", "train"))
     seed_everything(args.seed)
     setup_cuda_fast_math()
 
     data = ConceptDataModule(concepts=concepts, resolution=config.resolution, batch_size=config.batch_size,
-                             seed=args.seed, flip_p=config.flip_p, steps=config.steps, num_workers=args.num_workers)
+                             seed=args.seed, flip_p=config.flip_p, steps=config.steps, num_workers=args.num_workers,
+                             min_scale=config.crop_min_scale)
     data.setup()  # decode every photo now: a bad file fails before anything is written
     module = TextualInversionModule(sd_path=args.sd, concepts=concepts, config=config,
                                     frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed)
+    if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
+        check_resume_fits(resume, resume_ckpt, module, "p5_personalization/train_ti.py")
+        del resume_ckpt
     ensure_dir(run_dir)
     info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "resolution": config.resolution,
             "batch_size": config.batch_size, "lr": config.lr, "seed": args.seed, "precision": precision.split("-")[0],
             "train": dataclasses.asdict(config)}
-    prompts = args.sample_prompt or [TEMPLATES[c["property"]][0].format(c["token"]) for c in concepts]
+    prompts = args.sample_prompt or [first_caption(c) for c in concepts]
     export = ExportEmbeddings(out=out, run_dir=run_dir, info=info, every=config.save_every,
                               sample_every=config.sample_every, sample_prompts=prompts,
                               sample_steps=config.sample_steps, sample_guidance=config.sample_guidance,

@@ -1,14 +1,30 @@
 #!/usr/bin/env python
 """Score ControlNet outputs (P3) against the targets and prompts, from locally given weights only.
 
-    python scripts/evaluate_controlnet.py --pred OUT --gt hw2_data/fill50k/testing/target \\
-        --prompts hw2_data/fill50k/testing/prompt.json --clip-weights ViT-B-32.pt \\
-        [--fid-weights pt_inception-2015-12-05-6726825d.pth] [--sam2-checkpoint sam2.1_hiera_small.pt --sam2-config ...]
+    python scripts/evaluate_controlnet.py --pred OUT --prompts hw2_data/fill50k/testing/prompt.json \\
+        --source hw2_data/fill50k/testing/source [--gt hw2_data/fill50k/testing/target] [--json scores.json] \\
+        [--clip-weights ViT-B-32.pt] [--fid-weights pt_inception-2015-12-05-6726825d.pth] \\
+        [--sam2-checkpoint sam2.1_hiera_small.pt --sam2-config ...]
+
+The generated images are OUT/<target> for each line of --prompts (what hw2_3.sh writes); the control of a
+line is SOURCE/<source>.
 
 Metrics (each needs only what is named; a missing piece is reported by name and the others still run):
-  colour_iou   circle-mask IoU with the target, where a pixel belongs to the circle when its colour is
-               nearer the prompt's circle colour than its background colour (Fill50k prompts only; no
-               weights). A cheap stand-in for the course's segmentation overlap, not the course metric.
+  fill50k_judge  the offline Fill50k judge (p3_controlnet/fill50k_judge.py; no weights), on --prompts and,
+               for the mask IoU, the controls in --source: per generated image (at its own size) the circles
+               it finds, their colours and the background's against the prompt (CIELAB, within 25 delta E
+               and nearest to the named colour), their union's IoU with the control's filled circles, and
+               whether each circle is drawn striped. Reported: iou_mean, colour_following_share (every
+               named colour right, every circle there), circle_right_share, background_right_share,
+               both_named_circles_share (two-circle items naming both colours), striped_share, each with
+               its item count; the same split by the number of circles in the control ("by_circles"; by the
+               prompt's count without --source). Every caption form make_fill50k.py writes is read; a prompt
+               the judge cannot read (or naming an unknown colour) is counted ("unparsed_items", the first
+               ones listed) and left out, not an error.
+  colour_iou   circle-mask IoU with the target, where a pixel belongs to a circle when its colour is nearer
+               one of the prompt's circle colours than its background colour (items whose prompt names every
+               colour, read by the judge's parse_prompt; no weights). A cheap stand-in for the course's
+               segmentation overlap, not the course metric.
   clip_score   mean CLIP cosine(image, prompt), also x100 clipped at 0 (torchmetrics' CLIPScore scale);
                open_clip architecture --clip-arch with the local --clip-weights file: OpenAI's TorchScript
                ViT-B-32.pt (QuickGELU on) or an open_clip checkpoint (common/clip_loading.py, as P5 loads it).
@@ -24,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -36,18 +51,88 @@ import torch
 from common.clip_loading import add_quick_gelu_flag
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.errors import UserError, cli_main
-from common.fileio import folder_error, write_text_atomic
+from common.fileio import check_writable_file, folder_error, write_text_atomic
 
-PROMPT_RE = re.compile(r"(.+) circle with (.+) background")
 FID_PIP = "torch-fidelity==0.4.0"
 
 
 def colour_masks(image: np.ndarray, circle_rgb, background_rgb) -> np.ndarray:
-    """(H,W) bool: pixels nearer the circle colour than the background colour."""
+    """(H,W) bool: pixels nearer the circle colour (or, given a list of colours, one of them) than the
+    background colour."""
     x = image.astype(np.float32)
-    dc = ((x - np.asarray(circle_rgb, np.float32)) ** 2).sum(-1)
+    circles = np.asarray(circle_rgb, np.float32).reshape(-1, 3)
+    dc = np.min([((x - c) ** 2).sum(-1) for c in circles], axis=0)
     db = ((x - np.asarray(background_rgb, np.float32)) ** 2).sum(-1)
     return dc < db
+
+
+def prompt_rgbs(prompt: str | None, colours: dict) -> tuple[list, tuple] | None:
+    """(circle RGBs, background RGB) of a Fill50k prompt naming every colour, read by the judge's
+    parse_prompt; None for any other prompt."""
+    from p3_controlnet.fill50k_judge import parse_prompt
+    if not prompt:
+        return None
+    try:
+        e = parse_prompt(prompt)
+    except ValueError:
+        return None
+    if any(c not in colours for c in e.circles) or e.background not in colours:
+        return None
+    return [colours[c] for c in e.circles], colours[e.background]
+
+
+def judge_items(items: list[dict], images: list[np.ndarray], source: Path | None, prompts_path) -> dict:
+    """The fill50k_judge metric (see the module docstring) of generated images against their prompt.json
+    lines, with the controls from `source` (None: no IoU)."""
+    from p3_controlnet.fill50k_judge import control_circle_count, parse_prompt, score_image, summarise
+    if source is not None:  # every control there before anything is scored
+        for it in items:
+            if not (source / it["source"]).is_file():
+                raise UserError(f"{source / it['source']}: control image listed in {prompts_path} not found "
+                                f"(--source)")
+    scores, counts, unparsed = [], [], []
+    for it, image in zip(items, images):
+        try:
+            expect = parse_prompt(it["prompt"])
+            control = load_image(source / it["source"], size=None) if source is not None else None
+            score = score_image(image, expect=expect, control=control)
+        except ValueError as e:
+            unparsed.append({"target": it["target"], "prompt": it["prompt"], "error": str(e)})
+            continue
+        scores.append(score)
+        counts.append(control_circle_count(control) if control is not None else len(expect.circles))
+    out = summarise(scores)
+    out.update(unparsed_items=len(unparsed), unparsed=unparsed[:10],
+               circles_from="control" if source is not None else "prompt",
+               by_circles={str(n): summarise([s for s, c in zip(scores, counts) if c == n])
+                           for n in sorted(set(counts))})
+    return out
+
+
+JUDGE_LINES = (("items", "items judged"), ("iou_mean", "mask IoU vs control"),
+               ("colour_following_share", "colour following"), ("circle_right_share", "circle colour right"),
+               ("background_right_share", "background right"), ("both_named_circles_share", "both circles right"),
+               ("striped_share", "striped"))
+_JUDGE_COUNTS = {"iou_mean": "iou_items", "circle_right_share": "circle_items",
+                 "background_right_share": "background_items", "both_named_circles_share": "two_circle_items"}
+
+
+def print_judge(judge: dict) -> None:
+    """The fill50k_judge block as a table: all items, then by number of circles."""
+    groups = [("all", judge)] + [(f"{n} circle{'s' if n != '1' else ''}", v) for n, v in judge["by_circles"].items()]
+    print(f"fill50k_judge (circles counted in the {judge['circles_from']}):")
+    print(f"{'':>22}" + "".join(f"{name:>14}" for name, _ in groups))
+    for key, label in JUDGE_LINES:
+        cells = []
+        for _, g in groups:
+            v = g[key]
+            n = g.get(_JUDGE_COUNTS.get(key, "items"))
+            cells.append(f"{'-':>14}" if v is None else f"{v:>14}" if key == "items" else f"{v:>8.3f} ({n:>3})")
+        print(f"{label:>22}" + "".join(cells))
+    if judge["unparsed_items"]:
+        first = judge["unparsed"][0]
+        print(f"{judge['unparsed_items']} prompt(s) the judge cannot read were left out, e.g. {first['target']}: "
+              f"{first['error']}", file=sys.stderr)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -143,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="folder of generated images (OUT_DIR of hw2_3.sh)")
     p.add_argument("--gt", default=None, help="folder of target images (fill50k/testing/target)")
     p.add_argument("--prompts", default=None, help="prompt.json naming the images and their prompts")
+    p.add_argument("--source", default=None,
+                   help="folder of the control images (fill50k/testing/source): the fill50k_judge's mask IoU")
     p.add_argument("--clip-weights", default=None,
                    help="local CLIP weights for the CLIP score: OpenAI's TorchScript .pt (ViT-B-32.pt) or an "
                         "open_clip .safetensors/.bin/.pt")
@@ -161,9 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main
+@cli_main(sigterm=True)
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.json:
+        check_writable_file(args.json)  # fail now, not after the scoring
     from common.device import pick_device
     from p3_controlnet.make_fill50k import named_colours
     device = pick_device(args.device)
@@ -172,6 +261,14 @@ def main(argv=None) -> dict:
         raise folder_error(pred, "--pred folder not found")
     items = load_items(Path(args.prompts) if args.prompts else None, pred)
     pred_imgs = [load_image(pred / it["target"]) for it in items]
+    generated = pred_imgs  # the judge's input: each image at its own size
+    source = None
+    if args.source:
+        source = Path(args.source)
+        if not source.is_dir():
+            raise folder_error(source, "--source folder (control images) not found")
+        if not args.prompts:
+            raise UserError("--source needs --prompts (the prompt.json naming each image's control)")
     gt_imgs = None
     if args.gt:
         gt = Path(args.gt)
@@ -188,21 +285,36 @@ def main(argv=None) -> dict:
     skipped: list[str] = []
     prompts = [it.get("prompt") for it in items]
 
+    judge = None
+    if args.prompts:
+        judge = judge_items(items, generated, source, args.prompts)
+        results["fill50k_judge"] = judge
+        if source is None:
+            skipped.append("fill50k_judge mask IoU: needs --source (the folder of the control images)")
+    else:
+        skipped.append("fill50k_judge: needs --prompts (and --source for the mask IoU)")
+
     colours = dict(named_colours())
-    parsed = [PROMPT_RE.fullmatch(p) if p else None for p in prompts]
+    parsed = [prompt_rgbs(p, colours) for p in prompts]
     clip = None
-    if gt_imgs is not None and all(m and m.group(1) in colours and m.group(2) in colours for m in parsed):
+    centres = None
+    if gt_imgs is not None and any(parsed):
         ious, centres = [], []
         for im, g, m in zip(pred_imgs, gt_imgs, parsed):
-            mg = colour_masks(g, colours[m.group(1)], colours[m.group(2)])
-            ious.append(iou(colour_masks(im, colours[m.group(1)], colours[m.group(2)]), mg))
+            if m is None:
+                centres = None
+                continue
+            mg = colour_masks(g, *m)
+            ious.append(iou(colour_masks(im, *m), mg))
             ys, xs = np.nonzero(mg)
-            centres.append((float(xs.mean()), float(ys.mean())) if len(xs) else (g.shape[1] / 2, g.shape[0] / 2))
+            if centres is not None:
+                centres.append((float(xs.mean()), float(ys.mean())) if len(xs) else (g.shape[1] / 2, g.shape[0] / 2))
         results["colour_iou"] = float(np.mean(ious))
+        results["colour_iou_items"] = len(ious)
     else:
-        centres = None
         skipped.append(
-            "colour_iou: needs --gt and --prompts with Fill50k prompts ('<colour> circle with <colour> background')"
+            "colour_iou: needs --gt and --prompts with Fill50k prompts naming every colour "
+            "('<colour> circle with <colour> background')"
         )
 
     if args.clip_weights and all(prompts):
@@ -236,7 +348,10 @@ def main(argv=None) -> dict:
         )
 
     for k, v in results.items():
-        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+        if not isinstance(v, dict):
+            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    if judge is not None:
+        print_judge(judge)
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     results["skipped"] = skipped

@@ -88,6 +88,7 @@ from common.lightning_utils import (
     add_trainer_flags,
     make_trainer,
     resolve_accelerator,
+    resolve_num_workers,
     resolve_resume,
 )
 from common.seeding import seed_everything
@@ -868,6 +869,7 @@ def parse_config(argv) -> tuple[argparse.Namespace, MiniSDTrainConfig]:
     stage = pre_parse(argv, ("--stage", "vae")).stage
     stage = stage if stage in STAGES else "vae"  # an unknown stage is reported by the full parser
     args = build_parser(stage).parse_args(argv)
+    resolve_num_workers(args, decodes=False)  # images and latents are held in memory
     return args, config_from_args(STAGE_CONFIGS[args.stage], args)
 
 

@@ -189,3 +189,155 @@ def test_cli_bad_inputs(ti_setup, tmp_path, capsys):
                                         "--output-dir", str(partial), "--clip-weights", str(weights),
                                         "--clip-model", str(cfg)], capsys)
     assert code == 2 and "no generated images for concept '1', prompt 0" in err
+
+
+# ------------------------------------------------------------------------------- --judge fill50k
+
+def _fill50k_image(circles, background: str, size: int = 64) -> np.ndarray:
+    """make_fill50k's own painter: circles (cx, cy, r as shares of the side, colour, striped) on a background."""
+    from PIL import ImageColor
+
+    from p3_controlnet.make_fill50k import _fill
+    rgb = lambda name: tuple(ImageColor.getrgb(name)[:3])  # noqa: E731
+    image = Image.new("RGB", (size, size), rgb(background))
+    for cx, cy, r, colour, striped in circles:
+        box = [(cx - r) * size, (cy - r) * size, (cx + r) * size, (cy + r) * size]
+        _fill(image, box, rgb(colour), rgb(background), "stripes" if striped else None)
+    return np.asarray(image)
+
+
+MINI_SPEC = {
+    "0": {"src_image": "new1", "token_name": "<new1>",
+          "prompt": ["a <new1> circle with navy background", "<new1> circle with pink background."]},
+    "1": {"src_image": "new2", "token_name": "<new2>",
+          "prompt": ["<new2> red circle with navy background", "a blue circle in <new2> style with yellow background"]},
+    "2": {"src_image": ["new1", "new2"], "token_name": ["<new1>", "<new2>"],
+          "prompt": ["a <new1> circle and a <new2> blue circle with pink background."]},
+}
+# per prompt: (circles, background) of the 4 right images, and a wrong 5th
+ONE = (0.5, 0.5, 0.25)
+LEFT, RIGHT = (0.27, 0.5, 0.17), (0.73, 0.5, 0.17)
+MINI_IMAGES = {
+    ("0", 0): (([(*ONE, "chartreuse", False)], "navy"), ([(*ONE, "green", False)], "navy")),
+    ("0", 1): (([(*ONE, "chartreuse", False)], "pink"), ([(*ONE, "chartreuse", False)], "orange")),
+    ("1", 0): (([(*ONE, "red", True)], "navy"), ([(*ONE, "red", False)], "navy")),
+    ("1", 1): (([(*ONE, "blue", True)], "yellow"), ([(*ONE, "red", True)], "yellow")),
+    ("2", 0): (([(*LEFT, "chartreuse", False), (*RIGHT, "blue", True)], "pink"),
+               ([(*LEFT, "chartreuse", False), (*RIGHT, "blue", False)], "pink")),
+}
+
+
+@pytest.fixture(scope="module")
+def mini_ti(tmp_path_factory):
+    """input.json for <new1> (chartreuse) and <new2> (stripes), OUT/<c>/<p>/ with 4 right images and a wrong
+    one per prompt, and the init-word baseline: its prompts, and images drawn in the init word's colour."""
+    root = tmp_path_factory.mktemp("mini_ti")
+    (root / "input.json").write_text(json.dumps(MINI_SPEC))
+    init = json.loads(json.dumps(MINI_SPEC))
+    for e in init.values():
+        e["prompt"] = [p.replace("<new1>", "green").replace("<new2>", "white") for p in e["prompt"]]
+    (root / "input_init_word.json").write_text(json.dumps(init))
+    for (key, p), (right, wrong) in MINI_IMAGES.items():
+        folder = root / "gen" / key / str(p)
+        folder.mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(_fill50k_image(*right)).save(folder / f"{k}.png")
+        Image.fromarray(_fill50k_image(*wrong)).save(folder / "4.png")
+        # the baseline drew what the init words say: green circles, plain (white bands nowhere)
+        base = root / "base" / key / str(p)
+        base.mkdir(parents=True)
+        circles = [(cx, cy, r, "green" if c == "chartreuse" else c, False) for cx, cy, r, c, _ in right[0]]
+        for k in range(3):
+            Image.fromarray(_fill50k_image(circles, right[1])).save(base / f"{k}.png")
+        Image.fromarray(_fill50k_image(*right)).save(base / "3.png")  # one shows the concept anyway
+    return root
+
+
+JUDGE_FLAGS = ["--judge", "fill50k", "--alias", "<new1>=chartreuse", "--style-token", "<new2>=stripes"]
+
+
+def test_fill50k_judge_scores_concepts(mini_ti, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    code, err = run_cli(evaluate_main, ["--json", str(mini_ti / "input.json"), "--output-dir", str(mini_ti / "gen"),
+                                        *JUDGE_FLAGS, "--report", str(report)], capsys)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["judge"] == "fill50k" and r["total"] == 5 and r["aliases"] == {"<new1>": "chartreuse"}
+    by = {(x["concept"], x["prompt_index"]): x for x in r["prompts"]}
+    assert all(x["images"] == 5 and x["concept_share"] == pytest.approx(0.8) for x in by.values())
+    # <new1>: the circle colour is the token's; the 5th image is green (0, 0) or on the wrong background (0, 1)
+    a, b = by[("0", 0)], by[("0", 1)]
+    assert a["judged_as"]["circles"] == ["<new1>"] and a["judged_as"]["striped"] == [False]
+    assert a["token_colour_share"] == pytest.approx(0.8) and a["striped_share"] is None
+    assert b["token_colour_share"] == 1.0 and b["background_right_share"] == pytest.approx(0.8)
+    assert a["verdicts"][4]["file"] == "4.png" and a["verdicts"][4]["concept"] is False
+    # <new2>: the token leaves the prompt, its circle must be striped; the 5th is plain (1, 0) or red (1, 1)
+    c, d = by[("1", 0)], by[("1", 1)]
+    assert c["judged_as"]["circles"] == ["red"] and c["judged_as"]["striped"] == [True]
+    assert c["striped_share"] == pytest.approx(0.8) and c["colour_following_share"] == 1.0
+    assert d["judged_as"]["circles"] == ["blue"] and d["striped_share"] == 1.0
+    assert d["colour_following_share"] == pytest.approx(0.8) and d["token_colour_share"] is None
+    # both tokens: a chartreuse circle left, a striped blue one right
+    e = by[("2", 0)]
+    assert e["judged_as"]["circles"] == ["<new1>", "blue"] and e["judged_as"]["striped"] == [False, True]
+    assert e["token_colour_share"] == 1.0 and e["striped_share"] == pytest.approx(0.8)
+    assert r["concepts"]["0"]["images"] == 10 and r["concepts"]["0"]["concept_share"] == pytest.approx(0.8)
+    assert r["mean_concept_share"] == pytest.approx(0.8)
+
+
+def test_fill50k_judge_init_word_baseline(mini_ti, tmp_path, capsys):
+    """Images made from the init-word prompts, judged against the concept with --expect-concept: green is not
+    chartreuse, plain is not striped; only the image that shows the concept counts."""
+    args = ["--json", str(mini_ti / "input_init_word.json"), "--output-dir", str(mini_ti / "base"), *JUDGE_FLAGS,
+            "--expect-concept", "<new1>=green", "--expect-concept", "<new2>=White",
+            "--report", str(tmp_path / "b.json")]
+    code, err = run_cli(evaluate_main, args, capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["expect_concept"] == {"<new1>": "green", "<new2>": "white"}
+    for x in r["prompts"]:
+        assert x["concept_share"] == pytest.approx(0.25), x["prompt"]
+    first = r["prompts"][0]
+    assert first["prompt"] == "a green circle with navy background"
+    assert first["judged_as"]["text"] == "a <new1> circle with navy background"
+    assert r["prompts"][2]["judged_as"]["circles"] == ["red"] and r["prompts"][2]["judged_as"]["striped"] == [True]
+    # the same images judged as plain prompts (no --expect-concept): green circles are right, nothing to learn
+    code, err = run_cli(evaluate_main, ["--json", str(mini_ti / "input_init_word.json"), "--output-dir",
+                                        str(mini_ti / "base"), "--judge", "fill50k", "--report",
+                                        str(tmp_path / "p.json")], capsys)
+    assert code == 2 and "'white red' is not a colour the judge knows" in err  # "white red circle": unreadable
+
+
+def test_fill50k_judge_bad_inputs(mini_ti, tmp_path, capsys):
+    base = ["--json", str(mini_ti / "input.json"), "--output-dir", str(mini_ti / "gen"), "--judge", "fill50k"]
+
+    def fails(args, *needles):
+        code, err = run_cli(evaluate_main, args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        for n in needles:
+            assert n in err, (n, err)
+
+    style = ["--style-token", "<new2>=stripes"]
+    fails(base + ["--alias", "<new1>chartreuse"] + style, "--alias '<new1>chartreuse': expected TOKEN=COLOUR")
+    fails(base + ["--alias", "=chartreuse"] + style, "--alias '=chartreuse'")
+    fails(base + ["--alias", "<new1>=chartruse"] + style, "'chartruse' is not a colour the judge knows")
+    fails(base + ["--alias", "<new1>=chartreuse", "--style-token", "<new2>=dots"], "--style-token <new2>=dots")
+    fails(base + ["--alias", "<new1>=chartreuse"], "input.json: entry '1' prompt 0", "token <new2> has no --alias")
+    fails(base + JUDGE_FLAGS[2:] + ["--expect-concept", "<new1>=lime"], "--expect-concept <new1>=lime",
+          "holds the word 'lime'")
+    fails(base + JUDGE_FLAGS[2:] + ["--expect-concept", "<new3>=green"], "<new3> is given by neither")
+    fails(base + JUDGE_FLAGS[2:] + ["--strict"], "--strict")
+    spec = json.loads(json.dumps(MINI_SPEC))
+    spec["0"]["prompt"][1] = "a photo of a <new1> dog"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec))
+    fails(["--json", str(bad)] + base[2:] + JUDGE_FLAGS[2:], "bad.json: entry '0' prompt 1 'a photo of a <new1> dog'",
+          "not a Fill50k prompt")
+    partial = tmp_path / "gen"
+    shutil.copytree(mini_ti / "gen" / "0", partial / "0")
+    fails(["--json", str(mini_ti / "input.json"), "--output-dir", str(partial)] + JUDGE_FLAGS,
+          "no generated images for concept '1', prompt 0")
+    # the CLIP judge still needs its weights and photos, and the judge flags are not for it
+    fails(["--json", str(mini_ti / "input.json"), "--output-dir", str(mini_ti / "gen")], "--judge clip needs")
+    fails(["--json", str(mini_ti / "input.json"), "--output-dir", str(mini_ti / "gen"), "--alias", "<a>=red"],
+          "--alias is for --judge fill50k")

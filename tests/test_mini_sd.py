@@ -79,6 +79,7 @@ def test_mini_architecture_loads_from_an_ldm_single_file(mini, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mini_sd.safetensors"]
     loaded = load_sd(path)
     assert loaded.text_encoder.config.num_attention_heads == 2
+    assert loaded.native_resolution == 64  # recorded in the file: the weights alone would say SD v1's 512
     for a, b in zip(_outputs(loaded), _outputs(_rounded(mini))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -297,3 +298,21 @@ def test_textual_inversion_data_shows_each_concept_and_reads_as_course_input(tmp
     baseline = json.loads((tmp_path / "a" / "input_init_word.json").read_text())
     prompts = [p for e in baseline.values() for p in e["prompt"]]
     assert not any("<new" in p for p in prompts) and "green circle with pink background" in prompts
+
+
+def test_native_resolution_is_read_from_the_model(mini, tmp_path):
+    from types import SimpleNamespace
+
+    from common.stable_diffusion import SDComponents, shipped_config
+    assert mini.native_resolution == 64
+    # an LDM file without the record is read as SD v1 (512 px), as sd-v1-4.ckpt is; with it, at its own size
+    from common.sd_export import write_ldm_checkpoint
+    for suffix in (".ckpt", ".safetensors"):
+        assert load_sd(write_ldm_checkpoint(mini, tmp_path / f"plain{suffix}")).native_resolution == 512
+        assert load_sd(write_ldm_checkpoint(mini, tmp_path / f"mini{suffix}", native_resolution=64)
+                       ).native_resolution == 64
+    # SD v1.4's own configs (as shipped for single-file loading): 64 latents x 8 = 512 px
+    unet, vae = shipped_config("unet"), shipped_config("vae")
+    sd14 = SDComponents(SimpleNamespace(config=SimpleNamespace(**vae)), SimpleNamespace(config=SimpleNamespace(**unet)),
+                        None, None, None, "sd-v1-4")
+    assert sd14.native_resolution == 512

@@ -376,7 +376,9 @@ def test_bad_inputs(tmp_path, fill, sd_ckpt, trained, capsys):
     code, err = run_cli(train, ["--data", str(fill), "--proportion-empty-prompts", "1.5"] + run, capsys)
     assert code == 2 and "--proportion-empty-prompts" in err
     code, err = run_cli(train, ["--data", str(fill), "--size", "100"] + run[:-2], capsys)
-    assert code == 2 and "multiple of 64" in err
+    assert code == 2 and "--size must be a positive multiple of 8" in err
+    code, err = run_cli(train, ["--data", str(fill), "--size", "80"] + run[:-2], capsys)
+    assert code == 2 and "multiple of 32 for this SD" in err  # the tiny UNet down-samples its latents twice
     assert not (tmp_path / "run").exists()
 
     code, err = run_cli(make, ["--out", str(tmp_path / "f"), "--n", "2", "--size", "30"], capsys)
@@ -408,6 +410,90 @@ def test_evaluate_controlnet_colour_iou_fid_math_and_missing_weights(fill, tmp_p
     b = 2 * rng.standard_normal((20000, 3)) + 1
     assert abs(frechet_distance(a, b) - (3 * 1 + 3 * (1 + 4 - 2 * 2))) < 0.15
     assert abs(frechet_distance(a, a)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def mini_testing(tmp_path_factory):
+    """A course-style testing split of the mini preset (512-px controls and targets), and the targets at the
+    mini SD's 64 px as the "generated" images, named as hw2_3.sh names them."""
+    from p3_controlnet.make_fill50k import PRESET_OPTIONS, write_split
+    root = tmp_path_factory.mktemp("mini_testing")
+    write_split(root / "testing", 24, 512, 11, options=PRESET_OPTIONS["mini"])
+    items = [json.loads(line) for line in (root / "testing" / "prompt.json").read_text().splitlines()]
+    (root / "pred").mkdir()
+    for it in items:
+        with Image.open(root / "testing" / "target" / it["target"]) as im:
+            im.resize((64, 64), Image.BILINEAR).save(root / "pred" / it["target"])
+    return root, items
+
+
+def test_evaluate_controlnet_fill50k_judge(mini_testing, tmp_path, capsys):
+    """The judge metric on real targets (about 1.0, split by circles in the control), on prompts naming the
+    wrong background, with an unreadable prompt (counted, not fatal), without --source, and bad inputs."""
+    from scripts.evaluate_controlnet import main
+    root, items = mini_testing
+    t = root / "testing"
+    base = ["--pred", str(root / "pred"), "--prompts", str(t / "prompt.json")]
+    code, err = run_cli(main, base + ["--source", str(t / "source"), "--gt", str(t / "target"),
+                                      "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    j = res["fill50k_judge"]
+    assert j["items"] == 24 and j["unparsed_items"] == 0 and j["circles_from"] == "control"
+    assert j["colour_following_share"] == 1.0 and j["background_right_share"] == 1.0 and j["iou_items"] == 24
+    assert j["iou_mean"] > 0.95 and j["circle_right_share"] == 1.0 and j["both_named_circles_share"] == 1.0
+    drawn = {n: sum(len(it["circles"]) == n for it in items) for n in (1, 2)}
+    assert all(drawn.values()) and {k: v["items"] for k, v in j["by_circles"].items()} == {"1": drawn[1], "2": drawn[2]}
+    assert j["by_circles"]["1"]["both_named_circles_share"] is None and j["by_circles"]["2"]["two_circle_items"] > 0
+    assert j["striped_share"] == pytest.approx(sum(it["style"] == "stripes" for it in items) / 24)
+    # colour_iou reads every caption form now ("a red circle and a blue circle with pink background.")
+    from p3_controlnet.fill50k_judge import parse_prompt
+    named = [it for it in items if all(c is not None for c in parse_prompt(it["prompt"]).circles)]
+    assert res["colour_iou_items"] == len(named) and res["colour_iou"] > 0.95
+    # every caption form make_fill50k writes is among them: article, full stop, no colour, two circles
+    prompts = [it["prompt"] for it in items]
+    assert any(p.startswith("a ") for p in prompts) and any(p.endswith(".") for p in prompts)
+    assert any(p.startswith("two circles with") for p in prompts) and any(p.startswith("circle") for p in prompts)
+
+    # the prompts with another background colour, one line unreadable: wrong backgrounds, one item counted apart
+    wrong = tmp_path / "wrong.json"
+    lines = []
+    for k, it in enumerate(items):
+        other = "brown" if it["background"] != "brown" and all(c["colour"] != "brown" for c in it["circles"]) \
+            else "cyan" if it["background"] != "cyan" and all(c["colour"] != "cyan" for c in it["circles"]) else "red"
+        prompt = "a photo of a dog" if k == 0 else it["prompt"].replace(f"{it['background']} background",
+                                                                        f"{other} background")
+        lines.append(json.dumps({"source": it["source"], "target": it["target"], "prompt": prompt}))
+    wrong.write_text("\n".join(lines) + "\n")
+    code, err = run_cli(main, ["--pred", str(root / "pred"), "--prompts", str(wrong), "--source", str(t / "source"),
+                               "--json", str(tmp_path / "w.json")], capsys)
+    assert code == 0, err
+    j = json.loads((tmp_path / "w.json").read_text())["fill50k_judge"]
+    assert j["items"] == 23 and j["unparsed_items"] == 1 and j["unparsed"][0]["prompt"] == "a photo of a dog"
+    assert j["background_right_share"] == 0 and j["colour_following_share"] == 0 and j["iou_mean"] > 0.95
+    assert "cannot read" in err and "not a Fill50k prompt" in err
+
+    # without --source: colours judged, no IoU, circles counted from the prompt
+    code, err = run_cli(main, base + ["--json", str(tmp_path / "n.json")], capsys)
+    res = json.loads((tmp_path / "n.json").read_text())
+    j = res["fill50k_judge"]
+    assert code == 0 and j["iou_mean"] is None and j["iou_items"] == 0 and j["circles_from"] == "prompt"
+    assert j["colour_following_share"] == 1.0 and any("--source" in s for s in res["skipped"])
+
+    # bad inputs: one line naming the file and the flag
+    code, err = run_cli(main, base + ["--source", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "nope: --source folder (control images) not found" in err
+    partial = tmp_path / "partial_source"
+    partial.mkdir()
+    code, err = run_cli(main, base + ["--source", str(partial)], capsys)
+    first = items[0]["source"]
+    assert code == 2 and f"{partial / first}: control image listed in" in err and "(--source)" in err
+    assert len(err.strip().splitlines()) == 1
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"source": "0.png", "target": "gone.png",
+                                   "prompt": "red circle with navy background"}))
+    code, err = run_cli(main, ["--pred", str(root / "pred"), "--prompts", str(missing)], capsys)
+    assert code == 2 and "gone.png: generated image missing" in err
 
 
 def test_bf16_step_keeps_trainable_weights_fp32(fill):
@@ -562,3 +648,83 @@ def test_prompt_file_not_utf8_or_a_folder(tmp_path, capsys):
                                          "--sd", str(tmp_path / "no_sd")], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_hw2_3_checks_every_input_first_and_leaves_nothing_on_failure(fill, sd_ckpt, trained, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A truncated 10th control image (batch 8) is found before any model is loaded; and a failure in the
+    second batch adds no image to OUT (the first batch's included), while a file that was there stays."""
+    import shutil
+
+    import p3_controlnet.infer as infer
+    src = tmp_path / "source"
+    src.mkdir()
+    real = sorted((fill / "testing" / "source").iterdir())
+    for i in range(10):
+        shutil.copy(real[i % len(real)], src / f"{i}.png")
+    whole = (src / "9.png").read_bytes()
+    (src / "9.png").write_bytes(whole[: len(whole) // 2])
+    prompts = tmp_path / "prompt.json"
+    prompts.write_text("".join(json.dumps({"source": f"{i}.png", "target": f"{i}.png", "prompt": "red circle"}) + "\n"
+                               for i in range(10)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"there before")
+    argv = ["--prompts", str(prompts), "--source-dir", str(src), "--out", str(out), "--sd", str(sd_ckpt),
+            "--controlnet", str(trained / "controlnet"), "--size", str(SIZE), "--steps", "1", "--batch-size", "8",
+            "--quiet"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before every input was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(infer, "load_controlnet", no_model)
+        m.setattr(infer.sdlib, "load_sd", no_model)
+        code, err = run_cli(infer.main, argv, capsys)
+    assert code == 2 and "9.png: not a readable image" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(out) == ["old.png"]
+
+    (src / "9.png").write_bytes(whole)
+    calls = []
+    real_sample = infer.sample_controlnet_images
+
+    def fails_in_batch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            from common.errors import UserError
+            raise UserError("failed in the second batch")
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "sample_controlnet_images", fails_in_batch_two)
+    code, err = run_cli(infer.main, argv, capsys)
+    assert code == 2 and "second batch" in err and len(calls) == 2
+    assert os.listdir(out) == ["old.png"] and (out / "old.png").read_bytes() == b"there before"
+
+
+def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_nothing(trained, fill, sd_ckpt, tmp_path,
+                                                                                    capsys):
+    """--resume with a last.ckpt that is truncated, another trainer's, or whose ControlNet has other shapes: one
+    line naming the file, exit 2, and no new file in --out."""
+    from p3_controlnet.train import main
+    good = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
+    reshaped = dict(good, state_dict={**good["state_dict"], "net.controlnet.conv_in.weight": torch.zeros(2, 2)})
+    whole = (trained / "last.ckpt").read_bytes()
+    cases = [
+        (whole[: len(whole) // 2], "last.ckpt: not a checkpoint of p3_controlnet/train.py ("),
+        ({"state_dict": {}, "global_step": 1, "hyper_parameters": {"model_config": {}, "train": {}, "mode": "dann"}},
+         "not a checkpoint of p3_controlnet/train.py (it has no hyper-parameter 'empty_prompt_id')"),
+        (reshaped, "tensor 'net.controlnet.conv_in.weight' is (2, 2) there"),
+    ]
+    out = tmp_path / "run"
+    out.mkdir()
+    for content, needle in cases:
+        if isinstance(content, bytes):
+            (out / "last.ckpt").write_bytes(content)
+        else:
+            torch.save(content, out / "last.ckpt")
+        code, err = run_cli(main, ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--size", str(SIZE),
+                                   "--max-steps", "3", "--batch-size", "2", "--sample-every", "2", "--val-count", "2",
+                                   "--num-workers", "0", "--resume", "--quiet"], capsys)
+        last = err.strip().splitlines()[-1]  # after the trainer's "loaded SD ..." line
+        assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
+        assert os.listdir(out) == ["last.ckpt"]

@@ -229,8 +229,10 @@ def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
     (out / "0" / "0").mkdir(parents=True)
     (out / "0" / "0" / "source0_prompt0_25.png").write_bytes(b"left by an earlier run with 26 images a prompt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(out), str(tiny_sd["ldm"]), str(out_emb),
-                           "--steps", "2", "--resolution", RES, "--quiet"], capture_output=True, text=True, env=env)
+    # a diffusers folder and no --resolution: the model's native size (TINY_IMAGE), read from its UNet config
+    proc = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), str(js), str(out), str(tiny_sd["diffusers"]),
+                           str(out_emb), "--steps", "2", "--quiet"],
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = {
         f"{c}/{p}/source{c}_prompt{p}_{k}.png" for c, n in (("0", 2), ("1", 1)) for p in range(n) for k in range(25)
@@ -506,3 +508,116 @@ def test_joint_kv_bf16_training_writes_samples(tiny_sd, photos, tmp_path):
         with Image.open(out / "runs" / "new1_joint-kv" / "samples" / f"step_{step:06d}.png") as grid:
             pixels = np.asarray(grid.convert("RGB"))
         assert grid.width >= TINY_IMAGE and pixels.std() > 0       # an image, not a blank
+
+
+def test_per_image_captions_replace_the_templates(tiny_sd, photos, tmp_path, capsys):
+    from p5_personalization import train_ti
+    from p5_personalization.train_ti import TEMPLATES, ConceptImages, list_concept_images
+    files = list_concept_images(str(photos["dog"]))
+    captions = {f.name: f"a {{}} number {i}" for i, f in enumerate(files)}
+    captions[files[0].name] = ["first {} a", "first {} b"]
+    cap_file = tmp_path / "captions.json"
+    cap_file.write_text(json.dumps(captions))
+    concept = {"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object",
+               "vectors": 1, "captions": str(cap_file)}
+    ds = ConceptImages([concept], TINY_IMAGE, seed=0, min_scale=1.0)
+    allowed = {c.replace("{}", "<new1>") for caps in captions.values() for c in ([caps] if isinstance(caps, str)
+                                                                              else caps)}
+    prompts = [ds[i]["prompt"] for i in range(3 * len(files))]
+    assert set(prompts) <= allowed and len(set(prompts)) >= len(files)
+    plain = ConceptImages([{**concept, "captions": None}], TINY_IMAGE, seed=0)
+    assert {plain[i]["prompt"] for i in range(10)} <= {t.format("<new1>") for t in TEMPLATES["object"]}
+    # min_scale 1: the whole photo, only resized (and maybe flipped)
+    full = ds[0]["pixel_values"]
+    assert full.shape == (3, TINY_IMAGE, TINY_IMAGE)
+
+    out = tmp_path / "emb"
+    r = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--steps", "1",
+                                 "--captions", str(cap_file), "--crop-min-scale", "1"))
+    info = json.loads((out / "new1.json").read_text())
+    assert r["steps"] == 1 and info["concepts"][0]["captions"] == str(cap_file)
+    assert info["train"]["crop_min_scale"] == 1.0
+
+    bad = tmp_path / "bad.json"
+    for content, message in ((json.dumps({files[0].name: "no token here"}), "no caption for"),
+                             (json.dumps({**captions, "ghost.png": "a {}"}), "not in the --images folder"),
+                             (json.dumps({**captions, files[1].name: "no token"}), "with {} where the token goes"),
+                             ("[1, 2]", "must be a JSON object")):
+        bad.write_text(content)
+        code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], tmp_path / "x", photos["dog"], "<new1>",
+                                                      "dog", "--steps", "1", "--captions", str(bad)), capsys)
+        assert code == 2 and message in err and str(bad) in err, err
+    code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], tmp_path / "x", photos["dog"], "<new1>",
+                                                  "dog", "--steps", "1", "--crop-min-scale", "0"), capsys)
+    assert code == 2 and "--crop-min-scale" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_nothing(tiny_sd, photos, tmp_path,
+                                                                                    capsys):
+    """--resume with a last.ckpt that is truncated, another trainer's, or of a run with other --vectors: one line
+    naming the file, exit 2, and no new file in --out."""
+    import io
+
+    from p5_personalization import train_ti
+    # as train_ti.py saves one (the trained tensors only), from a run with 2 vectors of another width
+    other = {"state_dict": {"token_vectors": torch.zeros(2, 7)}, "global_step": 1,
+             "hyper_parameters": {"sd_path": "sd", "concepts": [], "train": {}}}
+    buf = io.BytesIO()
+    torch.save(other, buf)
+    whole = buf.getvalue()
+    cases = [
+        (whole[: len(whole) // 2], "last.ckpt: not a checkpoint of p5_personalization/train_ti.py ("),
+        ({"state_dict": {}, "global_step": 1, "hyper_parameters": {"train": {}, "empty_prompt_id": 0}},
+         "(it has no hyper-parameter 'concepts')"),
+        (other, "tensor 'token_vectors' is (2, 7) there, (1, "),
+    ]
+    out = tmp_path / "emb"
+    (out / "runs" / "new1").mkdir(parents=True)
+    for content, needle in cases:
+        if isinstance(content, bytes):
+            (out / "runs" / "new1" / "last.ckpt").write_bytes(content)
+        else:
+            torch.save(content, out / "runs" / "new1" / "last.ckpt")
+        code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog",
+                                                      "--vectors", "1", "--steps", "3", "--resume"), capsys)
+        last = err.strip().splitlines()[-1]  # after the SD loader's progress bar
+        assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
+        assert [str(p.relative_to(out)) for p in sorted(out.rglob("*"))] == ["runs", "runs/new1",
+                                                                           "runs/new1/last.ckpt"]
+
+
+def test_hw2_ti_write_failures_are_one_line_and_leave_nothing(trained, tiny_sd, tmp_path, capsys, monkeypatch):
+    """A full disk (ENOSPC, injected into PIL's write) in the second prompt: one line, exit 2, and none of the
+    first prompt's images (nor their folders) left; an output path under /proc (passes os.access as root, takes
+    no file) fails before SD is loaded."""
+    import errno
+
+    import p5_personalization.infer_ti as infer_ti
+    out_emb, _, _ = trained
+    js = write_input_json(tmp_path / "input.json")
+    out = tmp_path / "out"
+    argv = ["--json", str(js), "--sd", str(tiny_sd["ldm"]), "--embeddings", str(out_emb), "--steps", "1",
+            "--resolution", RES, "--images-per-prompt", "3", "--quiet"]
+    saved = []
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if len(saved) == 4:  # the second image of the second prompt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", save)
+        code, err = run_cli(infer_ti.main, argv + ["--out", str(out)], capsys)
+    assert code == 2 and "source0_prompt1_1.png: cannot write (No space left on device)" in err, err
+    assert len(err.strip().splitlines()) == 1 and len(saved) == 4
+    assert not out.exists()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("SD was loaded before the output folder was checked")
+
+    monkeypatch.setattr(infer_ti.sdlib, "load_sd", no_model)
+    code, err = run_cli(infer_ti.main, argv + ["--out", "/proc/hw2_ti_out"], capsys)
+    assert code == 2 and "/proc/hw2_ti_out: cannot write here" in err and len(err.strip().splitlines()) == 1, err
