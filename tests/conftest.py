@@ -101,3 +101,13 @@ def tiny_p1_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny digits UNet saved as train.py would."""
     return save_random_p1_unet(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", tiny_unet_config(),
                                schedule="linear", num_train_steps=1000)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared machine run fastest on one thread (a killed-and-resumed subprocess uses the same;
+    the batch padding was measured with one and two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

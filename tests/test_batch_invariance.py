@@ -11,14 +11,7 @@ import torch
 from common.schedules import alphas_cumprod, make_betas
 from tests.tiny_sd import TINY_IMAGE, tiny_sd_components
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny models run fastest so on a shared machine (the padding was measured with one and two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _chunks(fn, n: int, batch_size: int):

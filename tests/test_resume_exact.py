@@ -12,14 +12,7 @@ import torch
 from tests.resume_check import assert_resumed_run_is_exact, train_killed_after_first_checkpoint
 from tests.tiny_sd import TINY_IMAGE, write_tiny_sd
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread runs them fastest (and the killed subprocess uses the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _straight_killed_resumed(module: str, main, args: list[str], tmp_path, ckpt: str = "last.ckpt"):
