@@ -113,6 +113,12 @@ class SDComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's down-sampling of the latents
+        (SD v1: 8 x 8 = 64; the mini SD and the tests' tiny UNet: 8 x 4 = 32)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def native_resolution(self) -> int:
         """The image side the model was trained at: the UNet's latent sample_size times the VAE's factor
         (SD v1: 64 x 8 = 512; the mini SD: 8 x 8 = 64). Generation defaults to it."""

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     sd.freeze()
     net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()
     use_sdpa(net.unet, net.controlnet)
-    multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    multiple = sd.size_multiple
     if args.size is None:
         args.size = sd.native_resolution
     if args.size % multiple:

@@ -331,7 +331,7 @@ def main(argv=None) -> None:
     sd, load_seconds = load_sd()  # first: a bad --sd fails before minutes of data generation or reading
     if config.size is None:
         config = dataclasses.replace(config, size=sd.native_resolution)
-    multiple = sd.vae_scale_factor * 2 ** (len(sd.unet.config.block_out_channels) - 1)
+    multiple = sd.size_multiple
     if config.size % multiple:
         raise UserError(f"--size must be a multiple of {multiple} for this SD (its UNet down-samples the "
                         f"latents {len(sd.unet.config.block_out_channels) - 1} times), got {config.size}")

@@ -316,3 +316,4 @@ def test_native_resolution_is_read_from_the_model(mini, tmp_path):
     sd14 = SDComponents(SimpleNamespace(config=SimpleNamespace(**vae)), SimpleNamespace(config=SimpleNamespace(**unet)),
                         None, None, None, "sd-v1-4")
     assert sd14.native_resolution == 512
+    assert (sd14.size_multiple, mini.size_multiple) == (64, 32)  # latents down-sampled 3 and 2 times
