@@ -35,13 +35,16 @@ SHIPPED = REPO / "checkpoints"
 # ------------------------------------------------------------------------------------------------ helpers
 
 def student_repo(tmp_path: Path, year: str, copy: tuple[str, ...] = (), checkpoints: dict[str, Path] | None = None):
-    """A hand-in repository: the year's hw2_{1,2,3}.sh at the top, the code folders linked from this repository
-    except those in `copy` (copied, so that their `REPO / "checkpoints"` defaults point into this one), and
-    checkpoints/ holding links named by `checkpoints` to the given files."""
+    """A hand-in repository: the year's hw2_{1,2,3}.sh at the top beside the named entry points hw2_dann.sh and
+    hw2_ti.sh (which 2023's and 2024's hw2_3.sh run), the code folders linked from this repository except those
+    in `copy` (copied, so that their `REPO / "checkpoints"` defaults point into this one), and checkpoints/
+    holding links named by `checkpoints` to the given files."""
     root = tmp_path / f"student_{year}"
     root.mkdir()
     for n in (1, 2, 3):
         shutil.copy2(HANDIN / year / f"hw2_{n}.sh", root / f"hw2_{n}.sh")
+    for name in ("hw2_dann.sh", "hw2_ti.sh"):
+        shutil.copy2(REPO / name, root / name)
     for name in CODE:
         if name in copy:
             shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
