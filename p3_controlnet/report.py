@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="ControlNet folder written by train.py")
     p.add_argument("--out", required=True, help="figure path (.png)")
     p.add_argument("--control", default=None, help="use this control image instead of the drawn two-circle one")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the SD's native resolution: 512 for SD v1.4, 64 for the mini "
+                        "SD)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=42)
@@ -70,6 +72,16 @@ def main(argv=None) -> None:
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: --out must be a .png path")
     check_writable(out.parent if str(out.parent) else ".")
+    device = pick_device(args.device)
+    ac = autocast_dtype(device, args.precision)
+    dtype = ac or torch.float32
+    controlnet = load_controlnet(args.controlnet, device, dtype)
+    sd = sdlib.load_sd(args.sd, device, dtype)
+    check_compatible(controlnet, sd.unet, args.controlnet)
+    if args.size is None:
+        args.size = sd.native_resolution
+    if args.size % sd.size_multiple:
+        raise UserError(f"--size must be a multiple of {sd.size_multiple} for this SD, got {args.size}")
     if args.control:
         from p3_controlnet.data import load_control
 
@@ -78,12 +90,6 @@ def main(argv=None) -> None:
         )
     else:
         control_img = two_circle_control(args.size)
-    device = pick_device(args.device)
-    ac = autocast_dtype(device, args.precision)
-    dtype = ac or torch.float32
-    controlnet = load_controlnet(args.controlnet, device, dtype)
-    sd = sdlib.load_sd(args.sd, device, dtype)
-    check_compatible(controlnet, sd.unet, args.controlnet)
     sd.freeze()
     net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()
     use_sdpa(net.unet, net.controlnet)
@@ -104,7 +110,7 @@ def main(argv=None) -> None:
     save_grid(out, np.stack([control_img, *images]), 1, 3, col_labels=["control"] + [f"prompt {k}" for k in (1, 2)])
     write_figure_info(out, f"two-circle control and its two prompts: '{PROMPTS[0]}' | '{PROMPTS[1]}'",
                       command_line(__file__, argv), controlnet=args.controlnet, sd=args.sd, sampler="ddim",
-                      steps=args.steps, guidance=args.guidance, seed=args.seed)
+                      size=args.size, steps=args.steps, guidance=args.guidance, seed=args.seed)
     print(f"wrote {out}: control | '{PROMPTS[0]}' | '{PROMPTS[1]}'")
 
 

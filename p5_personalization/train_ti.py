@@ -118,7 +118,9 @@ class P5TrainConfig:
     vectors: int = field(default=1, metadata={"help": "embedding vectors per token (multi-vector tokens)"})
     steps: int = field(default=3000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
-    resolution: int = field(default=512, metadata={"help": "training image side (a multiple of 8)"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "
+                "64 for the mini SD)"})
     lr: float = field(default=5e-3, metadata={"help": "learning rate of the token vectors"})
     kv_lr: float = field(default=1e-5, metadata={"help": "learning rate of the K/V weights (joint-kv)"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the token vectors"})
@@ -480,7 +482,7 @@ def main(argv=None) -> dict:
     resolve_num_workers(args, decodes=False)  # the few photos are decoded once and held in memory
     config = config_from_args(P5TrainConfig(), args)
     check_positive(config, "steps", "batch_size", "vectors", "save_every")
-    if config.resolution < 8 or config.resolution % 8:
+    if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise UserError("--resolution must be a positive multiple of 8")
     if not 0 < config.crop_min_scale <= 1:
         raise UserError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
@@ -502,12 +504,17 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     setup_cuda_fast_math()
 
+    components = None
+    if config.resolution is None:  # resolved before the photos are sized, and recorded as resolved
+        components = sdlib.load_sd(args.sd)
+        config = dataclasses.replace(config, resolution=components.native_resolution)
     data = ConceptDataModule(concepts=concepts, resolution=config.resolution, batch_size=config.batch_size,
                              seed=args.seed, flip_p=config.flip_p, steps=config.steps, num_workers=args.num_workers,
                              min_scale=config.crop_min_scale)
     data.setup()  # decode every photo now: a bad file fails before anything is written
     module = TextualInversionModule(sd_path=args.sd, concepts=concepts, config=config,
-                                    frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed)
+                                    frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed,
+                                    components=components)
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
         check_resume_fits(resume, resume_ckpt, module, "p5_personalization/train_ti.py")
         del resume_ckpt

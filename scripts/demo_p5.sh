@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`, problem 5: CLIP zero-shot and textual inversion (single and multi-concept) on the shared
-# DreamBooth dog and cat photos (../shared/data/dreambooth/{dog,cat}). Each part runs when you give what it needs:
+# `make demo`, problem 5: CLIP zero-shot and textual inversion (single and multi-concept).
+# Default (no SD_PATH): textual inversion on the mini SD (checkpoints/mini_sd) with its shipped embeddings
+# (checkpoints/mini_ti, learned from assets/mini_ti): generates TI_IMAGES images per prompt of
+# assets/mini_ti/input.json, and of the same prompts with the init words, judges both offline
+# (evaluate_ti.py --judge fill50k) and draws the prompts' figure (p5_personalization/report.py).
+# On SD v1.4, the shared DreamBooth dog and cat photos (../shared/data/dreambooth/{dog,cat}); each part runs
+# when you give what it needs:
 #   SD_PATH=/path/to/sd-v1-4.ckpt (or a diffusers folder)   textual inversion: train <new1> (dog) and <new2> (cat),
 #                                    once independently and once jointly with shared cross-attention K/V
 #                                    (--method joint-kv), then 25 images per prompt of p5_personalization/demo_input.json
@@ -34,13 +39,33 @@ else
 fi
 
 echo
-echo "== P5: textual inversion on SD v1.4 (dog <new1>, cat <new2>, both in one prompt) =="
 if [ -z "$SD_PATH" ]; then
-  echo "(skipped: needs SD_PATH=/path/to/sd-v1-4.ckpt or a diffusers folder, e.g. SD_PATH=... make demo;"
-  echo " it then trains on $PHOTOS/{dog,cat}; a GPU is strongly advised: on a CPU one step takes seconds to minutes)"
-  step p5_textual_inversion --skip "SD_PATH is not set"
+  echo "== P5: textual inversion on the mini SD (<new1> chartreuse circles, <new2> striped circles; SD_PATH=... for SD v1.4) =="
+  MINI_SD=checkpoints/mini_sd
+  MINI_TI="${MINI_TI:-checkpoints/mini_ti}"
+  DATA=assets/mini_ti
+  if [ ! -f "$MINI_SD/model_index.json" ] || [ ! -f "$MINI_TI/new1.safetensors" ]; then
+    echo "(skipped: no mini SD at $MINI_SD or no embeddings in $MINI_TI)"
+    step p5_textual_inversion --skip "no mini SD at $MINI_SD or no embeddings in $MINI_TI"
+    exit 0
+  fi
+  JUDGE=(--judge fill50k --alias "<new1>=chartreuse" --style-token "<new2>=stripes")
+  step p5_generate_ti -- bash hw2_ti.sh "$DATA/input.json" "$OUT/p5_gen_ti" "$MINI_SD" "$MINI_TI" \
+    --images-per-prompt "$TI_IMAGES" --quiet
+  step p5_generate_init_word -- bash hw2_ti.sh "$DATA/input_init_word.json" "$OUT/p5_gen_init_word" "$MINI_SD" "$MINI_TI" \
+    --images-per-prompt "$TI_IMAGES" --quiet
+  step p5_score_ti -- "$PY" scripts/evaluate_ti.py --json "$DATA/input.json" --output-dir "$OUT/p5_gen_ti" "${JUDGE[@]}" \
+    --report "$OUT/p5_scores_ti.json"
+  step p5_score_init_word -- "$PY" scripts/evaluate_ti.py --json "$DATA/input_init_word.json" \
+    --output-dir "$OUT/p5_gen_init_word" "${JUDGE[@]}" --expect-concept "<new1>=green" --expect-concept "<new2>=white" \
+    --report "$OUT/p5_scores_init_word.json"
+  step p5_figure -- "$PY" p5_personalization/report.py --json "$DATA/input.json" --output-dir "$OUT/p5_gen_ti" \
+    --output-dir "$OUT/p5_gen_init_word" --label token --label "init word" --out "$OUT/p5_figs/ti_prompts.png"
+  echo "P5 outputs: images in $OUT/p5_gen_{ti,init_word}/<entry>/<prompt>/, judge scores in $OUT/p5_scores_{ti,init_word}.json,"
+  echo "figure $OUT/p5_figs/ti_prompts.png (each prompt with the learned tokens, then with their init words)"
   exit 0
 fi
+echo "== P5: textual inversion on SD v1.4 (dog <new1>, cat <new2>, both in one prompt) =="
 if [ ! -d "$PHOTOS/dog" ] || [ ! -d "$PHOTOS/cat" ]; then
   echo "(skipped: the DreamBooth photos are not at $PHOTOS/{dog,cat})"
   step p5_textual_inversion --skip "the DreamBooth photos are not at $PHOTOS/{dog,cat}"

@@ -22,11 +22,19 @@ Layout of ROOT (what `make demo` writes; for full-size runs point each report's 
   p2_mse.json                python scripts/evaluate_mse.py --pred OUT --gt GT --json ROOT/p2_mse.json
   p3/*.png, p3_figs/*.png    bash hw2_3.sh ... ROOT/p3 ...;
                              python p3_controlnet/report.py --out ROOT/p3_figs/two_circles.png
-  p3_scores.json             python scripts/evaluate_controlnet.py ... --json ROOT/p3_scores.json
+                             (the mini SD by default: checkpoints/mini_sd + checkpoints/mini_controlnet)
+  p3_scores.json             python scripts/evaluate_controlnet.py --pred ROOT/p3 --prompts P --source S
+                             [--gt T --clip-weights ...] --json ROOT/p3_scores.json (the offline Fill50k judge's
+                             "fill50k_judge" block; CLIP / FID / colour IoU when their inputs were given)
   p4/{usps,svhn}_accuracy.json              python scripts/evaluate_labels.py --pred ... --json ...
   p4_report/                 python p4_dann/report.py --out ROOT/p4_report (results.json, tsne_*.png)
   p5_zeroshot/               python p5_personalization/clip_zeroshot.py --out ROOT/p5_zeroshot
-  p5_gen_{ti,joint}/, p5_scores_{ti,joint}.json   bash hw2_ti.sh ... ROOT/p5_gen_ti ...; scripts/evaluate_ti.py --report
+  p5_gen_{ti,joint}/, p5_scores_{ti,joint}.json   SD v1.4: bash hw2_ti.sh ... ROOT/p5_gen_ti ...;
+                             python scripts/evaluate_ti.py ... --report ROOT/p5_scores_ti.json (CLIP scores)
+  p5_gen_{ti,init_word}/, p5_scores_{ti,init_word}.json   the mini SD (default): images OUT/<entry>/<prompt>/*.png
+                             of assets/mini_ti/input{,_init_word}.json; python scripts/evaluate_ti.py --judge fill50k
+                             ... --report ROOT/p5_scores_ti.json (the offline judge: concept shown or not)
+  p5_figs/ti_prompts.png     python p5_personalization/report.py ... --out ROOT/p5_figs/ti_prompts.png
 Anything missing is left out; a JSON file that is not valid, or lacks a number the page needs, is an
 error naming the file.
 """
@@ -65,8 +73,20 @@ def need(data, key: str, path: Path, kind=None):
 NUMBER = (int, float)
 
 
+def need_share(data, key: str, path: Path) -> float | None:
+    """data[key]: a number, or None where the judge had nothing to score (no item of that kind)."""
+    value = need(data, key, path)
+    if value is not None and (not isinstance(value, NUMBER) or isinstance(value, bool)):
+        raise UserError(f"{path}: {key!r} should be a number or null, got {value!r}")
+    return value
+
+
 def pct(x) -> str:
     return f"{100 * x:.1f}%"
+
+
+def pct_or_dash(x) -> str:
+    return "—" if x is None else pct(x)
 
 
 def figures(root: Path, folder: str, known: dict[str, str], pattern: str = "*.png") -> list:
@@ -179,21 +199,66 @@ P3_METRICS = {"colour_iou": ("colour IoU (own: circle mask by colour vs the targ
               "sam2_iou_x_clip": ("SAM2 IoU x CLIP", "{:.3f}")}
 
 
+# The judge block of evaluate_controlnet.py: (share key, its item-count key, label, format)
+P3_JUDGE = (("iou_mean", "iou_items", "mask IoU vs the control (union of the circles found)", "{:.3f}"),
+            ("colour_following_share", "items", "colours right (every named colour, every circle there)", None),
+            ("circle_right_share", "circle_items", "circle colour right", None),
+            ("background_right_share", "background_items", "background right", None),
+            ("both_named_circles_share", "two_circle_items", "both named circles right (two-circle prompts)", None))
+
+
+def p3_judge_table(judge: dict, path: Path) -> tuple[list, list]:
+    """(header, rows) of the fill50k_judge block: all items, then by the number of circles in the control."""
+    by = need(judge, "by_circles", path, dict)
+    groups = [("all", judge)] + [(f"{n} circle{'s' if n != '1' else ''}", g) for n, g in by.items()]
+    rows = []
+    for key, count_key, label, fmt in P3_JUDGE:
+        row = [label]
+        for i, (_, g) in enumerate(groups):
+            value, count = need_share(g, key, path), need(g, count_key, path, int)
+            text = "—" if value is None else fmt.format(value) if fmt else pct(value)
+            row += [text, count] if i == 0 else [f"{text} ({count})"]
+        rows.append(row)
+    return ["", "all", "items", *[f"{name} (items)" for name, _ in groups[1:]]], rows
+
+
 def p3_section(root: Path) -> Section:
     s = Section(figures=figures(root, "p3_figs", {"two_circles.png": "two-circle control and its two prompts"}))
     path = root / "p3_scores.json"
     r = load(path)
     if r is not None:
-        rows = [["images", need(r, "images", path, int)]]
-        for key, (label, fmt) in P3_METRICS.items():
-            if key in r:
-                rows.append([label, fmt.format(need(r, key, path, NUMBER))])
-        if r.get("skipped"):
-            rows.append(["not scored", html.escape(str(r["skipped"]))])
-        s.tables.append(("Scores of hw2_3.sh's images on the test split (scripts/evaluate_controlnet.py)",
-                         ["metric", "value"], rows, path))
-        s.headline = ", ".join(f"{P3_METRICS[k][0].split(' (')[0]} {P3_METRICS[k][1].format(r[k])}"
-                               for k in ("colour_iou", "clip_score") if k in r)
+        images = need(r, "images", path, int)
+        heads = []
+        judge = r.get("fill50k_judge") if isinstance(r, dict) else None
+        if judge is not None:
+            if not isinstance(judge, dict):
+                raise UserError(f"{path}: 'fill50k_judge' should be an object, got {judge!r}")
+            header, rows = p3_judge_table(judge, path)
+            s.tables.append((f"Offline Fill50k judge on hw2_3.sh's {images} images of the test split "
+                             f"(p3_controlnet/fill50k_judge.py; circles counted in the "
+                             f"{judge.get('circles_from', '?')})", header, rows, path))
+            iou, follow = need_share(judge, "iou_mean", path), need_share(judge, "colour_following_share", path)
+            parts = ([f"mask IoU {iou:.2f}"] if iou is not None else []) + (
+                [f"colours right {pct(follow)}"] if follow is not None else [])
+            if parts:
+                heads.append(", ".join(parts) + " (offline Fill50k judge)")
+            unparsed = need(judge, "unparsed_items", path, int)
+            if unparsed:
+                s.notes.append(f"{unparsed} prompt(s) the judge cannot read were left out (listed in {path.name}).")
+        rows = [[label, fmt.format(need(r, key, path, NUMBER))] for key, (label, fmt) in P3_METRICS.items()
+                if key in r]
+        if rows or judge is None:  # the judge alone says all a mini-SD run has: no empty table beside it
+            s.tables.append(("Scores of hw2_3.sh's images on the test split (scripts/evaluate_controlnet.py)",
+                             ["metric", "value"], [["images", images], *rows], path))
+        skipped = r.get("skipped")
+        if skipped:  # a list of "metric: needs ..." lines (a string in older files)
+            names = [str(x).split(":", 1)[0] for x in skipped] if isinstance(skipped, list) else [str(skipped)]
+            s.notes.append(f"Not scored: {', '.join(names)} (what each needs is under \"skipped\" in {path.name}).")
+        # beside the judge's mask IoU, the colour IoU would read as a second IoU: the table has it
+        for k in ("clip_score",) if judge is not None else ("colour_iou", "clip_score"):
+            if k in r:
+                heads.append(f"{P3_METRICS[k][0].split(' (')[0]} {P3_METRICS[k][1].format(r[k])}")
+        s.headline = ", ".join(heads)
     s.galleries.append(("hw2_3.sh outputs (first 6 of the test split)", first_images(root / "p3", 6)))
     return s
 
@@ -244,8 +309,56 @@ def p4_section(root: Path) -> Section:
     return s
 
 
+P5_METHODS = {"ti": "textual inversion, one concept at a time", "joint": "joint-kv, both concepts at once",
+              "init_word": "the same prompts with the init words"}
+P5_JUDGED = {"ti": "the learned tokens",
+             "init_word": "the init-word baseline, the same prompts with the init words in place of the tokens: "
+                          "it should mostly not show the concept"}
+# evaluate_ti.py --judge fill50k, per prompt and pooled per entry: (key, column)
+P5_JUDGE_COLUMNS = (("concept_share", "concept shown"), ("token_colour_share", "token colour right"),
+                    ("striped_share", "striped as asked"), ("background_right_share", "background right"),
+                    ("colour_following_share", "every named colour right"))
+
+
+def p5_clip_table(r: dict, path: Path, method: str) -> tuple[tuple, str]:
+    """The course's CLIP grading (SD v1.4 runs): (table, headline part)."""
+    rows = []
+    for p in need(r, "prompts", path, list):
+        base = p.get("baseline")
+        rows.append([p.get("concept", "?"), p.get("prompt", "?"), f"{need(p, 'image_score', path, NUMBER):.3f}",
+                     f"{need(p, 'text_score', path, NUMBER):.3f}",
+                     " / ".join(f"{b:.2f}" for b in base) if base else "",
+                     {True: "pass", False: "below", None: ""}[p.get("pass")]])
+    table = (f"CLIP scores of the generated images ({P5_METHODS[method]}; {r.get('clip_model', '?')})",
+             ["concept", "prompt", "image score", "text score", "baseline (image / text)", ""], rows, path)
+    return table, f"{method}: {need(r, 'passed', path, int)}/{need(r, 'graded', path, int)} prompts pass"
+
+
+def p5_judge_table(r: dict, path: Path, method: str) -> tuple[tuple, float | None]:
+    """The offline Fill50k judge (mini SD runs): (table, the concept's share pooled over every image)."""
+    def cells(d: dict) -> list:
+        return [need(d, "images", path, int), *[pct_or_dash(need_share(d, key, path)) for key, _ in P5_JUDGE_COLUMNS]]
+
+    rows = [[need(p, "concept", path, str), need(p, "prompt", path, str), *cells(p)]
+            for p in need(r, "prompts", path, list)]
+    shown = images = 0
+    for entry, e in need(r, "concepts", path, dict).items():
+        rows.append([entry, "all its prompts", *cells(e)])
+        share = need_share(e, "concept_share", path)
+        if share is not None:  # entries without a concept (no token in any prompt) do not dilute the share
+            shown, images = shown + share * e["images"], images + e["images"]
+    meaning = ", ".join(f"{t} = {v}" for t, v in [*need(r, "aliases", path, dict).items(),
+                                                  *need(r, "style_tokens", path, dict).items()])
+    table = (f"Offline Fill50k judge on {P5_JUDGED.get(method, P5_METHODS[method])} "
+             f"(scripts/evaluate_ti.py --judge fill50k{'; ' + meaning if meaning else ''})",
+             ["entry", "prompt", "images", *[c for _, c in P5_JUDGE_COLUMNS]], rows, path)
+    return table, (shown / images if images else None)
+
+
 def p5_section(root: Path) -> Section:
-    s = Section(figures=figures(root, "p5_zeroshot", {"cases.png": "zero-shot successes and failures"}))
+    s = Section(figures=figures(root, "p5_zeroshot", {"cases.png": "zero-shot successes and failures"})
+                + figures(root, "p5_figs", {"ti_prompts.png": "each prompt with the learned tokens, then with "
+                                                              "their init words"}))
     heads = []
     path = root / "p5_zeroshot" / "summary.json"
     r = load(path)
@@ -257,28 +370,32 @@ def p5_section(root: Path) -> Section:
         s.tables.append((f"CLIP zero-shot accuracy ({r.get('model', '?')}, {r.get('images', '?')} images, "
                          f"{r.get('classes', '?')} classes)", ["prompt template", "accuracy"], rows, path))
         heads.append(f"zero-shot {pct(acc)}")
-    for method in ("ti", "joint"):
+    judged, tokens = {}, []
+    for method in P5_METHODS:
         path = root / f"p5_scores_{method}.json"
         r = load(path)
+        prompts = {}  # (entry, prompt index) -> prompt, for the gallery titles
         if r is not None:
-            rows = []
-            for p in need(r, "prompts", path, list):
-                base = p.get("baseline")
-                rows.append([p.get("concept", "?"), p.get("prompt", "?"), f"{need(p, 'image_score', path, NUMBER):.3f}",
-                             f"{need(p, 'text_score', path, NUMBER):.3f}",
-                             " / ".join(f"{b:.2f}" for b in base) if base else "",
-                             {True: "pass", False: "below", None: ""}[p.get("pass")]])
-            label = {"ti": "textual inversion, one concept at a time",
-                     "joint": "joint-kv, both concepts at once"}[method]
-            s.tables.append((f"CLIP scores of the generated images ({label}; {r.get('clip_model', '?')})",
-                             ["concept", "prompt", "image score", "text score", "baseline (image / text)", ""],
-                             rows, path))
-            heads.append(f"{method}: {need(r, 'passed', path, int)}/{need(r, 'graded', path, int)} prompts pass")
+            # a judge report says so ("judge": "fill50k"); the CLIP report of SD v1.4 runs has no such key
+            if isinstance(r, dict) and r.get("judge") == "fill50k":
+                table, judged[method] = p5_judge_table(r, path, method)
+                tokens = tokens or [*r["aliases"], *r["style_tokens"]]  # both checked by p5_judge_table
+            else:
+                table, head = p5_clip_table(r, path, method)
+                heads.append(head)
+            s.tables.append(table)
+            prompts = {(str(p.get("concept")), str(p.get("prompt_index"))): p.get("prompt") for p in r["prompts"]}
         gen = root / f"p5_gen_{method}"
         if gen.is_dir():
             for prompt_dir in sorted(d for d in gen.glob("*/*") if d.is_dir()):
-                s.galleries.append((f"{method}: {prompt_dir.parent.name} / {prompt_dir.name}",
-                                    first_images(prompt_dir, 5)))
+                prompt = prompts.get((prompt_dir.parent.name, prompt_dir.name))
+                s.galleries.append((f"{method.replace('_', ' ')}: {prompt_dir.parent.name} / {prompt_dir.name}"
+                                    + (f": {prompt}" if prompt else ""), first_images(prompt_dir, 5)))
+    if judged.get("ti") is not None:
+        head = f"{'/'.join(tokens) or 'the'} concept shown in {pct(judged['ti'])} with the tokens"
+        if judged.get("init_word") is not None:
+            head += f" vs {pct(judged['init_word'])} with the init words"
+        heads.append(head + " (offline judge)")
     s.headline = ", ".join(heads)
     return s
 
@@ -298,14 +415,17 @@ PROBLEMS = [
             "nothing beyond this repository: checkpoints/p1_iclevr.safetensors and assets/iclevr/"),
     Problem("p2", "Problem 2: DDIM with the course's face UNet", p2_section,
             "the course's face folder: FACE_DIR=/path/to/hw2_data/face make demo (noise/*.pt, GT/*.png, UNet.pt)"),
-    Problem("p3", "Problem 3: ControlNet on Stable Diffusion v1.4 (Fill50k)", p3_section,
-            "Stable Diffusion v1.4: SD_PATH=/path/to/sd-v1-4.ckpt [CONTROLNET=runs/p3/controlnet] make demo "
-            "(without CONTROLNET a short demo ControlNet is trained first, on a GPU)"),
+    Problem("p3", "Problem 3: ControlNet on Fill50k (the mini Stable Diffusion; SD v1.4 with SD_PATH)", p3_section,
+            "nothing beyond this repository for the mini SD: checkpoints/mini_sd and checkpoints/mini_controlnet "
+            "(make demo); for Stable Diffusion v1.4: SD_PATH=/path/to/sd-v1-4.ckpt [CONTROLNET=runs/p3/controlnet] "
+            "make demo (without CONTROLNET a short demo ControlNet is trained first, on a GPU)"),
     Problem("p4", "Problem 4: DANN (MNIST-M → USPS, MNIST-M → SVHN)", p4_section,
             "nothing beyond this repository: checkpoints/p4_dann_{usps,svhn}.safetensors and assets/p4/"),
-    Problem("p5", "Problem 5: CLIP zero-shot and textual inversion", p5_section,
+    Problem("p5", "Problem 5: CLIP zero-shot and textual inversion (the mini SD; SD v1.4 with SD_PATH)", p5_section,
             "CLIP_WEIGHTS=/path/to/ViT-B-32.pt and CLIP_DATA=/path/to/hw2_data/clip_zeroshot (zero-shot); "
-            "SD_PATH=/path/to/sd-v1-4.ckpt and ../shared/data/dreambooth (textual inversion; CLIP_WEIGHTS scores it)"),
+            "textual inversion: nothing beyond this repository on the mini SD (checkpoints/mini_sd, "
+            "checkpoints/mini_ti, assets/mini_ti), or SD_PATH=/path/to/sd-v1-4.ckpt and ../shared/data/dreambooth "
+            "on SD v1.4 (CLIP_WEIGHTS scores it)"),
 ]
 
 

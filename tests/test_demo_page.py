@@ -227,3 +227,126 @@ def test_mnistm_scored_by_our_classifier_without_the_course_lenet(tmp_path):
     r = json.loads(js.read_text())["sets"]["mnistm"]
     assert r["classifier"] == "MnistmNet" and r["total"] == 3
     assert r["checkpoint"] == "checkpoints/mnistm_classifier.safetensors" and "MNIST-M classifier" in r["grader"]
+
+
+def judge_block(items, iou, follow, circle, circle_items, background, two, two_items) -> dict:
+    """One group of the fill50k_judge block, as p3_controlnet/fill50k_judge.summarise writes it."""
+    return {"items": items, "colour_following_share": follow, "circle_right_share": circle,
+            "circle_items": circle_items, "background_right_share": background, "background_items": items,
+            "both_named_circles_share": two, "two_circle_items": two_items, "striped_share": 0.0,
+            "iou_mean": iou, "iou_items": items}
+
+
+# scripts/evaluate_controlnet.py --pred OUT --prompts P --source S --json (no --gt, no CLIP: the mini-SD demo)
+P3_JUDGE = {"images": 40, "fill50k_judge": {
+    **judge_block(40, 0.9125, 0.925, 0.95, 38, 0.975, 0.8, 10),
+    "unparsed_items": 0, "unparsed": [], "circles_from": "control",
+    "by_circles": {"1": judge_block(20, 0.93, 0.95, 0.944, 18, 1.0, None, 0),
+                   "2": judge_block(20, 0.895, 0.9, 0.95, 20, 0.95, 0.8, 10)}},
+    "skipped": ["colour_iou: needs --gt and --prompts with Fill50k prompts naming every colour",
+                "clip_score: needs --prompts and --clip-weights (a local CLIP weights file of --clip-arch)",
+                "fid: needs --gt and --fid-weights"]}
+
+
+def test_p3_offline_judge_table_and_headline(demo):
+    write_json(demo / "p3_scores.json", P3_JUDGE)
+    png(demo / "p3" / "0.png", (64, 64))
+    page = build(demo)
+    p3 = section(page, "p3")
+    for text in ("mask IoU vs the control", "0.912", "92.5%", "circle colour right", "95.0%", ">38<",
+                 "background right", "97.5%", "both named circles right", "80.0%", ">10<",
+                 "1 circle (items)", "0.930 (20)", "— (0)", "2 circles (items)", "80.0% (10)",
+                 "circles counted in the control", "Not scored: colour_iou, clip_score, fid"):
+        assert text in p3, text
+    assert "CLIP score" not in p3  # the CLIP / FID table only when the JSON has its numbers
+    summary = page[:page.index('<h2 id="p1">')]
+    assert "mask IoU 0.91, colours right 92.5% (offline Fill50k judge)" in summary
+    assert "checkpoints/mini_controlnet" in p3  # the problem's needs (the demo's p3_generate was skipped)
+    # an SD v1.4 run with CLIP weights: the judge's table and the CLIP rows, both in the headline
+    write_json(demo / "p3_scores.json", {**P3_JUDGE, "colour_iou": 0.71, "clip_score": 30.5, "clip_cosine": 0.305})
+    p3 = section(build(demo), "p3")
+    assert "mask IoU vs the control" in p3 and "CLIP score" in p3 and "30.50" in p3 and "0.710" in p3
+    assert "mask IoU 0.91, colours right 92.5% (offline Fill50k judge), CLIP score 30.50" in build(demo)
+
+
+def ti_shares(images, colours, background, token, striped, concept) -> dict:
+    return {"images": images, "colour_following_share": colours, "background_right_share": background,
+            "token_colour_share": token, "striped_share": striped, "concept_share": concept}
+
+
+def ti_report(stand_ins: dict, prompts: list, entries: dict) -> dict:
+    """scripts/evaluate_ti.py --judge fill50k --report: per prompt, pooled per entry in "concepts"."""
+    rows = [{"concept": entry, "prompt_index": i, "prompt": text,
+             "judged_as": {"text": text, "circles": ["<new1>"], "background": "pink", "striped": [False],
+                           "token_colour": [True]},
+             **shares, "verdicts": [{"file": f"source{entry}_prompt{i}_0.png", "colour_following": True,
+                                     "background_right": True, "token_colour": True, "striped_as_asked": None,
+                                     "concept": True, "circles_found": 1, "circle_right": [True],
+                                     "striped": [False], "circle_lab": [[89.9, -68.1, 85.8]],
+                                     "background_lab": [12.97, 47.5, -64.7], "notes": []}]}
+            for entry, i, text, shares in prompts]
+    return {"judge": "fill50k", "aliases": {"<new1>": "chartreuse"}, "style_tokens": {"<new2>": "stripes"},
+            "expect_concept": stand_ins, "total": len(rows),
+            "mean_concept_share": sum(r["concept_share"] for r in rows) / len(rows), "concepts": entries,
+            "prompts": rows}
+
+
+def test_p5_mini_sd_judge_tables_headline_and_figure(demo):
+    write_json(demo / "p5_scores_ti.json", ti_report({}, [
+        ("0", 0, "<new1> circle with pink background", ti_shares(25, 0.92, 0.96, 0.92, None, 0.92)),
+        ("1", 0, "<new2> red circle with navy background", ti_shares(25, 0.88, 1.0, None, 0.84, 0.84))],
+        {"0": ti_shares(25, 0.92, 0.96, 0.92, None, 0.92), "1": ti_shares(25, 0.88, 1.0, None, 0.84, 0.84)}))
+    write_json(demo / "p5_scores_init_word.json", ti_report({"<new1>": "green", "<new2>": "white"}, [
+        ("0", 0, "green circle with pink background", ti_shares(25, 0.04, 0.96, 0.04, None, 0.04)),
+        ("1", 0, "white red circle with navy background", ti_shares(25, 0.08, 1.0, None, 0.08, 0.08))],
+        {"0": ti_shares(25, 0.04, 0.96, 0.04, None, 0.04), "1": ti_shares(25, 0.08, 1.0, None, 0.08, 0.08)}))
+    for method in ("ti", "init_word"):
+        for entry in ("0", "1"):
+            png(demo / f"p5_gen_{method}" / entry / "0" / f"source{entry}_prompt0_0.png", (64, 64))
+    fig = png(demo / "p5_figs" / "ti_prompts.png", (256, 128))
+    write_json(Path(f"{fig}.json"), {"what": "textual inversion, first 5 images per prompt; rows entry/prompt index",
+                                     "command": "python p5_personalization/report.py --out demo_out/p5_figs/x.png"})
+    step(demo, "p5_generate_ti", 12.0)
+    page = build(demo)
+    p5 = section(page, "p5")
+    tables = p5.split("<h3>")
+    ti = next(t for t in tables if t.startswith("Offline Fill50k judge on the learned tokens"))
+    base = next(t for t in tables if t.startswith("Offline Fill50k judge on the init-word baseline"))
+    for text in ("concept shown", "&lt;new1&gt; circle with pink background", "92.0%", "84.0%", "all its prompts"):
+        assert text in ti, text
+    for text in ("green circle with pink background", "white red circle with navy background", "4.0%", "8.0%"):
+        assert text in base, text
+    assert "&lt;new1&gt; = chartreuse, &lt;new2&gt; = stripes" in ti
+    summary = page[:page.index('<h2 id="p1">')]
+    assert "&lt;new1&gt;/&lt;new2&gt; concept shown in 88.0% with the tokens vs 6.0% with the init words " \
+           "(offline judge)" in summary
+    parser = Images()
+    parser.feed(p5)
+    assert "p5_figs/ti_prompts.png" in parser.srcs and all((demo / src).is_file() for src in parser.srcs)
+    assert "p5_gen_init_word/1/0/source1_prompt0_0.png" in parser.srcs
+    assert "init word: 1 / 0: white red circle with navy background" in p5
+    assert "textual inversion, first 5 images per prompt" in p5
+
+
+def test_p5_clip_report_still_renders(demo):
+    """SD v1.4 runs write the course's CLIP grading (no "judge" key): its table, as before."""
+    write_json(demo / "p5_scores_ti.json", {"clip_model": "ViT-B-32", "passed": 1, "graded": 2, "prompts": [
+        {"concept": "0", "prompt": "a photo of <new1>", "image_score": 81.25, "text_score": 30.5,
+         "baseline": [75, 28], "pass": True}]})
+    step(demo, "p5_score_ti", 3.0)  # a demo problem with no step that ran shows only what it needs
+    page = build(demo)
+    assert "81.250" in section(page, "p5") and "ti: 1/2 prompts pass" in page
+
+
+@pytest.mark.parametrize("name,data,key", [
+    ("p3_scores.json", {**P3_JUDGE, "fill50k_judge": {k: v for k, v in P3_JUDGE["fill50k_judge"].items()
+                                                      if k != "iou_mean"}}, "iou_mean"),
+    ("p5_scores_init_word.json", {"judge": "fill50k", "aliases": {}, "style_tokens": {}, "prompts": []},
+     "concepts")])
+def test_judge_json_without_a_needed_key_is_one_line_naming_the_file(demo, name, data, key, capsys):
+    write_json(demo / name, data)
+    with pytest.raises(SystemExit) as e:
+        demo_page.main([str(demo)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{demo / name}: missing {key!r}" in err[0], err

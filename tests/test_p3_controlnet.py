@@ -615,14 +615,16 @@ def test_fit_ddp_on_cpu(sd_ckpt, tmp_path):
 
 
 def test_demo_p3_trains_a_demo_controlnet_when_none_is_given(sd_ckpt, tmp_path):
-    """make demo's P3 section: without SD it says what it needs; with SD and no ControlNet it trains a short one
-    (forced here with P3_DEMO_TRAIN=1: on CUDA that is the default) and then generates, scores and draws."""
+    """make demo's P3 section: without SD it uses the mini SD and says what is missing; with SD and no ControlNet
+    it trains a short one (forced here with P3_DEMO_TRAIN=1: on CUDA that is the default) and then generates,
+    scores and draws."""
     env = {k: v for k, v in os.environ.items() if k not in ("SD_PATH", "CONTROLNET", "CLIP_WEIGHTS", "FID_WEIGHTS")}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, P3_DEMO_SIZE=str(SIZE), CONTROLNET=str(tmp_path / "none"))
     script = str(REPO / "scripts" / "demo_p3.sh")
+    # without SD_PATH the mini SD is the default; a missing ControlNet for it is said, and nothing generated
     r = subprocess.run(["bash", script], capture_output=True, text=True, env=dict(env, OUT=str(tmp_path / "a")))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "SD_PATH is not set" in r.stdout and not (tmp_path / "a" / "p3").exists()
+    assert "mini Stable Diffusion" in r.stdout and "skipped" in r.stdout and not (tmp_path / "a" / "p3").exists()
     r = subprocess.run(["bash", script], capture_output=True, text=True,
                        env=dict(env, OUT=str(tmp_path / "b"), SD_PATH=str(sd_ckpt), P3_DEMO_TRAIN="0"))
     assert r.returncode == 0 and "no trained ControlNet" in r.stdout and not (tmp_path / "b" / "p3_run").exists()
@@ -728,3 +730,28 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
         last = err.strip().splitlines()[-1]  # after the trainer's "loaded SD ..." line
         assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
         assert os.listdir(out) == ["last.ckpt"]
+
+
+def test_ship_checkpoint_writes_a_controlnet_folder_in_fp16(trained, tmp_path, capsys):
+    """scripts/ship_checkpoint.py on a ControlNet folder: an fp16 folder that load_controlnet reads back to the
+    same weights (to fp16 precision), with the metrics beside it; a bad --metrics file writes nothing."""
+    from p3_controlnet.model import load_controlnet
+    from scripts.ship_checkpoint import INFO_FILE
+    from scripts.ship_checkpoint import main as ship_main
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"iou_mean": 0.9}))
+    dst = tmp_path / "shipped"
+    code, err = run_cli(ship_main, [str(trained / "controlnet"), str(dst), "--fp16", "--metrics", str(metrics),
+                                    "--note", "test"], capsys)
+    assert code == 0, err
+    from safetensors import safe_open
+    with safe_open(str(dst / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    a, b = load_controlnet(trained / "controlnet"), load_controlnet(dst)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(v, w.float(), atol=1e-3, rtol=1e-3), k
+    assert json.loads((dst / INFO_FILE).read_text())["metrics"] == {"iou_mean": 0.9, "note": "test"}
+    metrics.write_text("{not json")
+    code, err = run_cli(ship_main, [str(trained / "controlnet"), str(tmp_path / "bad"), "--metrics", str(metrics)],
+                        capsys)
+    assert code == 2 and "m.json: not a readable JSON file" in err and not (tmp_path / "bad").exists()

@@ -443,9 +443,9 @@ def test_non_finite_embedding_is_refused(trained, tiny_sd, tmp_path, capsys, bad
 def test_demo_without_sd_says_what_it_needs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SD_PATH", "CLIP_WEIGHTS", "CLIP_DATA")}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo_p5.sh")], capture_output=True, text=True,
-                          env=dict(env, OUT=str(tmp_path / "demo")))
+                          env=dict(env, OUT=str(tmp_path / "demo"), MINI_TI=str(tmp_path / "no_embeddings")))
     assert proc.returncode == 0, proc.stderr
-    assert "needs SD_PATH=" in proc.stdout and "needs CLIP_WEIGHTS=" in proc.stdout
+    assert "mini SD" in proc.stdout and "no embeddings in" in proc.stdout and "needs CLIP_WEIGHTS=" in proc.stdout
     assert not (tmp_path / "demo").exists()
 
 
@@ -621,3 +621,52 @@ def test_hw2_ti_write_failures_are_one_line_and_leave_nothing(trained, tiny_sd, 
     monkeypatch.setattr(infer_ti.sdlib, "load_sd", no_model)
     code, err = run_cli(infer_ti.main, argv + ["--out", "/proc/hw2_ti_out"], capsys)
     assert code == 2 and "/proc/hw2_ti_out: cannot write here" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_figure_has_a_row_per_prompt_and_refuses_missing_images(tmp_path, capsys):
+    """p5_personalization/report.py: one row per prompt of input.json, --per-prompt images of each run, the
+    prompts in row order in the sidecar; a missing image is a one-line error and no figure."""
+    from p5_personalization.concepts import read_input_json
+    from p5_personalization.report import main as report_main
+    data = REPO / "assets" / "mini_ti"
+    cases = read_input_json(str(data / "input.json"))
+    tile = np.zeros((64, 64, 3), np.uint8)
+    for run, colour in (("a", 40), ("b", 200)):
+        for case in cases:
+            for p in range(len(case.prompts)):
+                folder = tmp_path / run / case.key / str(p)
+                folder.mkdir(parents=True)
+                for k in range(2):
+                    Image.fromarray(tile + colour).save(folder / f"source{case.key}_prompt{p}_{k}.png")
+    out = tmp_path / "figs" / "fig.png"
+    code, err = run_cli(report_main, ["--json", str(data / "input.json"), "--output-dir", str(tmp_path / "a"),
+                                      "--output-dir", str(tmp_path / "b"), "--label", "token", "--label", "init",
+                                      "--per-prompt", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = sum(len(c.prompts) for c in cases)
+    info = json.loads(Path(f"{out}.json").read_text())
+    assert [r["prompt"] for r in info["rows"]] == [p for c in cases for p in c.prompts]
+    fig = np.asarray(Image.open(out).convert("RGB"))
+    # 64-px tiles drawn at 2x: at least 4 columns and `rows` rows of 128 px (plus labels and padding)
+    assert fig.shape[0] >= rows * 128 and fig.shape[1] >= 4 * 128
+    # the first run's tiles (dark) come before the second's (light) in every row
+    assert (fig == 40).all(axis=-1).sum() > 0 and (fig == 200).all(axis=-1).sum() > 0
+
+    (tmp_path / "b" / "1" / "0" / "source1_prompt0_1.png").unlink()
+    out2 = tmp_path / "fig2.png"
+    code, err = run_cli(report_main, ["--json", str(data / "input.json"), "--output-dir", str(tmp_path / "a"),
+                                      "--output-dir", str(tmp_path / "b"), "--per-prompt", "2", "--out", str(out2)],
+                        capsys)
+    assert code == 2 and "source1_prompt0_1.png: image not found" in err and len(err.strip().splitlines()) == 1
+    assert not out2.exists()
+
+
+def test_training_resolution_defaults_to_the_models_native_size(tiny_sd, photos, tmp_path):
+    """No --resolution: the photos are sized to the SD's native resolution (the tiny UNet's, not SD v1's 512),
+    and the exported JSON records the resolved number."""
+    from p5_personalization import train_ti
+    args = train_args(tiny_sd["diffusers"], tmp_path, photos["dog"], "<new1>", "dog", "--steps", "1")
+    i = args.index("--resolution")
+    del args[i:i + 2]
+    train_ti.main(args)
+    assert json.loads((tmp_path / "new1.json").read_text())["resolution"] == TINY_IMAGE
