@@ -8,8 +8,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from common.fileio import write_text_atomic
+from common.errors import UserError
+from common.fileio import check_writable, write_text_atomic
 from common.paths import REPO_ROOT
+
+
+def figure_out(path: str | os.PathLike) -> Path:
+    """A report script's --out: a .png path whose folder can be written (checked before any work)."""
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: --out must be a .png path")
+    check_writable(out.parent if str(out.parent) else ".")
+    return out
 
 
 def sidecar_path(figure: str | os.PathLike) -> Path:

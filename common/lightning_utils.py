@@ -267,7 +267,8 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help=f"resume from a Lightning checkpoint (no value: {resume_help})")
     g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this much wall time (--resume continues)")
+                   help="stop after this much training wall time in all: a --resume'd run counts the time "
+                        "before it too (Lightning's Timer is checkpointed), so raise it to continue")
     g.add_argument("--num-workers", type=num_workers_flag, default=num_workers,
                    help=f"data-loading worker processes per process, or auto: 0 on CPU, on CUDA the process's share "
                         f"of the cores less one, at most 6 (default: {num_workers})")

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from common.errors import UserError, cli_main
-from common.figure_info import command_line, write_figure_info
-from common.fileio import check_writable
+from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, to_uint8
 from p2_ddim.infer import add_sampling_args, check_sampling_args, load_model, load_noises, sample_faces_ddim, setup
 from p2_ddim.interpolation import INTERPOLATIONS, interpolate
@@ -114,10 +112,7 @@ def main(argv=None) -> None:
     if not args.scale > 0:
         raise UserError(f"--scale must be > 0, got {args.scale}")
     t0 = time.time()
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"{out}: --out must be a .png file")
-    check_writable(out.parent if str(out.parent) else ".")
+    out = figure_out(args.out)
     if args.command == "eta-grid":
         etas = _floats(args.etas, "--etas")
         if any(not (e >= 0) for e in etas):

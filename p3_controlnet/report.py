@@ -20,8 +20,7 @@ from PIL import Image, ImageDraw
 import common.stable_diffusion as sdlib
 from common.device import add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.figure_info import command_line, write_figure_info
-from common.fileio import check_writable
+from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, save_png, to_uint8
 from p3_controlnet.model import (
     DEFAULT_CONTROLNET,
@@ -68,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"{out}: --out must be a .png path")
-    check_writable(out.parent if str(out.parent) else ".")
+    out = figure_out(args.out)
     device = pick_device(args.device)
     ac = autocast_dtype(device, args.precision)
     dtype = ac or torch.float32

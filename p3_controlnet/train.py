@@ -44,6 +44,7 @@ from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
     add_trainer_flags,
+    lr_factor,
     make_trainer,
     resolve_accelerator,
     resolve_num_workers,
@@ -71,6 +72,9 @@ class P3TrainConfig:
     accumulate: int = field(default=1, metadata={
         "help": "gradient accumulation (effective batch = batch x devices x this)"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (ControlNet paper: 1e-5)"})
+    cooldown_from: int | None = field(default=None, metadata={
+        "metavar": "STEP", "help": "from this step the rate falls linearly to 0 at --max-steps (none: constant); "
+                                   "can be added when resuming a constant-rate run"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     proportion_empty_prompts: float = field(default=0.0, metadata={
@@ -172,7 +176,16 @@ class ControlNetModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.net.controlnet.parameters() if p.requires_grad]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
+        c = self.config
+        if c.cooldown_from is None:
+            return opt
+        # the factor of the trainer's step, not of the scheduler's own count: a constant-rate run, whose
+        # checkpoint holds no scheduler, then resumes into the cooldown at the right step
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda _: lr_factor(self.global_step if self._trainer is not None else 0, 0, c.cooldown_from,
+                                     c.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints: the ControlNet and optimiser only (SD is reloaded from --sd)
     def on_save_checkpoint(self, checkpoint) -> None:
@@ -307,6 +320,8 @@ def main(argv=None) -> None:
     if config.size is not None and (config.size < 8 or config.size % 8):
         raise UserError(f"--size must be a positive multiple of 8, got {config.size}")
     check_positive(config, "batch_size", "accumulate", "max_steps", "sample_every", "generate_n")
+    if config.cooldown_from is not None and not 0 <= config.cooldown_from < config.max_steps:
+        raise UserError(f"--cooldown-from must be in [0, --max-steps={config.max_steps}), got {config.cooldown_from}")
     if config.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     out = check_writable(args.out)

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import UserError, cli_main
-from common.figure_info import command_line, write_figure_info
-from common.fileio import check_writable
+from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid
 from p5_personalization.concepts import read_input_json
 
@@ -56,16 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"{out}: --out must be a .png path")
+    out = figure_out(args.out)
     if args.per_prompt < 1:
         raise UserError(f"--per-prompt must be at least 1, got {args.per_prompt}")
     dirs = [Path(d) for d in args.output_dir]
     labels = args.label or [d.name for d in dirs]
     if len(labels) != len(dirs):
         raise UserError(f"{len(labels)} --label for {len(dirs)} --output-dir")
-    check_writable(out.parent if str(out.parent) else ".")
     cases = read_input_json(args.json)
     tiles, row_labels, rows = [], [], []
     for case in cases:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`, problem 5: CLIP zero-shot and textual inversion (single and multi-concept).
 # Default (no SD_PATH): textual inversion on the mini SD (checkpoints/mini_sd) with its shipped embeddings
-# (checkpoints/mini_ti, learned from assets/mini_ti): generates TI_IMAGES images per prompt of
+# (checkpoints/mini_ti, learned from assets/mini_ti): generates MINI_TI_IMAGES (default 8) images per prompt of
 # assets/mini_ti/input.json, and of the same prompts with the init words, judges both offline
 # (evaluate_ti.py --judge fill50k) and draws the prompts' figure (p5_personalization/report.py).
 # On SD v1.4, the shared DreamBooth dog and cat photos (../shared/data/dreambooth/{dog,cat}); each part runs
@@ -50,10 +50,11 @@ if [ -z "$SD_PATH" ]; then
     exit 0
   fi
   JUDGE=(--judge fill50k --alias "<new1>=chartreuse" --style-token "<new2>=stripes")
+  N="${MINI_TI_IMAGES:-8}"  # images per prompt: enough for the judge's shares, quick on a CPU
   step p5_generate_ti -- bash hw2_ti.sh "$DATA/input.json" "$OUT/p5_gen_ti" "$MINI_SD" "$MINI_TI" \
-    --images-per-prompt "$TI_IMAGES" --quiet
+    --images-per-prompt "$N" --quiet
   step p5_generate_init_word -- bash hw2_ti.sh "$DATA/input_init_word.json" "$OUT/p5_gen_init_word" "$MINI_SD" "$MINI_TI" \
-    --images-per-prompt "$TI_IMAGES" --quiet
+    --images-per-prompt "$N" --quiet
   step p5_score_ti -- "$PY" scripts/evaluate_ti.py --json "$DATA/input.json" --output-dir "$OUT/p5_gen_ti" "${JUDGE[@]}" \
     --report "$OUT/p5_scores_ti.json"
   step p5_score_init_word -- "$PY" scripts/evaluate_ti.py --json "$DATA/input_init_word.json" \

@@ -11,9 +11,12 @@ The mini SD's data (p3_controlnet/make_fill50k.py --preset mini) holds both conc
           captions say only the circle colour ("red circle with navy background").
 Each concept's five images are one-circle samples drawn by the same generator with the mini preset's options
 (named backgrounds, the caption forms of the data), taken in order of their index from the first that show
-the concept: chartreuse plain circles for <new1>, striped circles of a named colour for <new2>. Their
-captions put the token where the colour word goes ("a {} circle with navy background.") or before the colour
-("{} red circle with pink background"), the two ways the model's own language can hold it.
+the concept: chartreuse plain circles for <new1>, striped circles of a named colour for <new2>, five different
+colours (trained on the first five striped samples, green, green, yellow, cyan and green, <new2> striped
+yellow and green circles but hardly red or blue ones). Each image gets all four caption forms of the data
+(with and without "a", with and without the full stop; train_ti.py draws one per step), with the token where
+the colour word goes ("a {} circle with navy background.") or before the colour ("{} red circle with pink
+background"), the two ways the model's own language can hold it.
 
 Writes to --out:
   new1/0.png .. 4.png, new1/captions.json   <new1>'s training images and captions (train_ti.py --captions)
@@ -68,17 +71,20 @@ def concept_caption(name: str, record: dict, form: int) -> str:
     return caption(["{} " + record["circles"][0]["colour"]], record["background"], form)
 
 
-def draw_concept(name: str, size: int, seed: int, n: int = IMAGES) -> list[tuple[np.ndarray, str, dict]]:
-    """The first n samples (by index) of the concept's generator that show the concept."""
+def draw_concept(name: str, size: int, seed: int, n: int = IMAGES) -> list[tuple[np.ndarray, list[str], dict]]:
+    """The first n samples (by index) of the concept's generator that show the concept; for a style, each
+    with a circle colour none of the earlier ones has (a style learned on one paint stays on that paint)."""
     options = concept_options(name)
     colours = palette_colours(options.palette)
     found, i = [], 0
     while len(found) < n:
         rng = np.random.default_rng([seed, i])
         _, target, _, record = draw_sample(rng, size, colours, options)
-        if shows_concept(name, record):
-            form = int(np.random.default_rng([seed, i, 1]).integers(4))
-            found.append((target, concept_caption(name, record, form), record))
+        paint = record["circles"][0]["colour"]
+        repeated = CONCEPTS[name]["kind"] == "style" and any(r["circles"][0]["colour"] == paint for *_, r in found)
+        if shows_concept(name, record) and not repeated:
+            # every caption form of the data, so the token works in each form a prompt can take
+            found.append((target, [concept_caption(name, record, form) for form in range(4)], record))
         i += 1
     return found
 
@@ -139,11 +145,12 @@ def main(argv=None) -> None:
     for name in CONCEPTS:
         folder = ensure_dir(out / name)
         captions = {}
-        for k, (image, text, _) in enumerate(draw_concept(name, args.size, args.seed)):
+        backgrounds[name] = set()
+        for k, (image, texts, record) in enumerate(draw_concept(name, args.size, args.seed)):
             save_png(folder / f"{k}.png", image)
-            captions[f"{k}.png"] = text
+            captions[f"{k}.png"] = texts
+            backgrounds[name].add(record["background"])
         write_text_atomic(folder / "captions.json", json.dumps(captions, indent=2) + "\n")
-        backgrounds[name] = {c.rstrip(".").split(" with ")[-1].removesuffix(" background") for c in captions.values()}
     entries = eval_prompts(backgrounds)
     write_text_atomic(out / "input.json", json.dumps(entries, indent=2) + "\n")
     write_text_atomic(out / "input_init_word.json", json.dumps(with_init_words(entries), indent=2) + "\n")

@@ -291,7 +291,12 @@ def test_textual_inversion_data_shows_each_concept_and_reads_as_course_input(tmp
             chartreuse = (127, 255, 0) in colours
             striped = (255, 255, 255) in colours
             assert (chartreuse, striped) == ((True, False) if name == "new1" else (False, True)), f
-            assert "chartreuse" not in captions[f.name][0]
+            assert "chartreuse" not in " ".join(captions[f.name])
+            # every caption form of the data: with and without "a", with and without the full stop
+            assert len(set(captions[f.name])) == 4 and all("{}" in c for c in captions[f.name])
+        if name == "new2":  # the style on five different paints: "{} <colour> circle with ..."
+            paints = {captions[f.name][0].split("{} ")[1].split(" circle")[0] for f in files}
+            assert len(paints) == mk.IMAGES, paints
     for which in ("input.json", "input_init_word.json"):
         cases = read_input_json(tmp_path / "a" / which)
         assert len(cases) == 3

@@ -755,3 +755,27 @@ def test_ship_checkpoint_writes_a_controlnet_folder_in_fp16(trained, tmp_path, c
     code, err = run_cli(ship_main, [str(trained / "controlnet"), str(tmp_path / "bad"), "--metrics", str(metrics)],
                         capsys)
     assert code == 2 and "m.json: not a readable JSON file" in err and not (tmp_path / "bad").exists()
+
+
+def test_cooldown_reaches_zero_and_a_constant_run_resumes_into_it(fill, sd_ckpt, tmp_path):
+    """--cooldown-from S: the rate falls linearly to 0 at --max-steps, counted by the trainer's step, so a
+    constant-rate run (no scheduler in its checkpoint) resumed with it lands on the same rates as a run that
+    had it from the start."""
+    from p3_controlnet.train import main
+
+    def run(out, *extra):
+        main(["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--size", str(SIZE), "--batch-size", "2",
+              "--sample-every", "2", "--sample-steps", "0", "--val-count", "2", "--lr", "1e-3", "--quiet", *extra])
+        return torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+
+    whole = run(tmp_path / "whole", "--max-steps", "4", "--cooldown-from", "2")
+    assert whole["global_step"] == 4 and whole["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    run(tmp_path / "split", "--max-steps", "2")
+    split = run(tmp_path / "split", "--max-steps", "4", "--cooldown-from", "2", "--resume")
+    assert split["global_step"] == 4 and split["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    # the rates of steps 3 and 4 (1e-3 x 2/2, x 1/2) left the same weights as the uninterrupted run
+    for k, v in whole["state_dict"].items():
+        assert torch.allclose(v, split["state_dict"][k], atol=1e-6), k
+    with pytest.raises(SystemExit):
+        main(["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(tmp_path / "bad"), "--max-steps", "4",
+              "--cooldown-from", "4", "--quiet"])
