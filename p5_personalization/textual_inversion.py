@@ -141,10 +141,13 @@ def add_tokens(
 def save_embedding(path: str | os.PathLike, token: str, vectors: torch.Tensor, info: dict) -> Path:
     """diffusers' textual-inversion format: {token: (N, D)} as safetensors, plus a JSON sidecar."""
     from safetensors.torch import save_file
+
+    from common.checkpoint import sort_metadata
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file({token: vectors.detach().float().cpu().contiguous()}, str(tmp),
                   metadata={"format": "pt", "token": token})
+        sort_metadata(tmp)  # two keys: unsorted, their order (and the bytes) would vary from run to run
     meta = dict(info, token=token, vectors=int(vectors.shape[0]), dim=int(vectors.shape[1]))
     write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
