@@ -167,6 +167,13 @@ def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, ma
     return factor
 
 
+def check_cooldown(cooldown_from: int | None, max_steps: int) -> None:
+    """--cooldown-from, when given, must fall inside the run: [0, --max-steps)."""
+    from common.errors import UserError
+    if cooldown_from is not None and not 0 <= cooldown_from < max_steps:
+        raise UserError(f"--cooldown-from must be in [0, --max-steps={max_steps}), got {cooldown_from}")
+
+
 def adamw_with_schedule(params, *, lr: float, weight_decay: float, warmup_steps: int,
                         cooldown_from: int | None = None, max_steps: int | None = None) -> dict:
     """configure_optimizers()'s answer for AdamW whose rate follows lr_factor (warm-up, constant, optional

@@ -41,6 +41,7 @@ from common.lightning_utils import (
     EMA,
     adamw_with_schedule,
     add_trainer_flags,
+    check_cooldown,
     make_trainer,
     resolve_accelerator,
     resolve_num_workers,
@@ -298,8 +299,7 @@ def main(argv=None) -> None:
     args, config, given = parse_config(argv)
     if config.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
-    if config.cooldown_from is not None and not 0 <= config.cooldown_from < config.max_steps:
-        raise UserError(f"--cooldown-from must be in [0, --max-steps={config.max_steps}), got {config.cooldown_from}")
+    check_cooldown(config.cooldown_from, config.max_steps)
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()

@@ -44,6 +44,7 @@ from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
     add_trainer_flags,
+    check_cooldown,
     lr_factor,
     make_trainer,
     resolve_accelerator,
@@ -320,8 +321,7 @@ def main(argv=None) -> None:
     if config.size is not None and (config.size < 8 or config.size % 8):
         raise UserError(f"--size must be a positive multiple of 8, got {config.size}")
     check_positive(config, "batch_size", "accumulate", "max_steps", "sample_every", "generate_n")
-    if config.cooldown_from is not None and not 0 <= config.cooldown_from < config.max_steps:
-        raise UserError(f"--cooldown-from must be in [0, --max-steps={config.max_steps}), got {config.cooldown_from}")
+    check_cooldown(config.cooldown_from, config.max_steps)
     if config.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     out = check_writable(args.out)

@@ -86,6 +86,7 @@ from common.lightning_utils import (
     EMA,
     adamw_with_schedule,
     add_trainer_flags,
+    check_cooldown,
     make_trainer,
     resolve_accelerator,
     resolve_num_workers,
@@ -882,8 +883,7 @@ def check_config(config: MiniSDTrainConfig) -> None:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     if config.circle_weight <= 0 or config.lab_weight < 0 or config.kl_weight < 0:
         raise UserError("--circle-weight must be > 0, --lab-weight and --kl-weight >= 0")
-    if config.cooldown_from is not None and not 0 <= config.cooldown_from < config.max_steps:
-        raise UserError(f"--cooldown-from must be in [0, --max-steps={config.max_steps}), got {config.cooldown_from}")
+    check_cooldown(config.cooldown_from, config.max_steps)
     config.vae_config()
     check_positive(config, "unet_layers", "text_layers", "val_prompts", "val_steps")
     if not 0 <= config.caption_dropout < 1:
