@@ -18,8 +18,10 @@ Several concepts at once: repeat --images/--token/--init-word (and --property, -
 --method ti they are independent embeddings trained side by side; with --method joint-kv the
 cross-attention key and value projections of the UNet are fine-tuned too, shared by the concepts (the
 multi-concept recipe of Custom Diffusion, Kumari et al. 2023, meant to help several concepts appear
-together in one prompt; the real-image regularisation of that paper is not implemented). No comparison
-of the two methods has been run here: score both with scripts/evaluate_ti.py to see which composes better.
+together in one prompt). That paper also trains on captioned real images without the token, so that the
+K/V change attaches to the token instead of to every prompt: --prior-images/--prior-captions (a share
+--prior-share of the images). The two methods are compared on the mini SD in BENCHMARKS.md; on SD v1.4 no
+comparison has been run here: score both with scripts/evaluate_ti.py to see which composes better.
 
 Writes to --out (the folder hw2_ti.sh reads):
   <token name>.safetensors / .json   the learned vectors in diffusers' textual-inversion format (+ how)
@@ -114,7 +116,7 @@ class P5TrainConfig:
         "choices": METHODS,
         "help": "ti: only the token vectors learn; joint-kv: also the UNet's cross-attention K/V, shared by the "
                 "concepts (Custom Diffusion's multi-concept recipe, designed for prompts that combine several "
-                "concepts; not measured against ti here)"})
+                "concepts; measured against ti on the mini SD in BENCHMARKS.md)"})
     vectors: int = field(default=1, metadata={"help": "embedding vectors per token (multi-vector tokens)"})
     steps: int = field(default=3000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
@@ -128,6 +130,9 @@ class P5TrainConfig:
     flip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
     crop_min_scale: float = field(default=0.6, metadata={
         "help": "smallest random square crop, as a share of the photo's shorter side (1: the whole photo)"})
+    prior_share: float = field(default=0.5, metadata={
+        "help": "with --prior-images: the share of the training images drawn from them (every k-th image of "
+                "the stream, the same whatever the batch size)"})
     # None: on with CUDA. Its flag is written by hand (build_parser): the generated help would call None "off"
     gradient_checkpointing: bool | None = field(default=None, metadata={"flag": False})
     save_every: int = field(default=500, metadata={
@@ -144,25 +149,29 @@ def list_concept_images(folder: str) -> list[Path]:
                        empty=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the --images folder")
 
 
-def read_captions(path: str, images: list[Path]) -> dict[str, tuple[str, ...]]:
+def read_captions(path: str, images: list[Path], flag: str = "--captions") -> dict[str, tuple[str, ...]]:
     """--captions: a JSON object mapping each photo's file name to its caption, or a list of captions, with
-    `{}` where the token goes (DreamBooth-style per-image captions). Every photo of the folder needs one."""
+    `{}` where the token goes (DreamBooth-style per-image captions). Every photo of the folder needs one.
+    --prior-captions: the same without the token, so no `{}`."""
     from common.fileio import read_json
-    raw = read_json(path, "--captions file")
+    token = flag == "--captions"
+    raw = read_json(path, f"{flag} file")
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: --captions must be a JSON object mapping image file names to captions")
+        raise UserError(f"{path}: {flag} must be a JSON object mapping image file names to captions")
     names = {f.name for f in images}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise UserError(f"{path}: captions for images that are not in the --images folder: {', '.join(unknown[:5])}")
+        folder = "--images" if token else "--prior-images"
+        raise UserError(f"{path}: captions for images that are not in the {folder} folder: {', '.join(unknown[:5])}")
     missing = sorted(names - set(raw))
     if missing:
         raise UserError(f"{path}: no caption for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     out = {}
     for name, caps in raw.items():
         caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and "{}" in c for c in caps):
-            raise UserError(f"{path}: the caption(s) of {name!r} must be strings with {{}} where the token goes")
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and ("{}" in c) == token for c in caps):
+            raise UserError(f"{path}: the caption(s) of {name!r} must be strings " + (
+                "with {} where the token goes" if token else "without {} (prior images have no token)"))
         out[name] = tuple(caps)
     return out
 
@@ -174,13 +183,13 @@ class ConceptImages(torch.utils.data.Dataset):
     caption of item `pos` come from a generator seeded by (seed, pos). So the stream is a pure function of
     the seed, and a run resumed at step s reads exactly what an uninterrupted run would have. A concept's
     captions are its "captions" file's (read_captions), one of the photo's own, else the templates of its
-    "property".
+    "property". With `prior` ({"images": folder, "captions": file}) a share `prior_share` of the stream,
+    evenly spread, comes from those captioned images instead, in their own seeded order.
     """
 
     def __init__(self, concepts: list[dict], resolution: int, seed: int = 0, flip_p: float = 0.5,
-                 min_scale: float = 0.6, length: int = 10 ** 9):
-        from PIL import Image, UnidentifiedImageError
-
+                 min_scale: float = 0.6, length: int = 10 ** 9, prior: dict | None = None,
+                 prior_share: float = 0.0):
         self.resolution, self.seed, self.flip_p, self.min_scale, self.length = (
             resolution,
             seed,
@@ -188,37 +197,64 @@ class ConceptImages(torch.utils.data.Dataset):
             min_scale,
             length,
         )
-        self.items = []  # (concept, photo, its captions)
+        self.items = []  # (token, photo, its captions)
         for c in concepts:
             files = list_concept_images(c["images"])
             captions = read_captions(c["captions"], files) if c.get("captions") else {}
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        im = im.convert("RGB")
-                except (UnidentifiedImageError, OSError) as e:
-                    raise UserError(f"{f}: not a readable image ({e})") from None
-                # keep a copy a little larger than the crops, so each step's resize is cheap
-                scale = 1.25 * resolution / min(im.size)
-                if scale < 1:
-                    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
-                self.items.append((c, im, captions.get(f.name, TEMPLATES[c["property"]])))
-        self._orders: dict[int, list[int]] = {}
+            self.items += [(c["token"], im, captions.get(f.name, TEMPLATES[c["property"]]))
+                           for f, im in zip(files, self._decode(files))]
+        self.prior_items, self.prior_share = [], prior_share if prior else 0.0
+        if prior:
+            files = list_images(prior["images"], not_found="--prior-images folder not found",
+                                empty="no images in the --prior-images folder")
+            captions = read_captions(prior["captions"], files, flag="--prior-captions")
+            self.prior_items = [(None, im, captions[f.name]) for f, im in zip(files, self._decode(files))]
+        self._orders: dict[tuple[str, int], list[int]] = {}
+
+    def _decode(self, files: list[Path]) -> list:
+        from PIL import Image, UnidentifiedImageError
+        out = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"{f}: not a readable image ({e})") from None
+            # keep a copy a little larger than the crops, so each step's resize is cheap
+            scale = 1.25 * self.resolution / min(im.size)
+            if scale < 1:
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+            out.append(im)
+        return out
 
     def __len__(self) -> int:
         return self.length
 
-    def _order(self, round_: int) -> list[int]:
-        if round_ not in self._orders:
-            order = list(range(len(self.items)))
-            random.Random(f"{self.seed}/order/{round_}").shuffle(order)
-            self._orders = {round_: order}
-        return self._orders[round_]
+    def _order(self, kind: str, round_: int, n: int) -> list[int]:
+        if (kind, round_) not in self._orders:
+            order = list(range(n))
+            # the concept photos keep the key they always had: runs without prior images are unchanged
+            random.Random(f"{self.seed}/order/{round_}" if kind == "concept" else
+                          f"{self.seed}/{kind}/{round_}").shuffle(order)
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != kind}
+            self._orders[(kind, round_)] = order
+        return self._orders[(kind, round_)]
+
+    def _pick(self, pos: int) -> tuple:
+        """Stream item pos: the n-th prior image when a prior image falls there (every 1/prior_share-th
+        item, spread evenly), else the next concept photo."""
+        s = self.prior_share
+        priors_before = int(pos * s)
+        if s and int((pos + 1) * s) > priors_before:
+            kind, items, n = "prior", self.prior_items, priors_before
+        else:
+            kind, items, n = "concept", self.items, pos - priors_before
+        round_, k = divmod(n, len(items))
+        return items[self._order(kind, round_, len(items))[k]]
 
     def __getitem__(self, pos: int) -> dict:
         import torchvision.transforms.functional as TF
-        round_, k = divmod(pos, len(self.items))
-        concept, im, captions = self.items[self._order(round_)[k]]
+        token, im, captions = self._pick(pos)
         g = random.Random(f"{self.seed}/item/{pos}")
         # random square crop covering min_scale..1 of the shorter side, resized to the training resolution
         crop = max(1, int(min(im.size) * g.uniform(self.min_scale, 1.0)))
@@ -227,23 +263,25 @@ class ConceptImages(torch.utils.data.Dataset):
         if g.random() < self.flip_p:
             im = TF.hflip(im)
         x = TF.to_tensor(im) * 2 - 1
-        caption = g.choice(captions).replace("{}", concept["token"])
-        return {"pixel_values": x, "prompt": caption}
+        caption = g.choice(captions)
+        return {"pixel_values": x, "prompt": caption if token is None else caption.replace("{}", token)}
 
 
 class ConceptDataModule(pl.LightningDataModule):
     def __init__(self, *, concepts: list[dict], resolution: int, batch_size: int, seed: int, flip_p: float,
-                 steps: int, num_workers: int = 0, min_scale: float = 0.6):
+                 steps: int, num_workers: int = 0, min_scale: float = 0.6, prior: dict | None = None,
+                 prior_share: float = 0.0):
         super().__init__()
         self.concepts, self.resolution, self.batch_size = concepts, resolution, batch_size
         self.seed, self.num_workers, self.flip_p, self.steps = seed, num_workers, flip_p, steps
-        self.min_scale = min_scale
+        self.min_scale, self.prior, self.prior_share = min_scale, prior, prior_share
         self.dataset = None
 
     def setup(self, stage=None):
         if self.dataset is None:
             self.dataset = ConceptImages(self.concepts, self.resolution, self.seed, self.flip_p, self.min_scale,
-                                         length=self.steps * self.batch_size)
+                                         length=self.steps * self.batch_size, prior=self.prior,
+                                         prior_share=self.prior_share)
 
     def train_dataloader(self):
         # batch b of the run (rank r of R: stream batch b * R + r) holds stream items from b * batch_size on; the
@@ -427,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-image captions instead of the templates: a JSON object mapping each photo's file name "
                         "to a caption (or a list) with {} for the token, e.g. {\"1.png\": \"a {} circle with navy "
                         "background\"} (repeat per concept; 'none' keeps a concept's templates)")
+    p.add_argument("--prior-images", default=None,
+                   help="regularisation images without the token (Custom Diffusion's real images, DreamBooth's "
+                        "prior preservation): a share --prior-share of each run's images comes from them, so what "
+                        "is learned (above all joint-kv's K/V) stays with the token instead of changing every prompt")
+    p.add_argument("--prior-captions", default=None,
+                   help="with --prior-images: a JSON object mapping each of its file names to a caption (or a "
+                        "list), without {}")
     p.add_argument("--out", required=True, help="folder for the learned embeddings (what hw2_ti.sh reads)")
     p.add_argument("--sample-prompt", action="append", default=None,
                    help="prompt for the samples (default: one caption per concept)")
@@ -466,6 +511,20 @@ def concepts_from_args(args, vectors: int) -> list[dict]:
     return out
 
 
+def prior_from_args(args, config: P5TrainConfig) -> dict | None:
+    """--prior-images/--prior-captions as {"images", "captions"}, checked; None without them."""
+    if (args.prior_images is None) != (args.prior_captions is None):
+        raise UserError("give --prior-images and --prior-captions together")
+    if args.prior_images is None:
+        return None
+    if not 0 < config.prior_share < 1:
+        raise UserError(f"--prior-share must be in (0, 1), got {config.prior_share}")
+    files = list_images(args.prior_images, not_found="--prior-images folder not found",
+                        empty="no images in the --prior-images folder")
+    read_captions(args.prior_captions, files, flag="--prior-captions")
+    return {"images": str(args.prior_images), "captions": str(args.prior_captions)}
+
+
 def first_caption(concept: dict) -> str:
     """The default sample prompt of a concept: its first photo's first caption, else its first template."""
     if concept.get("captions"):
@@ -487,6 +546,7 @@ def main(argv=None) -> dict:
     if not 0 < config.crop_min_scale <= 1:
         raise UserError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
     concepts = concepts_from_args(args, config.vectors)
+    prior = prior_from_args(args, config)
     out = check_writable(args.out)
     accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
@@ -510,7 +570,7 @@ def main(argv=None) -> dict:
         config = dataclasses.replace(config, resolution=components.native_resolution)
     data = ConceptDataModule(concepts=concepts, resolution=config.resolution, batch_size=config.batch_size,
                              seed=args.seed, flip_p=config.flip_p, steps=config.steps, num_workers=args.num_workers,
-                             min_scale=config.crop_min_scale)
+                             min_scale=config.crop_min_scale, prior=prior, prior_share=config.prior_share)
     data.setup()  # decode every photo now: a bad file fails before anything is written
     module = TextualInversionModule(sd_path=args.sd, concepts=concepts, config=config,
                                     frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed,
@@ -519,7 +579,8 @@ def main(argv=None) -> dict:
         check_resume_fits(resume, resume_ckpt, module, "p5_personalization/train_ti.py")
         del resume_ckpt
     ensure_dir(run_dir)
-    info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "resolution": config.resolution,
+    info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "prior": prior,
+            "resolution": config.resolution,
             "batch_size": config.batch_size, "lr": config.lr, "seed": args.seed, "precision": precision.split("-")[0],
             "train": dataclasses.asdict(config)}
     prompts = args.sample_prompt or [first_caption(c) for c in concepts]

@@ -21,10 +21,16 @@ background"), the two ways the model's own language can hold it.
 Writes to --out:
   new1/0.png .. 4.png, new1/captions.json   <new1>'s training images and captions (train_ti.py --captions)
   new2/...                                  the same for <new2>
+  prior/0.png .., prior/captions.json       --prior images of the mini SD's own data (the mini preset, one or
+                                            two circles, its captions; no token): train_ti.py's --prior-images
+                                            and --prior-captions, which keep joint-kv's K/V from drawing the
+                                            concepts into every prompt
   input.json           the course's format (src_image, token_name, prompt, prompt_4_clip_eval) with prompts
                        for each token alone and for both together, on backgrounds no training image has
   input_init_word.json the same prompts with each token replaced by its --init-word: the baseline the issue
                        compares against (the concept should then mostly not appear)
+  input_val.json       validation prompts for choosing a recipe (steps, rates, method) without looking at
+                       input.json: each token alone, other colour and background pairs than input.json's
   concepts.json        each token's concept, init word and what the judge expects of it
                        (scripts/evaluate_ti.py --judge fill50k)
 Same --seed, same bytes.
@@ -42,6 +48,7 @@ from common.images import save_png
 from p3_controlnet.make_fill50k import PRESET_OPTIONS, caption, draw_sample, palette_colours
 
 IMAGES = 5
+PRIOR_IMAGES = 100
 CONCEPTS = {
     "new1": {"token": "<new1>", "init_word": "green", "kind": "colour", "value": "chartreuse"},
     "new2": {"token": "<new2>", "init_word": "white", "kind": "style", "value": "stripes"},
@@ -89,6 +96,17 @@ def draw_concept(name: str, size: int, seed: int, n: int = IMAGES) -> list[tuple
     return found
 
 
+def draw_prior(size: int, seed: int, n: int = PRIOR_IMAGES) -> list[tuple[np.ndarray, str]]:
+    """n samples of the mini preset itself (the distribution the mini SD learned), from their own seed stream."""
+    options = PRESET_OPTIONS["mini"]
+    colours = palette_colours(options.palette)
+    out = []
+    for i in range(n):
+        _, target, text, _ = draw_sample(np.random.default_rng([seed, 1, i]), size, colours, options)
+        out.append((target, text))
+    return out
+
+
 def eval_prompts(trained_backgrounds: dict[str, set[str]]) -> dict:
     """Course-format entries: each token alone on backgrounds none of its training images has, and both
     together (two circles, left to right)."""
@@ -114,6 +132,36 @@ def eval_prompts(trained_backgrounds: dict[str, set[str]]) -> dict:
         "prompt_4_clip_eval": ["a chartreuse circle and a striped blue circle with pink background.",
                                "striped red circle and chartreuse circle with navy background"]}
     return entries
+
+
+def val_prompts(entries: dict) -> dict:
+    """Each token alone in 6 prompts (<new2>: six circle colours, the four of input.json among them) on
+    backgrounds taken in turn from the palette, none of them a prompt of input.json (entries) in any
+    caption form."""
+    palette = [c for c, _ in palette_colours("basic") if c != "chartreuse"]
+    paints = ("red", "orange", "yellow", "green", "blue", "pink")
+    def bare(p: str) -> str:  # a prompt without its caption form
+        return p.removeprefix("a ").removesuffix(".")
+    taken = {bare(p) for e in entries.values() for p in e["prompt"]}
+    out = {}
+    for key, (name, spec) in enumerate(CONCEPTS.items()):
+        prompts, k = [], 0
+        while len(prompts) < 6:
+            paint = paints[len(prompts)]
+            bg = palette[(5 * k + 3) % len(palette)]
+            k += 1
+            if k > 10 * len(palette):
+                raise RuntimeError(f"fewer than 6 validation prompts for {name}: the palette is too small")
+            if bg == paint:
+                continue
+            circle = ["{}"] if name == "new1" else [f"{{}} {paint}"]
+            p = caption(circle, bg, len(prompts) % 4).replace("{}", spec["token"])
+            if bare(p) not in taken and bare(p) not in {bare(q) for q in prompts}:
+                prompts.append(p)
+        out[str(key)] = {"src_image": name, "token_name": spec["token"], "prompt": prompts,
+                         "prompt_4_clip_eval": [p.replace(spec["token"], spec["value"] if spec["kind"] == "colour"
+                                                          else "striped") for p in prompts]}
+    return out
 
 
 def with_init_words(entries: dict) -> dict:
@@ -151,9 +199,16 @@ def main(argv=None) -> None:
             captions[f"{k}.png"] = texts
             backgrounds[name].add(record["background"])
         write_text_atomic(folder / "captions.json", json.dumps(captions, indent=2) + "\n")
+    folder = ensure_dir(out / "prior")
+    prior_captions = {}
+    for k, (image, text) in enumerate(draw_prior(args.size, args.seed)):
+        save_png(folder / f"{k}.png", image)
+        prior_captions[f"{k}.png"] = text
+    write_text_atomic(folder / "captions.json", json.dumps(prior_captions, indent=2) + "\n")
     entries = eval_prompts(backgrounds)
     write_text_atomic(out / "input.json", json.dumps(entries, indent=2) + "\n")
     write_text_atomic(out / "input_init_word.json", json.dumps(with_init_words(entries), indent=2) + "\n")
+    write_text_atomic(out / "input_val.json", json.dumps(val_prompts(entries), indent=2) + "\n")
     write_text_atomic(out / "concepts.json", json.dumps(CONCEPTS, indent=2) + "\n")
     print(f"wrote {IMAGES} images + captions per concept ({', '.join(CONCEPTS)}) and the prompt files to {out}")
 

@@ -300,6 +300,18 @@ def test_textual_inversion_data_shows_each_concept_and_reads_as_course_input(tmp
     for which in ("input.json", "input_init_word.json"):
         cases = read_input_json(tmp_path / "a" / which)
         assert len(cases) == 3
+    # validation prompts: each token alone, none of input.json's prompts in any caption form
+    val = read_input_json(tmp_path / "a" / "input_val.json")
+    bare = {p.removeprefix("a ").removesuffix(".") for c in read_input_json(tmp_path / "a" / "input.json")
+            for p in c.prompts}
+    assert [c.tokens for c in val] == [["<new1>"], ["<new2>"]] and all(len(c.prompts) == 6 for c in val)
+    assert not {p.removeprefix("a ").removesuffix(".") for c in val for p in c.prompts} & bare
+    # prior images: the mini SD's own data with its captions (no token), the same bytes from the same seed
+    prior = list_concept_images(str(tmp_path / "a" / "prior"))
+    prior_caps = read_captions(str(tmp_path / "a" / "prior" / "captions.json"), prior, flag="--prior-captions")
+    assert len(prior) == mk.PRIOR_IMAGES and all("circle" in prior_caps[f.name][0] for f in prior)
+    assert all((tmp_path / "b" / "prior" / f.name).read_bytes() == f.read_bytes() for f in prior)
+    assert len({f.read_bytes() for f in prior}) == len(prior)
     baseline = json.loads((tmp_path / "a" / "input_init_word.json").read_text())
     prompts = [p for e in baseline.values() for p in e["prompt"]]
     assert not any("<new" in p for p in prompts) and "green circle with pink background" in prompts

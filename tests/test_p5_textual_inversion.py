@@ -670,3 +670,48 @@ def test_training_resolution_defaults_to_the_models_native_size(tiny_sd, photos,
     del args[i:i + 2]
     train_ti.main(args)
     assert json.loads((tmp_path / "new1.json").read_text())["resolution"] == TINY_IMAGE
+
+
+def test_prior_images_are_spread_through_the_stream_without_the_token(tiny_sd, photos, tmp_path, capsys):
+    """--prior-images: every 1/share-th stream item is a prior image with its own caption (no token); the concept
+    photos keep the order a run without prior images has; the bad-input cases are one line, exit 2."""
+    from p5_personalization import train_ti
+    from p5_personalization.train_ti import ConceptImages, list_concept_images
+    files = list_concept_images(str(photos["cat"]))
+    prior_caps = tmp_path / "prior.json"
+    prior_caps.write_text(json.dumps({f.name: [f"cat number {i}", f"a cat {i}."] for i, f in enumerate(files)}))
+    concept = {"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object",
+               "vectors": 1}
+    prior = {"images": str(photos["cat"]), "captions": str(prior_caps)}
+    plain = ConceptImages([concept], TINY_IMAGE, seed=3, min_scale=1.0, flip_p=0.0)
+    mixed = ConceptImages([concept], TINY_IMAGE, seed=3, min_scale=1.0, flip_p=0.0, prior=prior, prior_share=0.25)
+    n_dog = len(list_concept_images(str(photos["dog"])))
+    items = [mixed[i] for i in range(4 * (n_dog + len(files)))]
+    is_prior = ["<new1>" not in it["prompt"] for it in items]
+    assert is_prior[:8] == [False, False, False, True] * 2                   # one in four, evenly spread
+    assert all(it["prompt"].startswith(("cat number", "a cat")) for it, p in zip(items, is_prior) if p)
+    # the concept photos come in the plain stream's order: photo n of one is photo n of the other
+    dogs = [it["pixel_values"] for it, p in zip(items, is_prior) if not p]
+    for n, x in enumerate(dogs[:2 * n_dog]):
+        assert torch.equal(x, plain[n]["pixel_values"])
+    # every prior image is visited once per round
+    cats = {tuple(it["pixel_values"].flatten()[:64].tolist()) for it, p in zip(items, is_prior) if p}
+    assert len(cats) == len(files)
+
+    out = tmp_path / "emb"
+    r = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--steps", "1",
+                                 "--method", "joint-kv", "--prior-images", str(photos["cat"]),
+                                 "--prior-captions", str(prior_caps)))
+    info = json.loads((out / "new1.json").read_text())
+    assert r["steps"] == 1 and info["prior"] == prior and info["train"]["prior_share"] == 0.5
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({f.name: "a {} cat" for f in files}))
+    for extra, message in ((["--prior-images", str(photos["cat"])], "--prior-captions together"),
+                           (["--prior-images", str(photos["cat"]), "--prior-captions", str(bad)], "without {}"),
+                           (["--prior-images", str(photos["cat"]), "--prior-captions", str(prior_caps),
+                             "--prior-share", "1"], "--prior-share")):
+        code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], tmp_path / "x", photos["dog"], "<new1>",
+                                                      "dog", "--steps", "1", *extra), capsys)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "x").exists()
