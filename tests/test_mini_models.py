@@ -1,7 +1,8 @@
 """The shipped mini Stable Diffusion (issue 16): it loads both as its diffusers folder and as the LDM-keyed
 single file the project exports, to the same outputs; its ControlNet makes the circles follow the control far
 better than the base model does (a few items and DDIM steps, judged offline by p3_controlnet/fill50k_judge.py,
-as the i-CLEVR shipped-model test does). The full measurements are in BENCHMARKS.md."""
+as the i-CLEVR shipped-model test does); its textual-inversion tokens draw their concepts where the init words
+do not. The full measurements are in BENCHMARKS.md."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from tests.conftest import REPO, run_cli
 
 MINI_SD = REPO / "checkpoints" / "mini_sd"
 MINI_CONTROLNET = REPO / "checkpoints" / "mini_controlnet"
+MINI_TI = REPO / "checkpoints" / "mini_ti"
 
 
 def test_mini_sd_loads_as_folder_and_as_exported_single_file(tmp_path):
@@ -72,3 +74,36 @@ def test_mini_controlnet_follows_the_control_far_better_than_the_base_model(fill
         assert Image.open(next(out.iterdir())).size == (64, 64)  # the native resolution, no --size given
         scores[name] = _iou(out, fill_test)
     assert scores["controlnet"] >= 0.6 and scores["controlnet"] >= scores["base"] + 0.3, scores
+
+
+def test_mini_ti_tokens_draw_their_concepts_and_the_init_words_do_not(tmp_path, capsys):
+    """checkpoints/mini_ti on the mini SD, as hw2_ti.sh runs it (its K/V included), on one validation prompt per
+    token (assets/mini_ti/input_val.json), 4 images at 10 DDIM steps: <new1> is chartreuse and <new2> striped in
+    most images; the same prompts with the init words ("green", "white") in almost none."""
+    from p5_personalization.infer_ti import main as infer_main
+    from scripts.evaluate_ti import main as evaluate_main
+    val = json.loads((REPO / "assets" / "mini_ti" / "input_val.json").read_text())
+    words = {"<new1>": "green", "<new2>": "white"}
+    token_json = {k: {**e, "prompt": e["prompt"][:1], "prompt_4_clip_eval": e["prompt_4_clip_eval"][:1]}
+                  for k, e in val.items()}
+    init_json = {k: {**e, "prompt": [e["prompt"][0].replace(e["token_name"], words[e["token_name"]])]}
+                 for k, e in token_json.items()}
+    shares = {}
+    for name, entries in (("token", token_json), ("init", init_json)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(entries))
+        code, err = run_cli(infer_main, ["--json", str(path), "--out", str(tmp_path / name), "--sd", str(MINI_SD),
+                                         "--embeddings", str(MINI_TI), "--images-per-prompt", "4", "--steps", "10",
+                                         "--quiet"], capsys)
+        assert code == 0, err
+        flags = ["--json", str(path), "--output-dir", str(tmp_path / name), "--judge", "fill50k", "--alias",
+                 "<new1>=chartreuse", "--style-token", "<new2>=stripes", "--report", str(tmp_path / f"{name}.s.json")]
+        if name == "init":
+            flags += ["--expect-concept", "<new1>=green", "--expect-concept", "<new2>=white"]
+        code, err = run_cli(evaluate_main, flags, capsys)
+        assert code == 0, err
+        report = json.loads((tmp_path / f"{name}.s.json").read_text())
+        shares[name] = {k: c["concept_share"] for k, c in report["concepts"].items()}
+    for key in ("0", "1"):  # 4 images each: at 10 steps <new1> reached 4 of 4 and <new2> 3 of 4, the init words 0
+        assert shares["token"][key] >= 0.5 and shares["init"][key] <= 0.25, shares
+        assert shares["token"][key] - shares["init"][key] >= 0.5, shares
