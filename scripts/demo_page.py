@@ -334,25 +334,25 @@ def p5_clip_table(r: dict, path: Path, method: str) -> tuple[tuple, str]:
     return table, f"{method}: {need(r, 'passed', path, int)}/{need(r, 'graded', path, int)} prompts pass"
 
 
-def p5_judge_table(r: dict, path: Path, method: str) -> tuple[tuple, float | None]:
-    """The offline Fill50k judge (mini SD runs): (table, the concept's share pooled over every image)."""
+def p5_judge_table(r: dict, path: Path, method: str) -> tuple[tuple, dict[str, float]]:
+    """The offline Fill50k judge (mini SD runs): (table, each entry's concept share)."""
     def cells(d: dict) -> list:
         return [need(d, "images", path, int), *[pct_or_dash(need_share(d, key, path)) for key, _ in P5_JUDGE_COLUMNS]]
 
     rows = [[need(p, "concept", path, str), need(p, "prompt", path, str), *cells(p)]
             for p in need(r, "prompts", path, list)]
-    shown = images = 0
+    shares = {}
     for entry, e in need(r, "concepts", path, dict).items():
         rows.append([entry, "all its prompts", *cells(e)])
         share = need_share(e, "concept_share", path)
-        if share is not None:  # entries without a concept (no token in any prompt) do not dilute the share
-            shown, images = shown + share * e["images"], images + e["images"]
+        if share is not None:  # entries without a concept (no token in any prompt) are left out
+            shares[entry] = share
     meaning = ", ".join(f"{t} = {v}" for t, v in [*need(r, "aliases", path, dict).items(),
                                                   *need(r, "style_tokens", path, dict).items()])
     table = (f"Offline Fill50k judge on {P5_JUDGED.get(method, P5_METHODS[method])} "
              f"(scripts/evaluate_ti.py --judge fill50k{'; ' + meaning if meaning else ''})",
              ["entry", "prompt", "images", *[c for _, c in P5_JUDGE_COLUMNS]], rows, path)
-    return table, (shown / images if images else None)
+    return table, shares
 
 
 def p5_section(root: Path) -> Section:
@@ -370,7 +370,7 @@ def p5_section(root: Path) -> Section:
         s.tables.append((f"CLIP zero-shot accuracy ({r.get('model', '?')}, {r.get('images', '?')} images, "
                          f"{r.get('classes', '?')} classes)", ["prompt template", "accuracy"], rows, path))
         heads.append(f"zero-shot {pct(acc)}")
-    judged, tokens = {}, []
+    judged, tokens, entry_tokens = {}, [], {}
     for method in P5_METHODS:
         path = root / f"p5_scores_{method}.json"
         r = load(path)
@@ -380,6 +380,10 @@ def p5_section(root: Path) -> Section:
             if isinstance(r, dict) and r.get("judge") == "fill50k":
                 table, judged[method] = p5_judge_table(r, path, method)
                 tokens = tokens or [*r["aliases"], *r["style_tokens"]]  # both checked by p5_judge_table
+                if method == "ti":  # each entry named by the tokens its prompts hold
+                    for p in r["prompts"]:
+                        held = [t for t in tokens if t in str(p.get("prompt"))]
+                        entry_tokens.setdefault(str(p.get("concept")), held)
             else:
                 table, head = p5_clip_table(r, path, method)
                 heads.append(head)
@@ -391,11 +395,13 @@ def p5_section(root: Path) -> Section:
                 prompt = prompts.get((prompt_dir.parent.name, prompt_dir.name))
                 s.galleries.append((f"{method.replace('_', ' ')}: {prompt_dir.parent.name} / {prompt_dir.name}"
                                     + (f": {prompt}" if prompt else ""), first_images(prompt_dir, 5)))
-    if judged.get("ti") is not None:
-        head = f"{'/'.join(tokens) or 'the'} concept shown in {pct(judged['ti'])} with the tokens"
-        if judged.get("init_word") is not None:
-            head += f" vs {pct(judged['init_word'])} with the init words"
-        heads.append(head + " (offline judge)")
+    if judged.get("ti"):
+        # per entry, so a prompt holding both tokens does not hide how each token does alone
+        base = judged.get("init_word") or {}
+        parts = [f"{' + '.join(entry_tokens.get(k) or [f'entry {k}'])} {pct(v)}"
+                 + (f" vs {pct(base[k])}" if k in base else "") for k, v in judged["ti"].items()]
+        heads.append("concept shown with the tokens" + (" vs the init words" if base else "") + ": "
+                     + ", ".join(parts) + " (offline judge)")
     s.headline = ", ".join(heads)
     return s
 

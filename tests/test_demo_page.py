@@ -318,8 +318,8 @@ def test_p5_mini_sd_judge_tables_headline_and_figure(demo):
         assert text in base, text
     assert "&lt;new1&gt; = chartreuse, &lt;new2&gt; = stripes" in ti
     summary = page[:page.index('<h2 id="p1">')]
-    assert "&lt;new1&gt;/&lt;new2&gt; concept shown in 88.0% with the tokens vs 6.0% with the init words " \
-           "(offline judge)" in summary
+    assert "concept shown with the tokens vs the init words: &lt;new1&gt; 92.0% vs 4.0%, &lt;new2&gt; 84.0% vs " \
+           "8.0% (offline judge)" in summary
     parser = Images()
     parser.feed(p5)
     assert "p5_figs/ti_prompts.png" in parser.srcs and all((demo / src).is_file() for src in parser.srcs)
