@@ -149,6 +149,11 @@ def list_concept_images(folder: str) -> list[Path]:
                        empty=f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the --images folder")
 
 
+def list_prior_images(folder: str) -> list[Path]:
+    return list_images(folder, not_found="--prior-images folder not found",
+                       empty="no images in the --prior-images folder")
+
+
 def read_captions(path: str, images: list[Path], flag: str = "--captions") -> dict[str, tuple[str, ...]]:
     """--captions: a JSON object mapping each photo's file name to its caption, or a list of captions, with
     `{}` where the token goes (DreamBooth-style per-image captions). Every photo of the folder needs one.
@@ -205,8 +210,7 @@ class ConceptImages(torch.utils.data.Dataset):
                            for f, im in zip(files, self._decode(files))]
         self.prior_items, self.prior_share = [], prior_share if prior else 0.0
         if prior:
-            files = list_images(prior["images"], not_found="--prior-images folder not found",
-                                empty="no images in the --prior-images folder")
+            files = list_prior_images(prior["images"])
             captions = read_captions(prior["captions"], files, flag="--prior-captions")
             self.prior_items = [(None, im, captions[f.name]) for f, im in zip(files, self._decode(files))]
         self._orders: dict[tuple[str, int], list[int]] = {}
@@ -519,8 +523,7 @@ def prior_from_args(args, config: P5TrainConfig) -> dict | None:
         return None
     if not 0 < config.prior_share < 1:
         raise UserError(f"--prior-share must be in (0, 1), got {config.prior_share}")
-    files = list_images(args.prior_images, not_found="--prior-images folder not found",
-                        empty="no images in the --prior-images folder")
+    files = list_prior_images(args.prior_images)
     read_captions(args.prior_captions, files, flag="--prior-captions")
     return {"images": str(args.prior_images), "captions": str(args.prior_captions)}
 

@@ -107,12 +107,21 @@ def draw_prior(size: int, seed: int, n: int = PRIOR_IMAGES) -> list[tuple[np.nda
     return out
 
 
+def course_entry(name: str, prompts: list[str]) -> dict:
+    """A course-format entry of one concept from prompts with {} where its token goes; prompt_4_clip_eval says
+    the concept in words (its colour, or "striped")."""
+    spec = CONCEPTS[name]
+    word = spec["value"] if spec["kind"] == "colour" else "striped"
+    return {"src_image": name, "token_name": spec["token"], "prompt": [p.replace("{}", spec["token"]) for p in prompts],
+            "prompt_4_clip_eval": [p.replace("{}", word) for p in prompts]}
+
+
 def eval_prompts(trained_backgrounds: dict[str, set[str]]) -> dict:
     """Course-format entries: each token alone on backgrounds none of its training images has, and both
     together (two circles, left to right)."""
     palette = [c for c, _ in palette_colours("basic") if c != "chartreuse"]
     entries = {}
-    for key, (name, spec) in enumerate(CONCEPTS.items()):
+    for key, name in enumerate(CONCEPTS):
         backgrounds = [c for c in ("navy", "pink", "orange", "blue", "brown", "purple", "yellow", "magenta")
                        if c not in trained_backgrounds[name] and c in palette][:4]
         if name == "new1":
@@ -121,10 +130,7 @@ def eval_prompts(trained_backgrounds: dict[str, set[str]]) -> dict:
             circle = ["red", "blue", "yellow", "green"]
             prompts = [caption([f"{{}} {c}" for c in (circle[form % 4] if circle[form % 4] != bg else "cyan",)],
                                bg, form % 4) for form, bg in enumerate(backgrounds)]
-        entries[str(key)] = {"src_image": name, "token_name": spec["token"],
-                             "prompt": [p.replace("{}", spec["token"]) for p in prompts],
-                             "prompt_4_clip_eval": [p.replace("{}", spec["value"] if spec["kind"] == "colour"
-                                                              else "striped") for p in prompts]}
+        entries[str(key)] = course_entry(name, prompts)
     both = ["a <new1> circle and a <new2> blue circle with pink background.",
             "<new2> red circle and <new1> circle with navy background"]
     entries[str(len(CONCEPTS))] = {
@@ -155,12 +161,11 @@ def val_prompts(entries: dict) -> dict:
             if bg == paint:
                 continue
             circle = ["{}"] if name == "new1" else [f"{{}} {paint}"]
-            p = caption(circle, bg, len(prompts) % 4).replace("{}", spec["token"])
-            if bare(p) not in taken and bare(p) not in {bare(q) for q in prompts}:
+            p = caption(circle, bg, len(prompts) % 4)
+            if bare(p.replace("{}", spec["token"])) not in taken:
                 prompts.append(p)
-        out[str(key)] = {"src_image": name, "token_name": spec["token"], "prompt": prompts,
-                         "prompt_4_clip_eval": [p.replace(spec["token"], spec["value"] if spec["kind"] == "colour"
-                                                          else "striped") for p in prompts]}
+                taken.add(bare(p.replace("{}", spec["token"])))
+        out[str(key)] = course_entry(name, prompts)
     return out
 
 
