@@ -7,12 +7,13 @@
 --sd is the single-file sd-v1-4.ckpt (LDM keys) or a diffusers folder; nothing is downloaded.
 Without --data, a Fill50k-style set (--generate-n samples at --size, generator seed --seed) is drawn by
 make_fill50k.py into <out>/fill50k once and reused by later runs (--resume included) with the same settings.
-Only the ControlNet (a copy of the UNet encoder with zero convolutions) is trained; SD is frozen.
+Only the ControlNet (a copy of the UNet encoder with zero convolutions, or --init-from a trained one) is
+trained; SD is frozen. With --ema-decay, the EMA of its weights is what is validated, exported and sampled.
 Writes to --out:
   controlnet/            the ControlNet (diffusers folder) after every --sample-every steps: what infer.py /
                          hw2_3.sh load (pass it as their CONTROLNET argument)
   samples/step_XXXXXX.png  control | generated | target for the held-out validation items
-  last.ckpt              Lightning checkpoint (ControlNet + optimiser only, not SD) for --resume
+  last.ckpt              Lightning checkpoint (ControlNet, its EMA and optimiser; not SD) for --resume
   logs/                  CSV of train and validation losses
   fill50k/               the generated training set (only without --data)
 On CUDA: bf16 autocast with the trainable weights in fp32 (frozen SD stored in bf16), SDPA attention,
@@ -43,6 +44,7 @@ from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
+    EMA,
     add_trainer_flags,
     check_cooldown,
     lr_factor,
@@ -54,7 +56,14 @@ from common.lightning_utils import (
 from common.seeding import seed_everything
 from p3_controlnet.data import Fill50kDataModule
 from p3_controlnet.make_fill50k import write_split
-from p3_controlnet.model import ControlledUNet, build_controlnet, sample_controlnet_images, save_controlnet, use_sdpa
+from p3_controlnet.model import (
+    ControlledUNet,
+    build_controlnet,
+    load_controlnet,
+    sample_controlnet_images,
+    save_controlnet,
+    use_sdpa,
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,10 @@ class P3TrainConfig:
         "help": "recompute activations in the backward pass (--no-gradient-checkpointing: faster, much more "
                 "memory)"})
     val_count: int = field(default=8, metadata={"help": "training items held out for validation loss and samples"})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "keep an exponential moving average of the ControlNet's weights with this decay (e.g. 0.999) "
+                "and validate, export and sample it instead of the weights themselves (0: off, as in the "
+                "ControlNet paper; costs one more copy of the ControlNet in memory)"})
     sample_every: int = field(default=500, metadata={
         "help": "validate, export controlnet/ and draw samples every N steps"})
     sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the sample images (0: no images)"})
@@ -93,14 +106,30 @@ class P3TrainConfig:
         "metavar": "N", "help": "write last.ckpt every N steps (off: every --sample-every steps)"})
 
 
+def load_init_controlnet(controlnet, path: str) -> None:
+    """Copy the weights of the ControlNet folder `path` (train.py's OUT/controlnet) into `controlnet`, the one
+    built for this SD: every tensor must be there with the same shape, or a one-line UserError."""
+    theirs = load_controlnet(path).state_dict()
+    own = controlnet.state_dict()
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    wrong = sorted(k for k in set(own) & set(theirs) if theirs[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise UserError(f"{path}: --init-from ControlNet does not fit this --sd ({len(missing)} tensors missing, "
+                        f"{len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. "
+                        f"{(missing + unexpected + wrong)[:2]}); it must have been trained on the same base model")
+    controlnet.load_state_dict(theirs)
+
+
 class ControlNetModule(pl.LightningModule):
     """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns.
 
     frozen_dtype: the dtype SD's UNet and VAE are held in (bf16 under bf16 autocast); text_batch: prompts
-    encoded at once when the text embeddings are cached."""
+    encoded at once when the text embeddings are cached; init_from: a ControlNet folder whose weights the
+    trained one starts from (--init-from) instead of the copy of the UNet encoder."""
 
     def __init__(self, *, sd, prompts: list[str], empty_prompt_id: int, config: P3TrainConfig | None = None,
-                 frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64):
+                 frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64, init_from: str | None = None):
         super().__init__()
         self.config = config if config is not None else P3TrainConfig()
         # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes
@@ -111,6 +140,8 @@ class ControlNetModule(pl.LightningModule):
         self.noise_scheduler = sd.noise_scheduler
         self.vae_scale_factor = sd.vae_scale_factor
         controlnet = build_controlnet(sd.unet, sd.vae_scale_factor)
+        if init_from is not None:
+            load_init_controlnet(controlnet, init_from)
         self.net = ControlledUNet(sd.unet, controlnet)
         use_sdpa(self.net.unet, self.net.controlnet)
         for m in (sd.unet, sd.vae):  # the text encoder stays fp32: it runs once per prompt, then is dropped
@@ -120,6 +151,7 @@ class ControlNetModule(pl.LightningModule):
             # the frozen UNet too: gradients reach the ControlNet through its decoder
             self.net.controlnet.enable_gradient_checkpointing()
             self.net.unet.enable_gradient_checkpointing()
+        self.ema = EMA(self.net.controlnet, self.config.ema_decay) if self.config.ema_decay > 0 else None
         self.prompts = list(prompts)
         self.text_cache: torch.Tensor | None = None  # (num_prompts, 77, D), filled at fit start
         self.register_buffer("alphas_cumprod", sd.noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
@@ -145,8 +177,13 @@ class ControlNetModule(pl.LightningModule):
         return self.text_cache[prompt_ids.cpu()].to(self.device, non_blocking=True)
 
     # ---- loss
+    def evaluated_net(self) -> ControlledUNet:
+        """The ControlNet that is validated, exported and sampled: the EMA copy when there is one."""
+        return self.net if self.ema is None else ControlledUNet(self.net.unet, self.ema.module)
+
     def diffusion_loss(
-        self, batch, generator: torch.Generator | None = None, drop_prompts: bool = False
+        self, batch, generator: torch.Generator | None = None, drop_prompts: bool = False,
+        net: ControlledUNet | None = None,
     ) -> torch.Tensor:
         control, target, pid = batch["control"], batch["target"], batch["prompt_id"]
         b = target.shape[0]
@@ -160,7 +197,8 @@ class ControlNetModule(pl.LightningModule):
         noise = torch.randn(latents.shape, device=self.device, generator=generator)
         ab = self.alphas_cumprod[t][:, None, None, None]
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
-        eps = self.net(noisy, t, context, control.to(self.net.controlnet.dtype))
+        net = net if net is not None else self.net
+        eps = net(noisy, t, context, control.to(net.controlnet.dtype))
         return F.mse_loss(eps.float(), noise)
 
     def training_step(self, batch, batch_idx):
@@ -168,10 +206,17 @@ class ControlNetModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["target"]))
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # here, not in on_train_batch_end: the checkpoint callback runs before that hook, so a checkpoint of
+        # step N would miss step N's EMA update and a resumed run would drift
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.net.controlnet)
+
     def validation_step(self, batch, batch_idx):
         # the same latent sample, t and noise at every validation, so losses compare across steps
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
-        loss = self.diffusion_loss(batch, generator=g)
+        loss = self.diffusion_loss(batch, generator=g, net=self.evaluated_net())
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["target"]))
 
     def configure_optimizers(self):
@@ -188,11 +233,13 @@ class ControlNetModule(pl.LightningModule):
                                      c.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ---- checkpoints: the ControlNet and optimiser only (SD is reloaded from --sd)
+    # ---- checkpoints: the ControlNet, its EMA and the optimiser only (SD is reloaded from --sd)
+    @staticmethod
+    def trained_key(name: str) -> bool:
+        return name.startswith(("net.controlnet.", "ema."))
+
     def on_save_checkpoint(self, checkpoint) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.controlnet.")
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.trained_key(k)}
 
     def on_load_checkpoint(self, checkpoint) -> None:
         if not any(k.startswith("net.controlnet.") for k in checkpoint.get("state_dict", {})):
@@ -202,9 +249,9 @@ class ControlNetModule(pl.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in (self.vae, self.net.unet, self.text_encoder):
+        for m in (self.vae, self.net.unet, self.text_encoder, self.ema):
             if m is not None:
-                m.eval()  # frozen parts stay in eval mode (no dropout)
+                m.eval()  # frozen parts (and the EMA copy) stay in eval mode (no dropout)
         return self
 
 
@@ -236,7 +283,8 @@ class ExportControlNetAndSamples(Callback):
     def export(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        save_controlnet(pl_module.net.controlnet, self.out / "controlnet")
+        net = pl_module.evaluated_net()
+        save_controlnet(net.controlnet, self.out / "controlnet")
         if self.count == 0 or self.steps == 0:
             return
         items = [self.val_set[i] for i in range(self.count)]
@@ -247,11 +295,11 @@ class ExportControlNetAndSamples(Callback):
         # the autocast training runs under (Lightning's bf16-mixed, on any device): the frozen UNet and the
         # text cache are bf16 then, while the latents and the ControlNet are fp32
         amp_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
-        was_training = pl_module.net.controlnet.training
-        pl_module.net.controlnet.eval()
+        was_training = net.controlnet.training
+        net.controlnet.eval()
         sched = sdlib.make_ddim_scheduler(pl_module.noise_scheduler)
         imgs = sample_controlnet_images(
-            pl_module.net,
+            net,
             pl_module.vae,
             sched,
             cond,
@@ -262,7 +310,7 @@ class ExportControlNetAndSamples(Callback):
             guidance=self.guidance,
             amp_dtype=amp_dtype,
         )
-        pl_module.net.controlnet.train(was_training)
+        net.controlnet.train(was_training)
         target = torch.stack([it["target"] for it in items]).to(dev)
         rows = torch.stack([control * 2 - 1, imgs.to(dev).float(), target], 1)
         save_grid(self.out / "samples" / f"step_{trainer.global_step:06d}.png",
@@ -301,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
+    p.add_argument("--init-from", default=None, metavar="CONTROLNET",
+                   help="start from this ControlNet folder (a train.py OUT/controlnet on the same base model) with "
+                        "a fresh optimiser and step 0, instead of a copy of the UNet encoder; ignored when "
+                        "--resume finds a checkpoint")
     add_config_flags(p, P3TrainConfig(), "hyper-parameters")
     add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU")
     return p
@@ -359,9 +411,9 @@ def main(argv=None) -> None:
     print(f"loaded SD from {args.sd} in {load_seconds:.1f} s; {len(data.train_set)} training items, "
           f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
     module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id, config=config,
-                              frozen_dtype=frozen_dtype)
+                              frozen_dtype=frozen_dtype, init_from=None if resume else args.init_from)
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
-        check_resume_fits(resume, resume_ckpt, module, PROGRAM, keys=lambda k: k.startswith("net.controlnet."))
+        check_resume_fits(resume, resume_ckpt, module, PROGRAM, keys=ControlNetModule.trained_key)
         del resume_ckpt
     ensure_dir(out)
     if args.compile:

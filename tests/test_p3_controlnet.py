@@ -779,3 +779,48 @@ def test_cooldown_reaches_zero_and_a_constant_run_resumes_into_it(fill, sd_ckpt,
     with pytest.raises(SystemExit):
         main(["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(tmp_path / "bad"), "--max-steps", "4",
               "--cooldown-from", "4", "--quiet"])
+
+
+def test_init_from_a_trained_controlnet_and_ema_export(trained, fill, sd_ckpt, tmp_path, capsys):
+    """--init-from starts the ControlNet from a trained folder (not the UNet-encoder copy); with --ema-decay the
+    exported controlnet/ is the EMA, which last.ckpt holds beside the raw weights; a ControlNet that does not fit
+    the --sd is refused in one line before anything is written."""
+    from diffusers import ControlNetModel
+
+    from p3_controlnet.model import load_controlnet, save_controlnet
+    from p3_controlnet.train import main
+
+    def run(out, *extra):
+        return run_cli(main, ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--size", str(SIZE),
+                              "--batch-size", "2", "--sample-every", "2", "--sample-steps", "0", "--val-count", "2",
+                              "--num-workers", "0", "--quiet", *extra], capsys)
+
+    init = load_controlnet(trained / "controlnet").state_dict()
+    code, err = run(tmp_path / "frozen", "--init-from", str(trained / "controlnet"), "--max-steps", "1", "--lr", "0")
+    assert code == 0, err
+    ck = torch.load(tmp_path / "frozen" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("ema.") for k in ck["state_dict"])  # no EMA unless asked for
+    for k, v in init.items():  # lr 0 (weight decay scales with it): still exactly the trained folder's weights
+        assert torch.equal(ck["state_dict"][f"net.controlnet.{k}"], v), k
+
+    code, err = run(tmp_path / "ema", "--init-from", str(trained / "controlnet"), "--max-steps", "2", "--lr", "1e-3",
+                    "--ema-decay", "0.9")
+    assert code == 0, err
+    ck = torch.load(tmp_path / "ema" / "last.ckpt", map_location="cpu", weights_only=False)
+    exported = load_controlnet(tmp_path / "ema" / "controlnet").state_dict()
+    key = "controlnet_mid_block.weight"
+    ema, raw = ck["state_dict"][f"ema.module.{key}"], ck["state_dict"][f"net.controlnet.{key}"]
+    assert int(ck["state_dict"]["ema.num_updates"]) == 2
+    assert torch.equal(exported[key], ema) and not torch.equal(ema, raw) and not torch.equal(ema, init[key])
+    # the EMA lies between where the weights started and where they are now
+    assert (ema - init[key]).norm() < (raw - init[key]).norm()
+
+    comps = tiny_sd_components(1)
+    other = ControlNetModel.from_unet(comps.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    save_controlnet(other, tmp_path / "other")
+    for bad, says in ((tmp_path / "other", "does not fit this --sd"), (tmp_path / "nowhere", "not found")):
+        code, err = run(tmp_path / "refused", "--init-from", str(bad), "--max-steps", "1")
+        assert code == 2 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]  # after the progress line of loading --sd
+        assert last.startswith("error:") and says in last and err.count("error:") == 1, err
+        assert not (tmp_path / "refused" / "last.ckpt").exists()

@@ -61,12 +61,14 @@ def fill(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("loading", [["--num-workers", "0"], ["--num-workers", "2", "--accumulate", "2"]],
-                         ids=["in-process", "workers-accumulate"])
+@pytest.mark.parametrize("loading", [["--num-workers", "0", "--ema-decay", "0.9"],
+                                     ["--num-workers", "2", "--accumulate", "2"]],
+                         ids=["in-process-ema", "workers-accumulate"])
 def test_p3_resume_after_kill_is_exact(fill, tmp_path, loading):
-    """The ControlNet, its optimiser, the exported controlnet/ folder and the sample grids; the prompt dropout,
-    the latent sample, t and the noise of each step come from the step. Also with loader worker processes
-    (which split the run's batches between them) and gradient accumulation (two loader batches a step)."""
+    """The ControlNet, its EMA (--ema-decay, in-process), its optimiser, the exported controlnet/ folder and the
+    sample grids; the prompt dropout, the latent sample, t and the noise of each step come from the step. Also with
+    loader worker processes (which split the run's batches between them) and gradient accumulation (two loader
+    batches a step)."""
     from p3_controlnet.train import main
     sd = write_tiny_sd(tmp_path / "sd", "ldm", seed=1)
     args = ["--sd", str(sd), "--data", str(fill), "--size", str(TINY_IMAGE), "--max-steps", "4", "--batch-size", "2",
