@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
-from common.checkpoint import check_resume_fits, read_resume_checkpoint
+from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoint
 from common.config import add_config_flags, check_positive, config_from_args
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -108,17 +108,8 @@ class P3TrainConfig:
 
 def load_init_controlnet(controlnet, path: str) -> None:
     """Copy the weights of the ControlNet folder `path` (train.py's OUT/controlnet) into `controlnet`, the one
-    built for this SD: every tensor must be there with the same shape, or a one-line UserError."""
-    theirs = load_controlnet(path).state_dict()
-    own = controlnet.state_dict()
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    wrong = sorted(k for k in set(own) & set(theirs) if theirs[k].shape != own[k].shape)
-    if missing or unexpected or wrong:
-        raise UserError(f"{path}: --init-from ControlNet does not fit this --sd ({len(missing)} tensors missing, "
-                        f"{len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. "
-                        f"{(missing + unexpected + wrong)[:2]}); it must have been trained on the same base model")
-    controlnet.load_state_dict(theirs)
+    built for this SD: every tensor there, of the same shape and finite, or a one-line UserError (load_into)."""
+    load_into(controlnet, load_controlnet(path).state_dict(), f"{path} (--init-from)")
 
 
 class ControlNetModule(pl.LightningModule):

@@ -818,7 +818,7 @@ def test_init_from_a_trained_controlnet_and_ema_export(trained, fill, sd_ckpt, t
     comps = tiny_sd_components(1)
     other = ControlNetModel.from_unet(comps.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
     save_controlnet(other, tmp_path / "other")
-    for bad, says in ((tmp_path / "other", "does not fit this --sd"), (tmp_path / "nowhere", "not found")):
+    for bad, says in ((tmp_path / "other", "(--init-from): shape mismatch"), (tmp_path / "nowhere", "not found")):
         code, err = run(tmp_path / "refused", "--init-from", str(bad), "--max-steps", "1")
         assert code == 2 and "Traceback" not in err, err
         last = err.strip().splitlines()[-1]  # after the progress line of loading --sd
