@@ -405,7 +405,10 @@ def _start_and_signal(cmd, env, out: Path, sig, timeout: float = 120) -> tuple[i
     import time
     err_file = out.parent / f"stderr_{int(sig)}.txt"
     with open(err_file, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # a suite started in the background (`pytest ... &`) inherits SIGINT ignored, and so would the child
+        # (a shell and Python keep an ignored SIGINT ignored); the child gets the default, as from a terminal
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + timeout
             while len(_temps(out)) < 5:
