@@ -1,5 +1,5 @@
 """Lightning pieces shared by the trainers: atomic checkpoint files, the `last.ckpt` callback, an EMA copy of
-a model, and the command-line flags every trainer has (devices, precision, resume, seed)."""
+a model and its per-step update, and the command-line flags every trainer has (devices, precision, resume, seed)."""
 from __future__ import annotations
 
 import argparse
@@ -154,6 +154,21 @@ class EMA(torch.nn.Module):
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
         self.num_updates += 1
+
+
+class UpdateEmaEachStep:
+    """LightningModule mixin (listed before pl.LightningModule): after every optimiser step, `self.ema` (an EMA,
+    or None for none) takes in the weights of `self.ema_source()`. Done in optimizer_step, not in
+    on_train_batch_end: the checkpoint callback runs before that hook, so a checkpoint of step N would miss
+    step N's update and a resumed run would drift from an uninterrupted one."""
+
+    def ema_source(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.ema_source())
 
 
 def lr_factor(step: int, warmup_steps: int, cooldown_from: int | None = None, max_steps: int | None = None) -> float:

@@ -7,6 +7,9 @@ Nothing is fetched from a hub: the component configs ship in `common/sd_v1_confi
 tokenizer is built from the BPE file bundled inside open_clip_torch, and every from_pretrained call is
 local_files_only with HF_HUB_OFFLINE set (common/__init__.py).
 
+A weights file that is truncated or holds NaN/infinity (a diverged fine-tune saved as SD or as a ControlNet
+folder, which load_diffusers_model also reads) is refused in one line naming the file.
+
 Single-file conversion uses diffusers' own LDM -> diffusers key converters; the component sizes that can
 differ between checkpoints (widths, depths, channels, vocabulary) are read from the weights, the rest
 (GroupNorm groups, UNet heads, latent scale) from the shipped SD v1 configs.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import check_finite
 from common.device import autocast
 from common.errors import UserError, one_line
 from common.seeding import pad_items, padded_size
@@ -151,6 +155,10 @@ def _bad_path(path: Path, what: str) -> UserError:
     )
 
 
+def _unreadable(file: Path, e: Exception) -> UserError:
+    return UserError(f"{file}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})")
+
+
 def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """module.to(dtype) when it differs, without diffusers' advisory about from_pretrained(torch_dtype=...)."""
     if module.dtype == dtype:
@@ -203,14 +211,15 @@ def _load_diffusers_folder(path: Path) -> SDComponents:
         vae = load_diffusers_model(AutoencoderKL, path / "vae")
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
+    files = sorted((path / "text_encoder").glob("*.safetensors"))
+    text_file = files[0] if len(files) == 1 else path / "text_encoder"  # what a message about its weights names
     try:
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
     except SafetensorError as e:  # a truncated or corrupt text_encoder/*.safetensors: name the file
-        files = sorted((path / "text_encoder").glob("*.safetensors"))
-        where = files[0] if len(files) == 1 else path / "text_encoder"
-        raise UserError(f"{where}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})") from None
+        raise _unreadable(text_file, e) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
+    check_finite(text_encoder.state_dict(), text_file)
     if (path / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     else:
@@ -226,14 +235,16 @@ def load_diffusers_model(cls, folder: Path):
     weights = [folder / f"diffusion_pytorch_model{v}.safetensors" for v in ("", ".fp16")]
     found = next((w for w in weights if w.is_file()), None)
     if found is None:
-        return cls.from_pretrained(folder, local_files_only=True)
+        model = cls.from_pretrained(folder, local_files_only=True)
+        check_finite(model.state_dict(), folder)
+        return model
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     config = {k: v for k, v in cls.load_config(folder).items() if not k.startswith("_")}
     try:
         state_dict = load_file(str(found))
     except (SafetensorError, OSError) as e:  # truncated (interrupted download) or corrupt: one line naming it
-        raise UserError(f"{found}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})") from None
+        raise _unreadable(found, e) from None
     return _build_on_meta(cls, config, state_dict, found, folder.name)
 
 
@@ -381,7 +392,9 @@ def infer_text_config(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path: Path, what: str):
-    """Instantiate without allocating or initialising weights, then adopt the checkpoint's tensors."""
+    """Instantiate without allocating or initialising weights, then adopt the checkpoint's tensors (all finite:
+    a NaN from a diverged fine-tune would otherwise give black images without a word)."""
+    check_finite(state_dict, path)
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)

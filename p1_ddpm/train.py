@@ -39,6 +39,7 @@ from common.fileio import check_writable, ensure_dir
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
     EMA,
+    UpdateEmaEachStep,
     adamw_with_schedule,
     add_trainer_flags,
     check_cooldown,
@@ -111,7 +112,7 @@ TASK_CONFIGS = {
 }
 
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(UpdateEmaEachStep, pl.LightningModule):
     """Noise (or v) prediction training with condition dropout (for classifier-free guidance) and an EMA copy.
 
     init_state: weights to start from (--init-from), loaded into the model before the EMA copies it."""
@@ -151,11 +152,8 @@ class DiffusionModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # updated here, not in on_train_batch_end: callbacks (the checkpoint) run before that hook, so a
-        # checkpoint taken at step N would miss the EMA update of step N and a resumed run would drift
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.model)
+    def ema_source(self):
+        return self.model
 
     def validation_step(self, batch, batch_idx):
         # the same t and noise for every validation, so losses are comparable across checkpoints

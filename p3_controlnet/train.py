@@ -45,6 +45,7 @@ from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
     EMA,
+    UpdateEmaEachStep,
     add_trainer_flags,
     check_cooldown,
     lr_factor,
@@ -112,7 +113,7 @@ def load_init_controlnet(controlnet, path: str) -> None:
     load_into(controlnet, load_controlnet(path).state_dict(), f"{path} (--init-from)")
 
 
-class ControlNetModule(pl.LightningModule):
+class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
     """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns.
 
     frozen_dtype: the dtype SD's UNet and VAE are held in (bf16 under bf16 autocast); text_batch: prompts
@@ -197,12 +198,8 @@ class ControlNetModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["target"]))
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # here, not in on_train_batch_end: the checkpoint callback runs before that hook, so a checkpoint of
-        # step N would miss step N's EMA update and a resumed run would drift
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update(self.net.controlnet)
+    def ema_source(self):
+        return self.net.controlnet
 
     def validation_step(self, batch, batch_idx):
         # the same latent sample, t and noise at every validation, so losses compare across steps

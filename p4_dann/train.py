@@ -44,6 +44,7 @@ from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
 from common.lightning_utils import (
     EMA,
+    UpdateEmaEachStep,
     add_trainer_flags,
     make_trainer,
     resolve_accelerator,
@@ -138,7 +139,7 @@ def scenario_config(source: str, target: str) -> P4TrainConfig:
     return SCENARIO_CONFIGS.get((source, target), GENERIC_CONFIG)
 
 
-class DANNModule(pl.LightningModule):
+class DANNModule(UpdateEmaEachStep, pl.LightningModule):
     """One model, three ways to train it (`mode`); the GRL coefficient and the learning rate follow the
     training progress p = step / total_steps. Validation and export use an EMA of the weights (steadier
     from one validation to the next than the raw weights)."""
@@ -197,9 +198,8 @@ class DANNModule(pl.LightningModule):
         self.log_dict({"train_dom_loss": dom_loss, "train_dom_acc": dom_acc, "grl_coeff": coeff}, prog_bar=True)
         return cls_loss + dom_loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.model)
+    def ema_source(self):
+        return self.model
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         name = self.hparams.val_names[dataloader_idx]

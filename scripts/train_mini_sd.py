@@ -84,6 +84,7 @@ from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
     EMA,
+    UpdateEmaEachStep,
     adamw_with_schedule,
     add_trainer_flags,
     check_cooldown,
@@ -264,7 +265,7 @@ def region_delta_e(recon: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
 
 # ------------------------------------------------------------------------------------------------ model
 
-class MiniVAEModule(pl.LightningModule):
+class MiniVAEModule(UpdateEmaEachStep, pl.LightningModule):
     """The AutoencoderKL with its EMA copy; validation scores the EMA weights on held-out images."""
 
     def __init__(self, *, vae_config: dict, train: dict):
@@ -292,11 +293,8 @@ class MiniVAEModule(pl.LightningModule):
                        "train_kl": kl.detach()}, on_step=True, on_epoch=False)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # here, not in on_train_batch_end: the checkpoint callback runs before that hook, so a checkpoint of
-        # step N would miss the EMA update of step N and a resumed run would drift (as in P1)
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.vae)
+    def ema_source(self):
+        return self.vae
 
     def validation_step(self, batch, batch_idx):
         x = batch[0].float() / 127.5 - 1
@@ -533,7 +531,7 @@ def validation_prompts(items: list[dict], first: int, count: int, seed: int) -> 
     return chosen
 
 
-class MiniUNetModule(pl.LightningModule):
+class MiniUNetModule(UpdateEmaEachStep, pl.LightningModule):
     """The UNet and the text encoder (trained together, `net`), their EMA copy, and the frozen VAE (kept in
     the checkpoint, so --resume needs no --vae). The data (cached latents and token ids) are attached with
     `attach_data`; batches come from the step number, not from Lightning's loader (see training_step)."""
@@ -616,10 +614,8 @@ class MiniUNetModule(pl.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # here, not in on_train_batch_end: the checkpoint callback runs before that hook (as in the VAE stage)
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+    def ema_source(self):
+        return self.net
 
     def validation_step(self, batch, batch_idx):
         index = batch[0].cpu()

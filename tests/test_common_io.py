@@ -89,6 +89,21 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, bad):
         load_into(torch.nn.Linear(3, 2), state, path)
 
 
+def test_finite_check_is_exact_where_a_sum_overflows():
+    """check_finite tests a tensor's sum first; a finite fp16 tensor whose sum overflows must still pass, and
+    one NaN or infinity anywhere (also beside values that cancel it in no sum) must still be found."""
+    from common.checkpoint import check_finite
+    big = torch.full((4096,), 60000.0, dtype=torch.float16)  # finite, sum far beyond fp16's 65504
+    assert not torch.isfinite(big.sum())
+    check_finite({"big": big, "neg": -big, "bf16": big.bfloat16()}, "f.safetensors")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            t = torch.zeros(1000, dtype=dtype)
+            t[777] = bad
+            with pytest.raises(UserError, match="'t' contains NaN or infinity"):
+                check_finite({"ok": torch.ones(3), "t": t}, "f.safetensors")
+
+
 def test_fp16_checkpoint(tmp_path):
     lin = torch.nn.Linear(3, 2)
     save_checkpoint(tmp_path / "h.safetensors", lin.state_dict(), "k", {}, dtype=torch.float16)

@@ -173,6 +173,29 @@ def test_default_controlnet_missing_says_how_to_get_one(monkeypatch, tmp_path, f
     assert not out.exists()
 
 
+def test_controlnet_with_non_finite_weights_is_refused(trained, fill, sd_ckpt, tmp_path, capsys):
+    """A ControlNet folder saved from a diverged run (a NaN in its weights): one line naming the file, exit 2,
+    no output folder, instead of black images."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import p3_controlnet.infer as infer
+    bad = tmp_path / "controlnet"
+    shutil.copytree(trained / "controlnet", bad)
+    (weights,) = bad.glob("*.safetensors")
+    state = load_file(str(weights))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    out = tmp_path / "gen"
+    code, err = run_cli(infer.main, ["--prompts", str(fill / "testing" / "prompt.json"), "--source-dir",
+                                     str(fill / "testing" / "source"), "--out", str(out), "--sd", str(sd_ckpt),
+                                     "--controlnet", str(bad), "--size", str(SIZE), "--steps", "1"], capsys)
+    assert code == 2 and f"{weights}: tensor {name!r} contains NaN or infinity" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_report_two_circles(trained, sd_ckpt, tmp_path, capsys):
     from p3_controlnet.report import PROMPTS, main
     out = tmp_path / "report.png"

@@ -155,6 +155,31 @@ def test_truncated_diffusers_folder_is_one_line_error_naming_the_file(tiny, tmp_
     assert str(weights) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder", "model.diffusion_model.", "first_stage_model.",
+                                  "cond_stage_model."])
+def test_non_finite_weights_are_refused_naming_the_file(tiny, tmp_path, part):
+    """A NaN in an SD folder's or single file's weights (a diverged fine-tune saved as SD) is one line naming the
+    file, not black images."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    if part.endswith("."):  # a part of a single-file LDM checkpoint, by its key prefix
+        weights = target = tmp_path / "sd.safetensors"
+        shutil.copy(tiny[1]["ldm-safetensors"], weights)
+    else:
+        target = tmp_path / "sd"
+        shutil.copytree(tiny[1]["diffusers"], target)
+        (weights,) = (target / part).glob("*.safetensors")
+    state = load_file(str(weights))
+    name = next(k for k, v in sorted(state.items())
+                if k.startswith(part if part.endswith(".") else "") and v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[1] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="contains NaN or infinity") as info:
+        load_sd(target)
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+
+
 def _touch(p):
     p.write_text("x")
     return p
