@@ -41,6 +41,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if device.type == "cuda" else None
 
 
+def add_device_flag(parser) -> None:
+    """--device for the inference, evaluation and benchmark commands (the trainers take Lightning's
+    --accelerator/--devices instead), with one help text everywhere."""
+    parser.add_argument("--device", default="auto",
+                        help=f"{DEVICE_CHOICES}; auto = cuda when there is one, else cpu (default: auto)")
+
+
 def add_precision_flag(parser, default: str = "auto", what: str = "the network's forward pass") -> None:
     """--precision for the inference and evaluation commands, with the one vocabulary of PRECISIONS."""
     parser.add_argument("--precision", choices=PRECISIONS, default=default,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, remove_stale_temps
 from common.images import save_grid, save_pngs, to_uint8
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM eta (0 = deterministic); default 0 (digits), 1 (iclevr)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--batch-size", type=int, default=1000, help="images per batch (the guided forward doubles it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, write_figure_info
 from common.fileio import check_writable
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--scale", type=int, default=3, help="pixel magnification in the figures")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")
     args = p.parse_args(argv)
     device = pick_device(args.device)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
-from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, set_tf32
+from common.device import add_device_flag, add_precision_flag, autocast, autocast_dtype, pick_device, set_tf32
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, folder_error, remove_stale_temps
 from common.images import save_pngs, to_uint8
@@ -152,7 +152,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="clamp the predicted x0 to [-C, C] (C = 1 when given alone; off by default)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the fresh noise when eta > 0")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="noises per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_flag(p)
     # fp32 by default even on CUDA: the hand-in is graded by MSE against fixed images (see the module docstring)
     add_precision_flag(p, default="fp32", what="the UNet (the DDIM arithmetic stays fp32)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA (faster, inexact)")

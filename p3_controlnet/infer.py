@@ -21,7 +21,7 @@ import torch
 
 import common.stable_diffusion as sdlib
 from common.datasets import load_image
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, folder_error, remove_stale_temps
 from common.images import save_pngs, to_uint8
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output side in pixels; control images are resized to it (default: the SD's native "
                         "resolution, 512 for SD v1.4, 64 for the mini SD)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (the guided pass doubles it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_flag(p)
     add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

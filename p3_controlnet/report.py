@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common.stable_diffusion as sdlib
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, save_png, to_uint8
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     return p
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.datasets import list_images, load_image, read_label_csv
-from common.device import pick_device
+from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable_file, remove_stale_temps, write_text_atomic
 from p4_dann.model import load_dann, predict_logits
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--checkpoint", default=None, help="DANN weights (default: checkpoints/p4_dann_<target>.safetensors)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    add_device_flag(p)
     p.add_argument("--labels", default=None, help="optional image_name,label csv: also print the accuracy on the "
                                                   "images it lists")
     args = p.parse_args(argv)

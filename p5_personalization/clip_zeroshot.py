@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb
 from common.datasets import list_images
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, check_writable, ensure_dir, read_json, write_text_atomic
 
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"output folder for predictions.csv, summary.json and cases.png (default: {DEFAULT_OUT})")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    add_device_flag(p)
     add_precision_flag(p, what="the image encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

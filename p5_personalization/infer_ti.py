@@ -28,7 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 import common.stable_diffusion as sdlib
-from common.device import add_precision_flag, autocast, autocast_dtype, pick_device, setup_cuda_fast_math
+from common.device import (
+    add_device_flag,
+    add_precision_flag,
+    autocast,
+    autocast_dtype,
+    pick_device,
+    setup_cuda_fast_math,
+)
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, remove_stale_temps
 from common.images import save_pngs, to_uint8
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the mini SD)")
     p.add_argument("--batch-size", type=int, default=25, help="images per UNet batch (x2 with guidance)")
     p.add_argument("--only", nargs="+", default=None, help="generate only these concepts (keys of input.json)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_precision_flag(p, what="the UNet and VAE (their weights are held in bf16 too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

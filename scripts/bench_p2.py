@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.device import add_precision_flag, autocast_dtype, device_name, pick_device, set_tf32
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, device_name, pick_device, set_tf32
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 from common.images import to_uint8
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=256, help="image side (a multiple of 32)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--base-channels", type=int, default=128, help="UNet width (128 = the course network)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_precision_flag(p, default="fp32", what="the UNet (as p2_ddim/infer.py, exact fp32 by default)")
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--skip-single", action="store_true", help="time only the batched run")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
-from common.device import device_name, pick_device, setup_cuda_fast_math
+from common.device import add_device_flag, device_name, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
@@ -119,7 +119,7 @@ def bench_generation(make, device, bf16: bool, res: int, steps: int, count: int,
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd14", action="store_true", help="SD v1.4-sized random components (default: the tiny test ones)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     p.add_argument("--batch-size", type=int, default=4, help="training batch")
     p.add_argument("--resolution", type=int, default=None, help="image side (default 512 with --sd14, else 64)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 with --sd14, else 10)")

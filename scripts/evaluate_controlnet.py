@@ -50,6 +50,7 @@ import torch
 
 from common.clip_loading import add_quick_gelu_flag
 from common.datasets import PNG_SUFFIXES, list_images, load_image
+from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import check_writable_file, folder_error, write_text_atomic
 
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sam2-checkpoint", default=None, help="local SAM2 checkpoint (e.g. sam2.1_hiera_small.pt)")
     p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_s.yaml", help="its sam2 config name")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     p.add_argument("--json", default=None, help="also write the results here")
     return p
 
@@ -253,7 +254,6 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.json:
         check_writable_file(args.json)  # fail now, not after the scoring
-    from common.device import pick_device
     from p3_controlnet.make_fill50k import named_colours
     device = pick_device(args.device)
     pred = Path(args.pred)

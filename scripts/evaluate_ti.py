@@ -70,7 +70,7 @@ import torch
 
 from common.clip_loading import add_quick_gelu_flag
 from common.datasets import list_images, load_image
-from common.device import add_precision_flag, autocast_dtype, pick_device
+from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import check_writable_file, folder_error, write_text_atomic
 from p3_controlnet.fill50k_judge import Expectation, colour_table, parse_prompt, score_image
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the scores as JSON here")
     p.add_argument("--strict", action="store_true", help="exit 1 when any prompt misses its baseline")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_precision_flag(p, default="fp32", what="the CLIP image encoder (fp32 by default: the grade should not "
                                                "depend on the GPU)")
     return p

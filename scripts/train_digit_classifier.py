@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.datasets import CourseImageFolder, load_image, read_label_csv
-from common.device import pick_device
+from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import ensure_dir
 from common.lightning_utils import EMA
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--aug", type=float, default=1.0, help="strength of the geometric augmentation (0 = none)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the scored weights (0 = no EMA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device_flag(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-test", action="store_true", help="skip the final test.csv score (for model search)")
     args = p.parse_args(argv)
