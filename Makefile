@@ -1,5 +1,5 @@
 # make test      : create .venv if missing, install the pinned requirements and this project (editable), run the full suite
-# make test-fast : the same without the tests marked slow (DDP, torch.compile, demos, end-to-end hw2 scripts)
+# make test-fast : the same without the tests marked slow (DDP, torch.compile, demos, end-to-end hw2 scripts, kill -9 + resume)
 # make lint      : ruff (configured in pyproject.toml) on the whole tree
 # make demo      : install, then run the demos into demo_out/ (P1, i-CLEVR and P4 on shipped weights; P2, P3, P5 when given their weights)
 #                  and end with the page demo_out/index.html (scripts/demo_page.py, from the JSON the steps write)

@@ -16,9 +16,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 SHARED_MISSING = "real data not present at"
-# make test-fast leaves these out (-m "not slow"): DDP and torch.compile runs, the demos, and the hw2_*.sh
-# scripts run end to end, each of which starts Python processes or compiles
-SLOW_TEST_NAMES = re.compile(r"_ddp_|compile|demo|hw2_|end_to_end")
+# make test-fast leaves these out (-m "not slow"): DDP and torch.compile runs, the demos, the hw2_*.sh
+# scripts run end to end and the trainers killed (kill -9) and resumed, each of which starts Python processes
+# or compiles
+SLOW_TEST_NAMES = re.compile(r"_ddp_|compile|demo|hw2_|end_to_end|after_kill")
 
 
 def shared_data() -> Path:

@@ -277,6 +277,7 @@ def test_tsne_writes_both_plots(digits_tree, tmp_path):
             assert im.format == "PNG" and im.size == (600, 600)
 
 
+@pytest.mark.slow  # trains three runs, two of them in child processes
 def test_report_trains_loads_and_writes_the_table(digits_tree, tmp_path, capsys):
     from p4_dann.report import main as report_main
     argv = ["--data", str(digits_tree), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
