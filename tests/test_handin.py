@@ -117,15 +117,8 @@ def micro_sd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def face(tmp_path_factory) -> Path:
-    """hw2_data/face-like folder: noise/00.pt, 01.pt (1,3,64,64) and a width-32 UNet.pt."""
-    from tests.test_p2_ddim import small_model
-    root = tmp_path_factory.mktemp("face")
-    (root / "noise").mkdir()
-    g = torch.Generator().manual_seed(3)
-    for i in range(2):
-        torch.save(torch.randn(1, 3, 64, 64, generator=g), root / "noise" / f"{i:02d}.pt")
-    torch.save(small_model().state_dict(), root / "UNet.pt")
-    return root
+    from tests.test_p2_ddim import write_face_dir
+    return write_face_dir(tmp_path_factory.mktemp("face"), count=2, seed=3)
 
 
 # ------------------------------------------------------------------------------------- the scripts

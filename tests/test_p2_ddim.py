@@ -45,16 +45,19 @@ def small_model(seed: int = 0) -> FaceUNet:
     return FaceUNet(base_channels=SMALL).eval()
 
 
-@pytest.fixture(scope="module")
-def face_dir(tmp_path_factory) -> Path:
-    """hw2_data/face-like folder: noise/00.pt..03.pt (1,3,64,64) and a width-32 UNet.pt."""
-    root = tmp_path_factory.mktemp("face")
+def write_face_dir(root: Path, count: int, seed: int) -> Path:
+    """An hw2_data/face-like folder: noise/00.pt.. (count of them, (1,3,64,64)) and a width-32 UNet.pt."""
     (root / "noise").mkdir()
-    g = torch.Generator().manual_seed(5)
-    for i in range(4):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
         torch.save(torch.randn(1, 3, 64, 64, generator=g), root / "noise" / f"{i:02d}.pt")
     torch.save(small_model().state_dict(), root / "UNet.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def face_dir(tmp_path_factory) -> Path:
+    return write_face_dir(tmp_path_factory.mktemp("face"), count=4, seed=5)
 
 
 # ---------------------------------------------------------------- the model
