@@ -83,6 +83,19 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def channels_last_pays(device: torch.device | str) -> bool:
+    """Whether the convolutional UNets run in channels_last (NHWC) on `device`: cuDNN's tensor-core kernels want
+    it. A function, not an inline test, so that the tests can force that CUDA branch on the CPU (where it must
+    give the same images)."""
+    return torch.device(device).type == "cuda"
+
+
+def fused_adamw_pays(device: torch.device | str) -> bool:
+    """Whether AdamW uses its fused kernel on `device` (one launch per step on CUDA). The CPU keeps the default
+    kernel, so CPU runs repeat the recorded ones to the bit; the tests force the fused branch on the CPU."""
+    return torch.device(device).type == "cuda"
+
+
 def setup_cuda_fast_math() -> None:
     """TF32 matmuls/convs on Ampere and later: a free speed-up for training, where bit-exactness is not owed."""
     if torch.cuda.is_available():

@@ -26,7 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
-from common.device import add_device_flag, add_precision_flag, autocast, autocast_dtype, pick_device, set_tf32
+from common.device import (
+    add_device_flag,
+    add_precision_flag,
+    autocast,
+    autocast_dtype,
+    channels_last_pays,
+    pick_device,
+    set_tf32,
+)
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, folder_error, remove_stale_temps
 from common.images import save_pngs, to_uint8
@@ -129,7 +137,7 @@ def sample_faces_ddim(model: FaceUNet, noises: torch.Tensor, indices: list[int],
     try:
         for rows in batches:
             x = noises[rows].to(device=device, dtype=torch.float32)
-            if device.type == "cuda":
+            if channels_last_pays(device):
                 x = x.contiguous(memory_format=torch.channels_last)
             src = PerSampleNoise(seed, [indices[i] for i in rows], device) if eta > 0 else None
             x0 = sample_ddim(eps_fn, x, ab, num_steps=steps, eta=eta, noise=src, clip_x0=clip_x0,
@@ -178,7 +186,7 @@ def setup(args) -> tuple[torch.device, torch.dtype | None]:
 
 def load_model(path, device: torch.device) -> FaceUNet:
     model = load_face_unet(path, device)
-    if device.type == "cuda":
+    if channels_last_pays(device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -39,7 +39,7 @@ from pytorch_lightning.callbacks import Callback
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoint
 from common.config import add_config_flags, check_positive, config_from_args
-from common.device import lightning_precision, setup_cuda_fast_math
+from common.device import fused_adamw_pays, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
@@ -209,8 +209,8 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.net.controlnet.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                fused=fused_adamw_pays(self.device))
         c = self.config
         if c.cooldown_from is None:
             return opt

@@ -33,6 +33,7 @@ from common.device import (
     add_precision_flag,
     autocast,
     autocast_dtype,
+    channels_last_pays,
     pick_device,
     setup_cuda_fast_math,
 )
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
         sd.unet.to(amp)
         sd.vae.to(amp)
     sd.to(device)
-    if device.type == "cuda":
+    if channels_last_pays(device):
         sd.unet.to(memory_format=torch.channels_last)
     num_vectors = {t: len(v) for t, v in learned.items()}
     print(f"{len(tokens)} learned token(s) {', '.join(f'{t} ({num_vectors[t]} vectors)' for t in tokens)} "

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from common.device import add_device_flag, add_precision_flag, autocast_dtype, device_name, pick_device, set_tf32
+from common.device import (
+    add_device_flag,
+    add_precision_flag,
+    autocast_dtype,
+    channels_last_pays,
+    device_name,
+    pick_device,
+    set_tf32,
+)
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 from common.images import to_uint8
@@ -95,7 +103,7 @@ def main(argv=None) -> None:
     nparams = sum(q.numel() for q in model.parameters())
     noises = torch.randn(args.count, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     gpu_model = model.to(device)
-    if device.type == "cuda":
+    if channels_last_pays(device):
         gpu_model = gpu_model.to(memory_format=torch.channels_last)
     # one untimed forward first (cuDNN / oneDNN set-up, allocator), so neither timed run pays for it
     sample_faces_ddim(gpu_model, noises[:1], [0], steps=1, device=device, amp_dtype=amp)

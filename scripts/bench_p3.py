@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
-from common.device import device_name
+from common.device import device_name, fused_adamw_pays
 from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
 
@@ -48,7 +48,7 @@ def bench(sd, device, batch: int, size: int, bf16: bool, checkpointing: bool, st
                               config=P3TrainConfig(gradient_checkpointing=checkpointing),
                               frozen_dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
     module.cache_text_embeddings()
-    opt = torch.optim.AdamW(module.net.controlnet.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(module.net.controlnet.parameters(), lr=1e-5, fused=fused_adamw_pays(device))
     module.train()
     g = torch.Generator().manual_seed(0)
     batch_data = {"control": torch.rand(batch, 3, size, size, generator=g).to(device),

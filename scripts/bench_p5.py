@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
-from common.device import add_device_flag, device_name, pick_device, setup_cuda_fast_math
+from common.device import add_device_flag, channels_last_pays, device_name, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
@@ -102,7 +102,7 @@ def bench_generation(make, device, bf16: bool, res: int, steps: int, count: int,
         sd.unet.to(torch.bfloat16)
         sd.vae.to(torch.bfloat16)
     sd.to(device)
-    if device.type == "cuda":
+    if channels_last_pays(device):
         sd.unet.to(memory_format=torch.channels_last)
     amp = torch.bfloat16 if bf16 else None
     sample_ti_images(sd, "a photo of a dog", [0], res, 1, 7.5, "", 1, amp)  # warm-up (kernels, allocator)

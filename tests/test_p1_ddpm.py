@@ -454,3 +454,29 @@ def test_hw2_1_rerun_after_kill_9_ends_with_exactly_the_expected_files(tiny_p1_c
     assert sorted(os.listdir(out)) == ["mnistm", "svhn"]
     _check_folder(out / "mnistm", range(0, 10, 2), 50)
     _check_folder(out / "svhn", range(1, 10, 2), 50)
+
+
+def test_channels_last_training_on_the_cpu_gives_the_same_loss_and_gradients():
+    """The module's CUDA branch (channels_last weights, EMA and inputs; train.py takes it on a GPU) run on the
+    CPU: the same loss and gradients as the default layout, and the EMA update keeps working."""
+    import dataclasses
+
+    from p1_ddpm.train import TASK_CONFIGS, DiffusionModule
+    train = dataclasses.asdict(TASK_CONFIGS["digits"])
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cond = torch.tensor([[1, 0], [2, 1], [3, 0], [4, 1]])
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = DiffusionModule(model_config=tiny_unet_config(), train=train, channels_last=channels_last)
+        loss = module.diffusion_loss(module.model, images, cond, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        grads = [p.grad.clone() for p in module.model.parameters()]
+        module.ema.update(module.model)
+        results.append((loss.detach(), grads, module))
+    (loss_a, grads_a, _), (loss_b, grads_b, nhwc) = results
+    convs = [m.weight for m in nhwc.ema.module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads_a, grads_b))
+    assert int(nhwc.ema.num_updates) == 1

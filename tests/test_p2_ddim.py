@@ -449,3 +449,19 @@ def test_noise_folder_skips_dot_files_and_names_a_file(face_dir, tmp_path):
     assert stems == ["00", "01", "02", "03"] and x.shape[0] == 4
     with pytest.raises(UserError, match="00.pt: is a file, not a folder"):
         load_noises(d / "00.pt")
+
+
+def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(face_dir, monkeypatch):
+    """The CUDA branch of load_model and sample_faces_ddim (channels_last weights and inputs), run on the CPU:
+    the images stay the same (the DDIM arithmetic must not depend on the memory layout)."""
+    import p2_ddim.infer as infer
+    _, x, idx = load_noises(face_dir / "noise")
+    cpu = torch.device("cpu")
+    plain = sample_faces_ddim(infer.load_model(face_dir / "UNet.pt", cpu), x, idx, steps=3, eta=0.5, seed=1,
+                              batch_size=3)
+    monkeypatch.setattr(infer, "channels_last_pays", lambda device: True)
+    model = infer.load_model(face_dir / "UNet.pt", cpu)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    nhwc = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
+    assert torch.allclose(plain, nhwc, atol=1e-4), (plain - nhwc).abs().max()

@@ -561,6 +561,28 @@ def test_fit_bf16_on_cpu_exports_samples(fill, sd_ckpt, tmp_path, capsys):
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # trainable weights stay fp32
 
 
+def test_fused_adamw_branch_forced_on_the_cpu_trains_the_same(fill, sd_ckpt, tmp_path, capsys, monkeypatch):
+    """The CUDA branch of configure_optimizers (AdamW's fused kernel) run on the CPU: two steps end at the same
+    weights as the default kernel's, to float rounding."""
+    import p3_controlnet.train as train
+    argv = ["--sd", str(sd_ckpt), "--data", str(fill), "--size", str(SIZE), "--max-steps", "2", "--batch-size", "2",
+            "--sample-every", "2", "--sample-steps", "0", "--val-count", "2", "--num-workers", "0", "--accelerator",
+            "cpu", "--quiet"]
+    states = {}
+    for name, fused in (("default", False), ("fused", True)):
+        monkeypatch.setattr(train, "fused_adamw_pays", lambda device, fused=fused: fused)
+        code, err = run_cli(train.main, argv + ["--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        ck = torch.load(tmp_path / name / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ck["optimizer_states"][0]["param_groups"][0]["fused"] is fused
+        states[name] = ck["state_dict"]
+    assert states["default"].keys() == states["fused"].keys()
+    for k, v in states["default"].items():
+        assert torch.allclose(v, states["fused"][k], atol=1e-6, rtol=1e-5), k
+    # the zero-initialised output convolution has moved: the steps did train
+    assert states["fused"]["net.controlnet.controlnet_mid_block.weight"].abs().max() > 0
+
+
 def test_fit_without_data_generates_fill50k_once(sd_ckpt, tmp_path, capsys):
     """No --data: make_fill50k's generator draws <out>/fill50k at the training size; a later run reuses it."""
     from p3_controlnet.train import main

@@ -279,6 +279,34 @@ def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
     assert not (tmp_path / "again" / "0").exists()
 
 
+def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(trained, tiny_sd, tmp_path, capsys,
+                                                                     monkeypatch):
+    """infer_ti's CUDA branch (the UNet in channels_last) run on the CPU: the same images, to a pixel level."""
+    from p5_personalization import infer_ti
+    js = write_input_json(tmp_path / "input.json")
+    argv = ["--json", str(js), "--sd", str(tiny_sd["diffusers"]), "--embeddings", str(trained[0]), "--steps", "2",
+            "--resolution", RES, "--quiet", "--only", "0", "--images-per-prompt", "2"]
+    code, err = run_cli(infer_ti.main, argv + ["--out", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    formats = []
+    real = infer_ti.channels_last_pays
+
+    def forced(device):
+        formats.append(real(device))
+        return True
+
+    monkeypatch.setattr(infer_ti, "channels_last_pays", forced)
+    code, err = run_cli(infer_ti.main, argv + ["--out", str(tmp_path / "nhwc")], capsys)
+    assert code == 0, err
+    assert formats == [False]  # the branch was asked about once, and on the CPU it is off unless forced
+    files = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*.png"))
+    assert len(files) == 4
+    for f in files:
+        a = np.asarray(Image.open(tmp_path / "plain" / f)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "nhwc" / f)).astype(int)
+        assert np.abs(a - b).max() <= 1, f
+
+
 def test_hw2_ti_sh_without_embeddings_says_how_to_train(tiny_sd, tmp_path):
     js = write_input_json(tmp_path / "input.json")
     default = REPO / "checkpoints" / "textual_inversion"
