@@ -295,6 +295,14 @@ class ConceptDataModule(pl.LightningDataModule):
 
 # ---------------------------------------------------------------------------------------------------- model
 
+def enable_activation_checkpointing(model) -> None:
+    """Activation checkpointing of a transformers model, non-reentrant: newer 5.x releases call it
+    activation_checkpointing_enable (the old name warns that it goes in v6); older 5.x releases (5.17, for one)
+    have only gradient_checkpointing_enable. A GPU box set up before requirements.txt may hold either."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 class TextualInversionModule(pl.LightningModule):
     """Frozen SD + trainable token vectors (+ the cross-attention K/V with method 'joint-kv').
 
@@ -341,7 +349,7 @@ class TextualInversionModule(pl.LightningModule):
             sd.unet.enable_gradient_checkpointing()
             # transformers checkpoints only in train mode; CLIP's text encoder has no dropout, so train mode
             # changes nothing else
-            te.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(te)
             te.train()
         self.sd = sd
 

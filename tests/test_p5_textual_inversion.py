@@ -104,6 +104,25 @@ def test_a_step_changes_only_what_is_trained(photos, method):
     assert frozen == []
 
 
+def test_activation_checkpointing_under_either_transformers_name():
+    """Newer transformers: activation_checkpointing_enable; older 5.x (5.17): only gradient_checkpointing_enable.
+    Both are called non-reentrant, and the newer name is preferred when both exist."""
+    from p5_personalization.train_ti import enable_activation_checkpointing
+    calls = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, kwargs):
+            calls.append(("gradient", kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, kwargs):
+            calls.append(("activation", kwargs))
+
+    enable_activation_checkpointing(Old())
+    enable_activation_checkpointing(New())
+    assert calls == [("gradient", {"use_reentrant": False}), ("activation", {"use_reentrant": False})]
+
+
 def test_gradient_checkpointing_gives_the_same_gradient(photos):
     from p5_personalization.train_ti import P5TrainConfig, TextualInversionModule
 
