@@ -65,6 +65,14 @@ def digits_tree(tmp_path_factory) -> Path:
     return out
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python: this one's, with the repository first on PYTHONPATH. Prepended, not
+    replacing it, so that a suite run under another PYTHONPATH (other package versions) runs its children
+    under it too."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""), **extra)
+
+
 def run_cli(main, argv, capsys) -> tuple[int, str]:
     """Call a CLI main(argv); return (exit code, captured stderr)."""
     try:

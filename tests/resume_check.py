@@ -3,7 +3,6 @@ SIGKILL the moment its first last.ckpt is on disk, then --resume, must end with 
 that was never interrupted (on CPU)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 # Runs a trainer's main(argv) in a fresh process whose checkpoint writer sends the process SIGKILL right
 # after the first last.ckpt has been renamed into place: the earliest moment a `kill -9` watching for the
@@ -35,7 +34,7 @@ def train_killed_after_first_checkpoint(module: str, argv: list[str]) -> None:
     import json
     r = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT, str(torch.get_num_threads()), module,
                         json.dumps(argv)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       env=child_env())
     assert r.returncode == -signal.SIGKILL, f"not killed (exit {r.returncode}): {r.stderr[-3000:]}"
 
 

@@ -2,7 +2,6 @@
 its runner keeps every piece inside its time limit."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,12 +10,7 @@ from pathlib import Path
 import pytest
 
 from scripts import gpu_check
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), **extra)
+from tests.conftest import REPO, child_env
 
 
 def test_gpu_check_without_a_gpu_says_so_and_changes_nothing():
@@ -25,7 +19,7 @@ def test_gpu_check_without_a_gpu_says_so_and_changes_nothing():
     stamp = bench.stat().st_mtime_ns
     # CUDA_VISIBLE_DEVICES="" hides any GPU, so this is the CPU case on every machine
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
-                       env=_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
+                       env=child_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "needs a CUDA GPU" in r.stdout
     assert bench.read_bytes() == before and bench.stat().st_mtime_ns == stamp
@@ -63,7 +57,7 @@ def test_gpu_check_tiny_end_to_end(tmp_path):
     out = tmp_path / "bench.md"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--tiny", "--budget", "1500",
                         "--write", str(out), "--logs", str(tmp_path / "work")],
-                       capture_output=True, text=True, env=_env(), timeout=1800)
+                       capture_output=True, text=True, env=child_env(), timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = out.read_text()
     assert "<!-- gpu_check start -->" in text and "<!-- gpu_check end -->" in text

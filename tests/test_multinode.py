@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 STEPS = 4
 TIMEOUT_S = 240  # per run of the two processes together
@@ -44,7 +44,7 @@ def run_ranks(argv: list[str], records: Path, nodes: int, timeout: float = TIMEO
     procs, logs = [], []
     try:
         for node in range(nodes):
-            env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+            env = child_env(OMP_NUM_THREADS="1")
             for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK"):
                 env.pop(k, None)
             if nodes > 1:
