@@ -73,6 +73,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""), **extra)
 
 
+def convs_are_channels_last(module: torch.nn.Module) -> bool:
+    """Every multi-channel convolution weight of `module` is in channels_last (NHWC) memory; there is one."""
+    convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+    return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 def run_cli(main, argv, capsys) -> tuple[int, str]:
     """Call a CLI main(argv); return (exit code, captured stderr)."""
     try:

@@ -17,7 +17,7 @@ from p1_ddpm.infer import main as infer_main
 from p1_ddpm.infer import plan
 from p1_ddpm.model import ConditionalUNet, load_unet
 from p1_ddpm.samplers import sample_conditional_images
-from tests.conftest import REPO, run_cli, tiny_unet_config
+from tests.conftest import REPO, convs_are_channels_last, run_cli, tiny_unet_config
 
 FAST = ["--steps", "2", "--quiet"]
 
@@ -475,8 +475,7 @@ def test_channels_last_training_on_the_cpu_gives_the_same_loss_and_gradients():
         module.ema.update(module.model)
         results.append((loss.detach(), grads, module))
     (loss_a, grads_a, _), (loss_b, grads_b, nhwc) = results
-    convs = [m.weight for m in nhwc.ema.module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert convs_are_channels_last(nhwc.ema.module)
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads_a, grads_b))
     assert int(nhwc.ema.num_updates) == 1

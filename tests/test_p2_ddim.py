@@ -21,7 +21,7 @@ from p2_ddim.infer import face_alphas_cumprod, load_noises, sample_faces_ddim
 from p2_ddim.infer import main as infer_main
 from p2_ddim.interpolation import interpolate, lerp, slerp
 from p2_ddim.model import FaceUNet, SelfAttention, load_face_unet
-from tests.conftest import REPO, SHARED, run_cli, shared_data
+from tests.conftest import REPO, SHARED, convs_are_channels_last, run_cli, shared_data
 
 MANIFEST = SHARED / "dlcv" / "face_unet_state_dict.txt"
 FAST = ["--steps", "2", "--quiet"]
@@ -461,7 +461,6 @@ def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(face_dir, 
                               batch_size=3)
     monkeypatch.setattr(infer, "channels_last_pays", lambda device: True)
     model = infer.load_model(face_dir / "UNet.pt", cpu)
-    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert convs_are_channels_last(model)
     nhwc = sample_faces_ddim(model, x, idx, steps=3, eta=0.5, seed=1, batch_size=3)
     assert torch.allclose(plain, nhwc, atol=1e-4), (plain - nhwc).abs().max()
