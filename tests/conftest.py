@@ -79,6 +79,18 @@ def convs_are_channels_last(module: torch.nn.Module) -> bool:
     return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
+def plant_nan(weights: Path, prefix: str = "") -> str:
+    """Set one element of a safetensors file's first multi-element float tensor (by sorted name, among those
+    starting with `prefix`) to NaN, as a diverged run would leave it; return that tensor's name."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(weights))
+    name = next(k for k, v in sorted(state.items())
+                if k.startswith(prefix) and v.is_floating_point() and v.numel() > 1)
+    state[name].view(-1)[1] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return name
+
+
 def run_cli(main, argv, capsys) -> tuple[int, str]:
     """Call a CLI main(argv); return (exit code, captured stderr)."""
     try:

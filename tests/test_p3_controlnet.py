@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from tests.conftest import REPO, SHARED, run_cli
+from tests.conftest import REPO, SHARED, plant_nan, run_cli
 from tests.tiny_sd import TINY_IMAGE, tiny_sd_components, write_tiny_sd
 
 SIZE = TINY_IMAGE  # 64 px images, 8x8 latents
@@ -178,16 +178,11 @@ def test_controlnet_with_non_finite_weights_is_refused(trained, fill, sd_ckpt, t
     no output folder, instead of black images."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
-
     import p3_controlnet.infer as infer
     bad = tmp_path / "controlnet"
     shutil.copytree(trained / "controlnet", bad)
     (weights,) = bad.glob("*.safetensors")
-    state = load_file(str(weights))
-    name = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
-    state[name].view(-1)[0] = float("nan")
-    save_file(state, str(weights), metadata={"format": "pt"})
+    name = plant_nan(weights)
     out = tmp_path / "gen"
     code, err = run_cli(infer.main, ["--prompts", str(fill / "testing" / "prompt.json"), "--source-dir",
                                      str(fill / "testing" / "source"), "--out", str(out), "--sd", str(sd_ckpt),
