@@ -14,6 +14,9 @@ import math
 import torch
 
 SCHEDULES = ("linear", "cosine", "scaled_linear")
+# what a diffusion network outputs: the noise (Ho et al., 2020) or v = sqrt(a) eps - sqrt(1-a) x0 (Salimans &
+# Ho, 2022), a = alpha_bar_t; P1 trains either, SD v1 is eps (diffusers: prediction_type epsilon / v_prediction)
+PREDICTIONS = ("eps", "v")
 
 
 def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float | None = None,
@@ -42,3 +45,17 @@ def make_betas(kind: str = "linear", num_steps: int = 1000, beta_start: float | 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s<=t} (1 - beta_s), in float64."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the network is trained to output for x_t = sqrt(a) x0 + sqrt(1-a) noise (alpha_bar broadcastable)."""
+    if prediction == "eps":
+        return noise
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+def eps_from_output(out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The noise implied by the network's output (eps: itself; v: sqrt(a) v + sqrt(1-a) x_t)."""
+    if prediction == "eps":
+        return out
+    return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t

@@ -123,6 +123,17 @@ class SDComponents:
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
+    def prediction(self) -> str:
+        """What the UNet outputs, in common.schedules.PREDICTIONS' words ('eps' for SD v1; 'v' for SD 2.x-768),
+        from the scheduler's prediction_type; the trainers' loss follows it. Anything else: UserError."""
+        kind = self.noise_scheduler.config.prediction_type
+        words = {"epsilon": "eps", "v_prediction": "v"}
+        if kind not in words:
+            raise UserError(f"{self.source}: the scheduler's prediction_type is {kind!r}; training supports "
+                            f"{' and '.join(map(repr, words))} only")
+        return words[kind]
+
+    @property
     def native_resolution(self) -> int:
         """The image side the model was trained at: the UNet's latent sample_size times the VAE's factor
         (SD v1: 64 x 8 = 512; the mini SD: 8 x 8 = 64). Generation defaults to it."""

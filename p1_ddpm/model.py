@@ -15,7 +15,7 @@ What the network predicts (config "prediction"):
   nearly gone (cosine schedule: a = 2.4e-9 at t = 999), an eps network's x0 = (x_t - sqrt(1-a) eps) / sqrt(a)
   multiplies its error by 1 / sqrt(a), and the eps loss barely weighs x0 there, so the layout and colours
   decided at those steps are poorly learnt; v keeps x0's weight near 1 at every t. The samplers take eps,
-  so `eps_from_output` converts.
+  so `common.schedules.eps_from_output` converts.
 """
 from __future__ import annotations
 
@@ -28,26 +28,9 @@ import torch.nn.functional as F
 
 from common.checkpoint import load_into, read_checkpoint
 from common.errors import UserError
-from common.schedules import alphas_cumprod, make_betas
+from common.schedules import PREDICTIONS, alphas_cumprod, make_betas
 
 CHECKPOINT_KIND = "p1_ddpm.ConditionalUNet"
-PREDICTIONS = ("eps", "v")
-
-
-def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
-    """What the network is trained to output for x_t = sqrt(a) x0 + sqrt(1-a) noise (alpha_bar broadcastable)."""
-    if prediction == "eps":
-        return noise
-    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-
-
-def eps_from_output(out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
-    """The noise implied by the network's output (eps: itself; v: sqrt(a) v + sqrt(1-a) x_t)."""
-    if prediction == "eps":
-        return out
-    return alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x_t
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer/float timesteps, (B,) -> (B, dim): [cos, sin] halves."""
     half = dim // 2

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
 from common.device import autocast
+from common.schedules import eps_from_output
 from common.seeding import PerSampleNoise, pad_items, padded_size
-from p1_ddpm.model import eps_from_output
 
 SAMPLERS = ("dpmpp2m", "ddim", "ddpm")
 

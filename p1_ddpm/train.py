@@ -48,9 +48,9 @@ from common.lightning_utils import (
     resolve_num_workers,
     resolve_resume,
 )
-from common.schedules import SCHEDULES, alphas_cumprod, make_betas
+from common.schedules import PREDICTIONS, SCHEDULES, alphas_cumprod, make_betas, training_target
 from common.seeding import seed_everything
-from p1_ddpm.model import CHECKPOINT_KIND, PREDICTIONS, ConditionalUNet, training_target
+from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet
 from p1_ddpm.samplers import sample_conditional_images
 
 TASKS = ("digits", "iclevr")

@@ -54,6 +54,7 @@ from common.lightning_utils import (
     resolve_num_workers,
     resolve_resume,
 )
+from common.schedules import training_target
 from common.seeding import seed_everything
 from p3_controlnet.data import Fill50kDataModule
 from p3_controlnet.make_fill50k import write_split
@@ -114,7 +115,8 @@ def load_init_controlnet(controlnet, path: str) -> None:
 
 
 class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
-    """Noise-prediction loss of SD's UNet steered by a trainable ControlNet; only the ControlNet learns.
+    """The diffusion loss (on the noise for SD v1; on v for a v-prediction SD) of SD's UNet steered by a trainable
+    ControlNet; only the ControlNet learns.
 
     frozen_dtype: the dtype SD's UNet and VAE are held in (bf16 under bf16 autocast); text_batch: prompts
     encoded at once when the text embeddings are cached; init_from: a ControlNet folder whose weights the
@@ -147,6 +149,7 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
         self.prompts = list(prompts)
         self.text_cache: torch.Tensor | None = None  # (num_prompts, 77, D), filled at fit start
         self.register_buffer("alphas_cumprod", sd.noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.prediction = sd.prediction  # eps for SD v1; v for a v-prediction SD (its scheduler says)
         self.strict_loading = False  # checkpoints hold the ControlNet only
 
     # ---- text embeddings, once per distinct prompt
@@ -190,8 +193,8 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
         ab = self.alphas_cumprod[t][:, None, None, None]
         noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
         net = net if net is not None else self.net
-        eps = net(noisy, t, context, control.to(net.controlnet.dtype))
-        return F.mse_loss(eps.float(), noise)
+        out = net(noisy, t, context, control.to(net.controlnet.dtype))
+        return F.mse_loss(out.float(), training_target(latents, noise, ab, self.prediction))
 
     def training_step(self, batch, batch_idx):
         loss = self.diffusion_loss(batch, drop_prompts=True)

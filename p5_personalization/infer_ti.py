@@ -95,7 +95,7 @@ def sample_ti_images(sd, text: str, seeds: list[int], resolution: int = 512, ste
     out = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        lat = sdlib.initial_latents(chunk, shape, device, sd.unet.dtype)
+        lat = sdlib.initial_latents(chunk, shape, device)  # fp32 x_T whatever the UNet's dtype, as P3's
         with autocast(device, amp_dtype):
             lat = sdlib.sample_latents(sd.unet, sched, lat, cond1.expand(len(chunk), -1, -1),
                                        uncond1.expand(len(chunk), -1, -1), steps=steps, guidance=guidance)

@@ -59,6 +59,7 @@ from common.lightning_utils import (
     resolve_num_workers,
     resolve_resume,
 )
+from common.schedules import training_target
 from common.seeding import sample_seed, seed_everything
 from common.step_batches import SequentialStream, step_batch_loader
 from p5_personalization.concepts import TOKEN_RE, token_file_stem
@@ -352,6 +353,7 @@ class TextualInversionModule(pl.LightningModule):
             enable_activation_checkpointing(te)
             te.train()
         self.sd = sd
+        self.prediction = sd.prediction  # what the loss's target is: eps for SD v1 (its scheduler says)
 
     # the frozen components follow the module to its device
     def on_fit_start(self) -> None:
@@ -369,8 +371,8 @@ class TextualInversionModule(pl.LightningModule):
         ids = sdlib.tokenize(sd.tokenizer, [expand_prompt(p, self.num_vectors) for p in prompts]).to(self.device)
         context = sd.text_encoder(ids)[0]
         pred = sd.unet(noisy.to(sd.unet.dtype), t, encoder_hidden_states=context.to(sd.unet.dtype)).sample
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return F.mse_loss(pred.float(), target.float())
+        ab = sched.alphas_cumprod.to(self.device)[t].float()[:, None, None, None]
+        return F.mse_loss(pred.float(), training_target(latents, noise, ab, self.prediction))
 
     def training_step(self, batch, batch_idx):
         # the step's noise, timesteps and latent sample depend on (seed, step) only: resumed runs match
@@ -419,7 +421,7 @@ class TextualInversionModule(pl.LightningModule):
         uncond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""] * len(texts), self.device).to(sd.unet.dtype)
         f = sd.vae_scale_factor
         lat = sdlib.initial_latents([seed + i for i in range(len(texts))], (sd.unet.config.in_channels,
-                                    resolution // f, resolution // f), self.device, sd.unet.dtype)
+                                    resolution // f, resolution // f), self.device)  # fp32, as infer_ti's
         sched = sdlib.make_ddim_scheduler(sd.noise_scheduler)
         lat = sdlib.sample_latents(sd.unet, sched, lat, cond, uncond, steps=steps, guidance=guidance)
         return sdlib.decode_latents(sd.vae, lat)

@@ -100,6 +100,33 @@ def test_one_training_step_changes_controlnet_only(fill):
     assert not module.net.unet.training and module.net.controlnet.training
 
 
+def test_loss_targets_what_the_sds_unet_predicts(fill, monkeypatch):
+    """A v-prediction SD's ControlNet is trained on v (its scheduler says so), SD v1's on the noise: the loss is
+    the mean squared error between the controlled UNet's output and common.schedules.training_target."""
+    from diffusers import DDPMScheduler
+
+    import p3_controlnet.train as train
+    from p3_controlnet.data import Fill50kDataModule
+    data = Fill50kDataModule(fill, SIZE, batch_size=2, val_count=2)
+    batch = next(iter(data.train_dataloader()))
+    seen, training_target = [], train.training_target
+
+    def recording(x0, noise, ab, prediction):
+        seen.append(prediction)
+        return training_target(x0, noise, ab, prediction)
+
+    monkeypatch.setattr(train, "training_target", recording)
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        sd = tiny_sd_components(seed=2)
+        sd.noise_scheduler = DDPMScheduler.from_config({**sd.noise_scheduler.config, "prediction_type": kind})
+        module = train.ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id)
+        module.cache_text_embeddings()
+        with torch.no_grad():
+            losses[kind] = module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert seen == ["eps", "v"] and not torch.equal(losses["epsilon"], losses["v_prediction"])
+
+
 def test_fit_writes_controlnet_samples_and_resumes(trained, fill, sd_ckpt, capsys):
     from p3_controlnet.model import load_controlnet
     from p3_controlnet.train import main

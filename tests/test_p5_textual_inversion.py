@@ -496,12 +496,22 @@ def test_demo_without_sd_says_what_it_needs(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys):
-    """The CUDA set-up (bf16 autocast, frozen UNet/VAE in bf16, checkpointing), exercised on the CPU."""
+def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys, monkeypatch):
+    """The CUDA set-up (bf16 autocast, frozen UNet/VAE in bf16, checkpointing), exercised on the CPU; the
+    starting noise x_T stays fp32 there (not rounded to the UNet's bf16), in training samples and infer_ti."""
+    import common.stable_diffusion as sdlib
     from p5_personalization import infer_ti, train_ti
     from p5_personalization.textual_inversion import load_embedding
+    start_dtypes, sample_latents = [], sdlib.sample_latents
+
+    def recording(unet, scheduler, latents, *args, **kwargs):
+        start_dtypes.append((unet.dtype, latents.dtype))
+        return sample_latents(unet, scheduler, latents, *args, **kwargs)
+
+    monkeypatch.setattr(sdlib, "sample_latents", recording)
     r = train_ti.main(train_args(tiny_sd["diffusers"], tmp_path / "emb", photos["dog"], "<new1>", "dog", "--steps", "2",
-                                 "--precision", "bf16", "--gradient-checkpointing"))
+                                 "--precision", "bf16", "--gradient-checkpointing", "--sample-every", "2",
+                                 "--sample-steps", "1"))
     assert r["module"].sd.unet.dtype == torch.bfloat16 and r["module"].token_vectors.dtype == torch.float32
     _, vec = load_embedding(tmp_path / "emb" / "new1.safetensors")
     assert torch.isfinite(vec).all()
@@ -538,6 +548,9 @@ def test_bf16_paths_run_on_cpu(trained, tiny_sd, photos, tmp_path, capsys):
         images[prec] = np.asarray(Image.open(tmp_path / prec / "1" / "0" / "source1_prompt0_0.png")).astype(int)
     diff = np.abs(images["fp32"] - images["bf16"])
     assert 0 < diff.mean() < 6                       # bf16 rounding (about 1.8 here), not a different image
+    bf16 = torch.bfloat16
+    assert (bf16, torch.float32) in start_dtypes and all(lat == torch.float32 for _, lat in start_dtypes), start_dtypes
+    assert [u for u, _ in start_dtypes].count(bf16) == 2  # a training sample and infer_ti's bf16 run
 
 
 def test_joint_kv_bf16_training_writes_samples(tiny_sd, photos, tmp_path):

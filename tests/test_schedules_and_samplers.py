@@ -171,7 +171,7 @@ class _VOracle(torch.nn.Module):
 
 
 def test_v_prediction_target_and_conversion():
-    from p1_ddpm.model import eps_from_output, training_target
+    from common.schedules import eps_from_output, training_target
     ab = alphas_cumprod(make_betas("cosine", 1000))
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.randn(2, 3, 4, 4, generator=g)

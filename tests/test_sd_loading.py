@@ -98,6 +98,26 @@ def test_loaded_schedulers_are_sd_v1(tiny):
     assert ddim.config.set_alpha_to_one is False
 
 
+@pytest.mark.parametrize("kind, word", [("epsilon", "eps"), ("v_prediction", "v"), ("sample", None)])
+def test_prediction_follows_the_folders_scheduler(tiny, tmp_path, kind, word):
+    """What the trainers' loss targets comes from the SD's scheduler (SD v1: eps; a v-prediction SD: v); a kind
+    they cannot train is one line naming the SD when asked."""
+    import json
+    import shutil
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny[1]["diffusers"], folder)
+    cfg_file = folder / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": kind}))
+    sd = load_sd(folder)
+    assert sd.noise_scheduler.config.prediction_type == kind
+    if word is not None:
+        assert sd.prediction == word
+    else:
+        with pytest.raises(UserError, match="prediction_type is 'sample'") as info:
+            sd.prediction  # noqa: B018
+        assert str(folder) in str(info.value)
+
+
 def test_load_sd_dtype_and_sampling_is_batch_invariant(tiny):
     comps, paths = tiny
     sd = load_sd(paths["diffusers"], dtype=torch.bfloat16)
