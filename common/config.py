@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
 
 from common.errors import UserError
+
+# "range" metadata of config fields (see add_config_flags)
+POSITIVE = {"low": 0, "low_open": True}
+NON_NEGATIVE = {"low": 0}
+AT_LEAST_1 = {"low": 1}
+SHARE = {"low": 0, "high": 1}  # a probability
+BELOW_1 = {"low": 0, "high": 1, "high_open": True}  # a decay or dropout rate
 
 
 def _flag(name: str) -> str:
@@ -33,11 +41,67 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
-def _parse_optional(kind: type):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: the module docstring as written, and each option's default shown after its help
+    unless the help already says it (`tests/test_conventions.py` checks every command has no option without
+    help or with an unshown default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unsaid = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower()
+        if unsaid and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _number(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float), finite, within [low, high] (open ends where asked); anything
+    else is argparse's one-line error naming the flag (a NaN learning rate or guidance scale would otherwise
+    run to the end and write NaN weights or black images)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        for bound, is_open, below in ((low, low_open, True), (high, high_open, False)):
+            if bound is None:
+                continue
+            bad = (value <= bound if is_open else value < bound) if below else \
+                (value >= bound if is_open else value > bound)
+            if bad:
+                sign = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
+                raise argparse.ArgumentTypeError(f"must be {sign} {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a float flag with no natural bounds (guidance, eta, a scale): finite."""
+    return _number(float)(text)
+
+
+def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+             high_open: bool = False):
+    """argparse type of a finite float flag within bounds (`float_in(0, low_open=True)`: a learning rate)."""
+    return _number(float, low, high, low_open, high_open)
+
+
+def int_at_least(low: int):
+    """argparse type of an integer flag with a lower bound (counts: `int_at_least(1)`)."""
+    return _number(int, low=low)
+
+
+def _parse_optional(kind: type, bounds: dict | None = None):
+    base = _number(kind, **(bounds or {})) if kind in (int, float) else kind
+
     def parse(text: str):
         if text.lower() in ("none", ""):
             return None
-        return kind(text)
+        return base(text)
     parse.__name__ = kind.__name__
     return parse
 
@@ -45,7 +109,9 @@ def _parse_optional(kind: type):
 def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | None = None) -> None:
     """One flag per field of the dataclass instance `defaults`, defaulting to its value.
 
-    Field metadata: "help" (text), "choices" (allowed values), "flag" (False: not a flag, e.g. derived)."""
+    Field metadata: "help" (text), "choices" (allowed values), "flag" (False: not a flag, e.g. derived),
+    "range" (for numbers: a dict of `_number`'s low / high / low_open / high_open, checked when parsed; floats
+    are always checked finite)."""
     group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(type(defaults))
     for f in dataclasses.fields(defaults):
@@ -58,13 +124,20 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | Non
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _parse_optional(kind) if optional else kind
+            bounds = f.metadata.get("range", {})
+            if optional:
+                kwargs["type"] = _parse_optional(kind, bounds)
+            elif kind in (int, float):
+                kwargs["type"] = _number(kind, **bounds)
+            else:
+                kwargs["type"] = kind
             if "choices" in f.metadata:
                 kwargs["choices"] = tuple(f.metadata["choices"])
             if "metavar" in f.metadata:
                 kwargs["metavar"] = f.metadata["metavar"]
         shown = "off" if value is None else value
-        kwargs["help"] = f"{text} (default: {shown})" if text else f"(default: {shown})"
+        said = "default" in text.lower()  # a help that explains its own default (e.g. "off: the SD's size")
+        kwargs["help"] = text if said else f"{text} (default: {shown})" if text else f"(default: {shown})"
         group.add_argument(_flag(f.name), **kwargs)
 
 

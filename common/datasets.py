@@ -50,6 +50,15 @@ def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
     return rows
 
 
+def to_8_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grey image (PNG) as 8-bit grey, scaled 0..65535 -> 0..255: PIL's own convert clips it at 255
+    instead, which turns nearly every pixel white. 16-bit colour PNGs PIL already reads as 8-bit RGB."""
+    if not im.mode.startswith("I;16"):
+        return im
+    grey = np.asarray(im).astype(np.uint32)
+    return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RGB",
                resize: bool = False) -> np.ndarray:
     """Decode one image as (H,W,C) uint8. With `size`, a different size is an error unless `resize`."""
@@ -59,7 +68,7 @@ def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RG
     try:
         with Image.open(path) as im:
             im.load()
-            im = im.convert(mode)
+            im = to_8_bit(im).convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
     if size is not None and im.size != (size, size):

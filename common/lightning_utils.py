@@ -11,6 +11,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
+from common.config import float_in, int_at_least
 from common.fileio import atomic_path
 
 
@@ -284,11 +285,12 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
     g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="(default: auto)")
     g.add_argument("--devices", default="auto",
                    help="devices per node (more than one process in all runs DDP, batch per device) or 'auto'")
-    g.add_argument("--num-nodes", type=int, default=1, help="machines taking part (DDP across nodes; default: 1)")
+    g.add_argument("--num-nodes", type=int_at_least(1), default=1,
+                   help="machines taking part (DDP across nodes; default: 1)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help=f"resume from a Lightning checkpoint (no value: {resume_help})")
-    g.add_argument("--max-minutes", type=float, default=None,
+    g.add_argument("--max-minutes", type=float_in(0, low_open=True), default=None, metavar="MINUTES",
                    help="stop after this much training wall time in all: a --resume'd run counts the time "
                         "before it too (Lightning's Timer is checkpointed), so raise it to continue")
     g.add_argument("--num-workers", type=num_workers_flag, default=num_workers,

@@ -151,6 +151,13 @@ def make_ddpm_scheduler(config: dict | None = None):
     return DDPMScheduler.from_config(base)
 
 
+def check_sampling_steps(steps: int, sd: SDComponents) -> None:
+    """DDIM takes at most the schedule's T steps (1000 for SD v1): more is a one-line UserError."""
+    limit = sd.noise_scheduler.config.num_train_timesteps
+    if not 1 <= steps <= limit:
+        raise UserError(f"--steps must be in [1, {limit}] (the diffusion steps of {sd.source}), got {steps}")
+
+
 def make_ddim_scheduler(noise_scheduler):
     """A DDIMScheduler on the same betas, set up like LDM's DDIM sampler (leading spacing, offset 1, eta 0)."""
     from diffusers import DDIMScheduler

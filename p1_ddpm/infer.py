@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter, finite_float
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, remove_stale_temps
@@ -79,7 +80,7 @@ def plan(layout: str) -> tuple[list[str], torch.Tensor, list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--task", choices=("digits", "iclevr"), default="digits",
                    help="digits (the course's P1) or iclevr (multi-label objects, 64x64)")
@@ -101,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (ignored by ddpm); default {DEFAULTS['steps']} (digits), "
                         f"{ICLEVR_DEFAULTS['steps']} (iclevr)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance; "
                         f"default {DEFAULTS['guidance']} (digits), {ICLEVR_DEFAULTS['guidance']} (iclevr)")
-    p.add_argument("--eta", type=float, default=None,
+    p.add_argument("--eta", type=finite_float, default=None,
                    help="DDIM eta (0 = deterministic); default 0 (digits), 1 (iclevr)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                   help="seed of every image's starting noise (with its data set, digit and index)")
     p.add_argument("--batch-size", type=int, default=1000, help="images per batch (the guided forward doubles it)")
     add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")
@@ -133,6 +135,7 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     out = check_writable(args.out)  # fail before loading or sampling anything, creating nothing
     model, config = load_unet(args.checkpoint, device)
+    check_steps(args, config)
     seed_everything(args.seed)
     if config["model"].get("condition") != "digits":
         raise UserError(f"{args.checkpoint}: not a digits model (condition {config['model'].get('condition')!r})")
@@ -146,6 +149,14 @@ def main(argv=None) -> None:
     save_pngs(out, names, to_uint8(images))  # all or nothing: a failure or SIGTERM adds no file and no folder
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
+
+
+def check_steps(args, config: dict) -> None:
+    """--steps of at most the model's T (ddpm takes all T whatever it says); more is a one-line UserError."""
+    limit = config["num_train_steps"]
+    if args.sampler != "ddpm" and args.steps > limit:
+        raise UserError(f"--steps must be at most {limit} (the diffusion steps of {args.checkpoint}), "
+                        f"got {args.steps}")
 
 
 def sampler_calls(sampler: str, num_train_steps: int, steps: int) -> int:
@@ -169,6 +180,7 @@ def main_iclevr(args) -> None:
     device = pick_device(args.device)
     out = check_writable(args.out)  # fail before loading or sampling anything, creating nothing
     model, config = load_unet(args.checkpoint, device)
+    check_steps(args, config)
     if config["model"].get("condition") != "multihot":
         raise UserError(f"{args.checkpoint}: not an i-CLEVR model (condition {config['model'].get('condition')!r})")
     if args.objects is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic
 
@@ -233,7 +234,7 @@ def write_dataset(out: Path, label_lists: list[list[str]], seed: int, prefix: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (images/, train.json, objects.json)")
     p.add_argument("--n", type=int, default=18009, help="number of images (the lab's train set has 18009)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label draw and the scene layouts")

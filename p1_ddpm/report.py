@@ -22,6 +22,7 @@ import argparse
 
 import torch
 
+from common.config import HelpFormatter, finite_float
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, write_figure_info
@@ -72,15 +73,16 @@ def reverse_process(model, ab: torch.Tensor, rows: list[tuple[int, int]], seed: 
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for the figures")
     p.add_argument("--year", choices=YEARS, default=YEARS[-1],
                    help="course year: which digits and data sets the reverse-process figure shows")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"])
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="weights written by p1_ddpm/train.py")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"], help="sampler of the grids")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps of the grids")
+    p.add_argument("--guidance", type=finite_float, default=DEFAULTS["guidance"],
+                   help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the starting noise")
     p.add_argument("--scale", type=int, default=3, help="pixel magnification in the figures")
     add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")

@@ -32,7 +32,18 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 from common.checkpoint import read_checkpoint, read_resume_checkpoint, save_checkpoint
-from common.config import add_config_flags, config_from_args, explicit_flags, pre_parse
+from common.config import (
+    AT_LEAST_1,
+    BELOW_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    HelpFormatter,
+    add_config_flags,
+    config_from_args,
+    explicit_flags,
+    pre_parse,
+)
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
@@ -61,39 +72,49 @@ class P1TrainConfig:
     """Every hyper-parameter of a P1 training run: the flags of this script, saved in last.ckpt and in the
     exported model's JSON. TASK_CONFIGS holds each task's values."""
 
-    max_steps: int = field(default=20000, metadata={"help": "optimiser steps to train for"})
-    batch_size: int = field(default=128, metadata={"help": "images per step (per device)"})
+    max_steps: int = field(default=20000, metadata={"range": AT_LEAST_1, "help": "optimiser steps to train for"})
+    batch_size: int = field(default=128, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     lr: float = field(default=3e-4, metadata={
+        "range": POSITIVE,
         "help": "AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up of the rate over these steps"})
+    weight_decay: float = field(default=0.0, metadata={"range": NON_NEGATIVE, "help": "AdamW weight decay"})
+    warmup_steps: int = field(default=500, metadata={
+        "range": NON_NEGATIVE, "help": "linear warm-up of the rate over these steps"})
     cooldown_from: int | None = field(default=None, metadata={
         "metavar": "STEP", "help": "from this optimiser step the rate falls linearly to 0 at --max-steps "
                                    "(none: constant); can be added when resuming a constant-rate run"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights that is validated and exported"})
-    p_uncond: float = field(default=0.15, metadata={"help": "probability of dropping the label (for CFG)"})
+    ema_decay: float = field(default=0.999, metadata={
+        "range": BELOW_1, "help": "EMA of the weights that is validated and exported"})
+    p_uncond: float = field(default=0.15, metadata={
+        "range": SHARE, "help": "probability of dropping the label (for CFG)"})
     p_drop_domain: float = field(default=0.05, metadata={
-        "help": "digits: probability of also dropping the data set condition"})
+        "range": SHARE, "help": "digits: probability of also dropping the data set condition"})
     grad_clip: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE,
         "help": "clip the gradient norm to this (0: off); an i-CLEVR run at lr 5e-4 diverged without it"})
     schedule: str = field(default="linear", metadata={"choices": SCHEDULES, "help": "noise schedule"})
-    num_train_steps: int = field(default=1000, metadata={"help": "diffusion steps T of the schedule"})
+    num_train_steps: int = field(default=1000, metadata={
+        "range": AT_LEAST_1, "help": "diffusion steps T of the schedule"})
     prediction: str = field(default="eps", metadata={
         "choices": PREDICTIONS,
         "help": "what the UNet predicts: eps (the noise) or v (Salimans & Ho, 2022: its loss keeps weighing x0 "
                 "where the signal is nearly gone; see model.py); with --init-from, unless given, the file's"})
     channels: str = field(default="48,96", metadata={"help": "UNet widths per resolution level"})
-    res_blocks: int = field(default=1, metadata={"help": "residual blocks per level"})
-    patch_size: int = field(default=2, metadata={"help": "fold PxP pixels into channels"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout in the residual blocks"})
+    res_blocks: int = field(default=1, metadata={"range": AT_LEAST_1, "help": "residual blocks per level"})
+    patch_size: int = field(default=2, metadata={"range": AT_LEAST_1, "help": "fold PxP pixels into channels"})
+    dropout: float = field(default=0.0, metadata={"range": BELOW_1, "help": "dropout in the residual blocks"})
     datasets: str = field(default="mnistm,svhn", metadata={
         "help": "digits: comma-separated data sets, in condition-index order"})
     temperature: float = field(default=0.5, metadata={
+        "range": NON_NEGATIVE,
         "help": "digits: data set k is drawn with probability ~ size_k**temperature (0 = balanced)"})
-    val_every: int = field(default=500, metadata={"help": "validate, export and sample every N steps"})
-    limit_val_batches: float = field(default=1.0, metadata={"help": "share (or count) of validation batches"})
+    val_every: int = field(default=500, metadata={
+        "range": AT_LEAST_1, "help": "validate, export and sample every N steps"})
+    limit_val_batches: float = field(default=1.0, metadata={
+        "range": POSITIVE, "help": "share (or count) of validation batches"})
     guidance: float = field(default=3.0, metadata={"help": "guidance scale of the validation samples"})
-    judge_samples: int = field(default=64, metadata={"help": "iclevr: validation label lists sampled for --judge"})
+    judge_samples: int = field(default=64, metadata={
+        "range": AT_LEAST_1, "help": "iclevr: validation label lists sampled for --judge"})
 
     def channel_tuple(self) -> tuple[int, ...]:
         try:
@@ -246,7 +267,7 @@ class ExportEmaAndSampleGrid(Callback):
 
 def build_parser(task: str = "digits") -> argparse.ArgumentParser:
     """The flags of `task`; the hyper-parameters' defaults shown by --help are that task's (TASK_CONFIGS)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--task", choices=TASKS, default="digits",
                    help="digits: MNIST-M + SVHN, (digit, dataset) condition; iclevr: 64x64 multi-label objects. "
                         "The defaults below are those of --task " + task)
@@ -368,7 +389,10 @@ def main(argv=None) -> None:
                            gradient_clip_val=config.grad_clip or None, seed_steps=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
-        print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")
+        if (out / "model.safetensors").is_file():
+            print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")
+        else:  # stopped (--max-minutes) before its first validation, which is what exports
+            print(f"stopped before the first validation: nothing exported yet; continue with --resume ({out})")
 
 
 if __name__ == "__main__":

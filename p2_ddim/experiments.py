@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Report figures for the face DDIM problem.
+r"""Report figures for the face DDIM problem.
 
     python p2_ddim/experiments.py eta-grid --noise-dir hw2_data/face/noise --unet hw2_data/face/UNet.pt \
         --out figs/eta_grid.png
@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, to_uint8
@@ -74,11 +75,11 @@ def interpolation_row(args, model, device, amp, noises) -> tuple[np.ndarray, lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("eta-grid", "rows of eta, columns of noises"),
                         ("interpolate", "one row of images from interpolated noises")):
-        s = sub.add_parser(name, help=help_, description=help_)
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         s.add_argument("--noise-dir", required=True, help="folder of NAME.pt noise tensors")
         s.add_argument("--unet", required=True, help="the course's UNet.pt")
         s.add_argument("--out", required=True, help="PNG file to write")

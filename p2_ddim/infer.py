@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.config import HelpFormatter
 from common.ddim import sample_ddim
 from common.device import (
     add_device_flag,
@@ -192,7 +193,7 @@ def load_model(path, device: torch.device) -> FaceUNet:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--noise-dir", required=True, help="folder of NAME.pt noise tensors (hw2_data/face/noise)")
     p.add_argument("--out", required=True, help="output folder (created if missing); NAME.pt -> NAME.png")
     p.add_argument("--unet", required=True, help="the course's UNet.pt (a torch state dict)")

@@ -47,7 +47,8 @@ def read_prompt_file(path: str | os.PathLike, need_target: bool = True) -> list[
                             f"with string values, got {line.strip()[:120]!r}")
         for k in ("source", "target"):
             v = obj.get(k)
-            if isinstance(v, str) and (not v or os.path.isabs(v) or ".." in Path(v).parts):
+            # "." (or "./") has no parts: it names the folder itself, which the output would replace
+            if isinstance(v, str) and (os.path.isabs(v) or ".." in Path(v).parts or not Path(v).parts):
                 raise UserError(f"{path}:{lineno}: {k} must be a file name inside the folder, got {v!r}")
         items.append(obj)
     if not items:

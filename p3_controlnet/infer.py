@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
+from common.config import HelpFormatter, finite_float, int_at_least
 from common.datasets import load_image
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
@@ -39,22 +40,23 @@ DEFAULTS = dict(steps=50, guidance=7.5, seed=42)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--prompts", required=True, help="prompt.json: one {source, target, prompt} JSON object a line")
     p.add_argument("--source-dir", required=True, help="folder of the control images named by 'source'")
     p.add_argument("--out", required=True, help="output folder; OUT/<target> is written for each line")
     p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt (LDM keys) or a diffusers folder")
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET),
                    help="ControlNet folder written by train.py (OUT/controlnet); default checkpoints/controlnet")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"],
+    p.add_argument("--steps", type=int_at_least(1), default=DEFAULTS["steps"], help="DDIM steps")
+    p.add_argument("--guidance", type=finite_float, default=DEFAULTS["guidance"],
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="line i uses seed + i")
-    p.add_argument("--control-scale", type=float, default=1.0, help="multiplier of the ControlNet residuals")
+    p.add_argument("--control-scale", type=finite_float, default=1.0, help="multiplier of the ControlNet residuals")
     p.add_argument("--size", type=int, default=None,
                    help="output side in pixels; control images are resized to it (default: the SD's native "
                         "resolution, 512 for SD v1.4, 64 for the mini SD)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (the guided pass doubles it)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8,
+                   help="images per batch (the guided pass doubles it)")
     add_device_flag(p)
     add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main(sigterm=True)
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise UserError(f"--size must be a positive multiple of 8, got {args.size}")
     t0 = time.time()
@@ -82,6 +82,11 @@ def main(argv=None) -> None:
             raise UserError(f"{src_dir / it['source']}: control image listed in {args.prompts} not found")
     for source in dict.fromkeys(it["source"] for it in items):
         load_image(src_dir / source)  # decoded in full now: a truncated image fails before any model is loaded
+    controls = {(src_dir / it["source"]).resolve() for it in items}
+    clash = next((n for n in names if (Path(args.out) / n).resolve() in controls), None)
+    if clash is not None:
+        raise UserError(f"{Path(args.out) / clash}: is a control image of --source-dir, which the output would "
+                        f"overwrite; write to another --out")
     out = check_writable(args.out)
     remove_stale_temps(*{(out / name).parent for name in names})  # what a killed earlier run left
     device = pick_device(args.device)
@@ -90,6 +95,7 @@ def main(argv=None) -> None:
 
     controlnet = load_controlnet(args.controlnet, device, weight_dtype)  # first: its absence is the cheap error
     sd = sdlib.load_sd(args.sd, device, weight_dtype)
+    sdlib.check_sampling_steps(args.steps, sd)
     check_compatible(controlnet, sd.unet, args.controlnet)
     sd.freeze()
     net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-from common.config import add_config_flags, config_from_args, pre_parse
+from common.config import HelpFormatter, add_config_flags, config_from_args, pre_parse
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_png
@@ -278,12 +278,12 @@ def write_split(root: Path, n: int, size: int, seed: int, start: int = 0,
 
 
 def build_parser(preset: str = "fill50k") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="data root; training/ (and testing/) are written under it")
     p.add_argument("--n", type=int, default=50000, help="training samples (Fill50k has 50000)")
     p.add_argument("--n-test", type=int, default=0, help="testing samples (different seeds from training)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (SD v1: 512; a multiple of 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the circles, colours and prompts")
     p.add_argument("--preset", choices=PRESETS, default="fill50k",
                    help="defaults of the options below: fill50k (the original) or mini (the mini SD's data); "
                         "shown are those of --preset " + preset)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common.stable_diffusion as sdlib
+from common.config import HelpFormatter, finite_float
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
@@ -48,7 +49,7 @@ def two_circle_control(size: int) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt or a diffusers folder")
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="ControlNet folder written by train.py")
     p.add_argument("--out", required=True, help="figure path (.png)")
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: the SD's native resolution: 512 for SD v1.4, 64 for the mini "
                         "SD)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=finite_float, default=7.5,
+                   help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the starting noise")
     add_device_flag(p)
     add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
     return p

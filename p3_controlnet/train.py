@@ -38,7 +38,15 @@ from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoint
-from common.config import add_config_flags, check_positive, config_from_args
+from common.config import (
+    BELOW_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    HelpFormatter,
+    add_config_flags,
+    check_positive,
+    config_from_args,
+)
 from common.device import fused_adamw_pays, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
@@ -83,11 +91,13 @@ class P3TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
     accumulate: int = field(default=1, metadata={
         "help": "gradient accumulation (effective batch = batch x devices x this)"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (ControlNet paper: 1e-5)"})
+    lr: float = field(default=1e-5, metadata={
+        "range": POSITIVE, "help": "AdamW learning rate (ControlNet paper: 1e-5)"})
     cooldown_from: int | None = field(default=None, metadata={
         "metavar": "STEP", "help": "from this step the rate falls linearly to 0 at --max-steps (none: constant); "
                                    "can be added when resuming a constant-rate run"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=1e-2, metadata={
+        "range": NON_NEGATIVE, "help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     proportion_empty_prompts: float = field(default=0.0, metadata={
         "help": "probability of training a sample with the empty prompt (the paper uses 0.5 to make the "
@@ -97,6 +107,7 @@ class P3TrainConfig:
                 "memory)"})
     val_count: int = field(default=8, metadata={"help": "training items held out for validation loss and samples"})
     ema_decay: float = field(default=0.0, metadata={
+        "range": BELOW_1,
         "help": "keep an exponential moving average of the ControlNet's weights with this decay (e.g. 0.999) "
                 "and validate, export and sample it instead of the weights themselves (0: off, as in the "
                 "ControlNet paper; costs one more copy of the ControlNet in memory)"})
@@ -330,7 +341,7 @@ def generated_fill50k(root: Path, n: int, size: int, seed: int) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt (LDM keys) or a diffusers folder")
     p.add_argument("--data", default=None,
                    help="fill50k root (holding training/) or a split folder with prompt.json (default: generate "

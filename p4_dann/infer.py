@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter
 from common.datasets import list_images, load_image, read_label_csv
 from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
@@ -91,7 +92,7 @@ def write_predictions(path: str | Path, names: list[str], labels: list[int]) -> 
 
 @cli_main(sigterm=True)
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("image_dir", help="folder of target-domain digit images")
     p.add_argument("out_csv", help="output csv (image_name,label), written atomically")
     p.add_argument("--target", default=None, help=f"target domain ({', '.join(TARGETS)}); default: from the path")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, write_figure_info
 from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic
@@ -300,7 +301,7 @@ def run_report(data: str, runs: Path, out: Path, scenarios, modes, seed: int = 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="course digits root with mnistm/, usps/, svhn/ (and mnist/)")
     p.add_argument("--runs", default="runs/p4", help="where runs are trained / loaded from")
     p.add_argument("--out", default="p4_report", help="folder for the table, results.json and the plots")
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="train this many runs at once, each in its own process with threads/jobs threads "
                         "(2 on a 2-core machine)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training runs and the t-SNE")
     return p
 
 

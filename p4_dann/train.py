@@ -38,7 +38,18 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from common.checkpoint import check_resume_fits, read_resume_checkpoint
-from common.config import add_config_flags, check_positive, config_from_args, pre_parse
+from common.config import (
+    AT_LEAST_1,
+    BELOW_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    HelpFormatter,
+    add_config_flags,
+    check_positive,
+    config_from_args,
+    pre_parse,
+)
 from common.device import lightning_precision
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
@@ -72,30 +83,40 @@ class P4TrainConfig:
     max_epochs: int | None = field(default=None, metadata={
         "help": "instead of --max-steps: passes over the larger training set"})
     batch_size: int = field(default=64, metadata={"help": "images per domain per step"})
-    lr: float = field(default=0.02, metadata={"help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD (Nesterov) momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay (not on biases and norms)"})
+    lr: float = field(default=0.02, metadata={
+        "range": POSITIVE, "help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
+    momentum: float = field(default=0.9, metadata={
+        "range": SHARE, "help": "SGD (Nesterov) momentum"})
+    weight_decay: float = field(default=5e-4, metadata={
+        "range": NON_NEGATIVE, "help": "SGD weight decay (not on biases and norms)"})
     grl_max: float = field(default=1.0, metadata={"help": "final GRL coefficient (times 2/(1+exp(-gamma p))-1)"})
     gamma: float = field(default=10.0, metadata={"help": "gamma of the GRL schedule"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA of the weights that is validated and exported"})
+    ema_decay: float = field(default=0.995, metadata={
+        "range": BELOW_1, "help": "EMA of the weights that is validated and exported"})
     bn: str = field(default="shared", metadata={
         "choices": ("shared", "domain"),
         "help": "BatchNorm statistics: shared (source and target in one batch, as in the paper) or "
                 "domain (one set per domain, target predicted with its own)"})
     widths: str = field(default="32,64,128", metadata={"help": "channels of the three conv stages"})
-    feature_dim: int = field(default=256, metadata={"help": "size of the feature vector (both heads read it)"})
-    dropout: float = field(default=0.3, metadata={"help": "dropout of the features and the heads"})
+    feature_dim: int = field(default=256, metadata={
+        "range": AT_LEAST_1, "help": "size of the feature vector (both heads read it)"})
+    dropout: float = field(default=0.3, metadata={
+        "range": BELOW_1, "help": "dropout of the features and the heads"})
     input_norm: str = field(default="image", metadata={
         "choices": ("image", "fixed"),
         "help": "image: standardise each image on its own; fixed: (x/255-0.5)/0.5"})
     src_affine: float = field(default=1.0, metadata={"help": "source augmentation: affine strength"})
     src_scale_min: float = field(default=0.85, metadata={"help": "source: smallest random zoom"})
     src_scale_max: float = field(default=1.2, metadata={"help": "source: largest random zoom"})
-    src_invert: float = field(default=0.0, metadata={"help": "source: probability of inversion"})
-    src_channel_shuffle: float = field(default=0.5, metadata={"help": "source: p of permuting RGB"})
-    src_grey: float = field(default=0.2, metadata={"help": "source: probability of turning grey"})
+    src_invert: float = field(default=0.0, metadata={
+        "range": SHARE, "help": "source: probability of inversion"})
+    src_channel_shuffle: float = field(default=0.5, metadata={
+        "range": SHARE, "help": "source: p of permuting RGB"})
+    src_grey: float = field(default=0.2, metadata={
+        "range": SHARE, "help": "source: probability of turning grey"})
     src_jitter: float = field(default=0.3, metadata={"help": "source: brightness/contrast amplitude"})
     src_colourize: float = field(default=0.0, metadata={
+        "range": SHARE,
         "help": "source: probability of painting the (grey) digit on a random colour texture"})
     tgt_affine: float = field(default=1.0, metadata={"help": "target augmentation: affine strength"})
     tgt_scale_min: float = field(default=0.85, metadata={"help": "target: smallest random zoom"})
@@ -270,7 +291,7 @@ class ExportBest(Callback):
 
 def build_parser(source: str = "mnistm", target: str = "usps") -> argparse.ArgumentParser:
     """The flags; the hyper-parameters' defaults shown by --help are those of the scenario (source, target)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="course digits root holding <source>/ and <target>/")
     p.add_argument("--out", required=True, help="output folder (weights, Lightning checkpoint, logs)")
     p.add_argument("--source", default="mnistm", help=f"source data set ({', '.join(DATASETS)}; default: mnistm)")

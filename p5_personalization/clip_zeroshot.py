@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb
+from common.config import HelpFormatter, int_at_least
 from common.datasets import list_images
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
@@ -149,7 +150,7 @@ def write_figure(path: Path, rows: list[dict], k: int = 5) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="folder of <classid>_<n>.png images")
     p.add_argument("--labels", required=True, help="id2label.json: {\"0\": \"class name\", ...}")
     p.add_argument("--model", default="ViT-B-32",
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {len(DEFAULT_TEMPLATES)} built-in templates, the first being 'A photo of a {{}}.')")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder for predictions.csv, summary.json and cases.png (default: {DEFAULT_OUT})")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per CLIP forward")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
     add_device_flag(p)
     add_precision_flag(p, what="the image encoder")

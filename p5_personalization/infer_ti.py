@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common.stable_diffusion as sdlib
+from common.config import HelpFormatter, finite_float, int_at_least
 from common.device import (
     add_device_flag,
     add_precision_flag,
@@ -104,7 +105,7 @@ def sample_ti_images(sd, text: str, seeds: list[int], resolution: int = 512, ste
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--json", required=True, help='input.json: {"0": {"src_image", "token_name", "prompt": [...]}, ...}')
     p.add_argument("--out", required=True, help="output folder (OUT/<concept>/<prompt index>/*.png)")
     p.add_argument(
@@ -116,27 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of learned embeddings written by train_ti.py --out (default: checkpoints/textual_inversion)",
     )
     p.add_argument("--no-kv", action="store_true", help=f"ignore {KV_FILE} in the embeddings folder")
-    p.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--images-per-prompt", type=int_at_least(1), default=IMAGES_PER_PROMPT,
+                   help="images generated for each prompt")
+    p.add_argument("--steps", type=int_at_least(1), default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance")
     p.add_argument("--resolution", type=int, default=None,
                    help="image side, a multiple of 8 (default: the SD's native resolution, 512 for SD v1.4, 64 for "
                         "the mini SD)")
-    p.add_argument("--batch-size", type=int, default=25, help="images per UNet batch (x2 with guidance)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=25, help="images per UNet batch (x2 with guidance)")
     p.add_argument("--only", nargs="+", default=None, help="generate only these concepts (keys of input.json)")
     add_device_flag(p)
     add_precision_flag(p, what="the UNet and VAE (their weights are held in bf16 too)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image k of prompt p starts from noise seeded by (seed, concept key, p, k)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 @cli_main(sigterm=True)
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.images_per_prompt < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UserError("--images-per-prompt, --steps and --batch-size must be >= 1")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError("--resolution must be a positive multiple of 8")
     cases = read_input_json(args.json)
@@ -160,6 +161,7 @@ def main(argv=None) -> dict:
     amp = autocast_dtype(device, args.precision)
 
     sd = sdlib.load_sd(args.sd).freeze()
+    sdlib.check_sampling_steps(args.steps, sd)
     resolution = args.resolution or sd.native_resolution
     add_tokens(sd.tokenizer, sd.text_encoder, learned)
     kv_note = ""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid
@@ -41,7 +42,7 @@ def prompt_images(out_dir: Path, key: str, p: int, count: int) -> list[np.ndarra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--json", required=True, help="the course's input.json the images were generated from")
     p.add_argument("--output-dir", action="append", required=True,
                    help="folder hw2_ti.sh wrote (repeat to put runs side by side)")

@@ -46,8 +46,8 @@ from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, read_resume_checkpoint
-from common.config import add_config_flags, check_positive, config_from_args
-from common.datasets import IMAGE_SUFFIXES, list_images
+from common.config import NON_NEGATIVE, POSITIVE, HelpFormatter, add_config_flags, check_positive, config_from_args
+from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
@@ -124,9 +124,12 @@ class P5TrainConfig:
     resolution: int | None = field(default=None, metadata={
         "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "
                 "64 for the mini SD)"})
-    lr: float = field(default=5e-3, metadata={"help": "learning rate of the token vectors"})
-    kv_lr: float = field(default=1e-5, metadata={"help": "learning rate of the K/V weights (joint-kv)"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay of the token vectors"})
+    lr: float = field(default=5e-3, metadata={
+        "range": POSITIVE, "help": "learning rate of the token vectors"})
+    kv_lr: float = field(default=1e-5, metadata={
+        "range": POSITIVE, "help": "learning rate of the K/V weights (joint-kv)"})
+    weight_decay: float = field(default=1e-2, metadata={
+        "range": NON_NEGATIVE, "help": "AdamW weight decay of the token vectors"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the learning rates over these steps"})
     flip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
     crop_min_scale: float = field(default=0.6, metadata={
@@ -222,7 +225,7 @@ class ConceptImages(torch.utils.data.Dataset):
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im = im.convert("RGB")
+                    im = to_8_bit(im).convert("RGB")
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"{f}: not a readable image ({e})") from None
             # keep a copy a little larger than the crops, so each step's resize is cheap
@@ -463,7 +466,7 @@ class ExportEmbeddings(Callback):
 # ------------------------------------------------------------------------------------------------------ cli
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--sd", required=True, help="Stable Diffusion v1.x: sd-v1-4.ckpt / .safetensors or a diffusers folder"
     )

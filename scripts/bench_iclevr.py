@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter
 from common.device import device_name
 from common.images import to_uint8
 from p1_ddpm.iclevr_data import load_label_lists, multi_hot
@@ -39,9 +40,9 @@ def score(judge, images_uint8_nhwc: np.ndarray, cond: torch.Tensor) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(ICLEVR_CHECKPOINT))
-    p.add_argument("--judge", default=str(OWN_JUDGE))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", default=str(ICLEVR_CHECKPOINT), help="the i-CLEVR DDPM to time and score")
+    p.add_argument("--judge", default=str(OWN_JUDGE), help="the judge that scores the samples")
     p.add_argument("--seeds", default="42,1,2", help="sampling seeds for the test label lists (first: infer's default)")
     p.add_argument("--heldout", type=int, default=2000, help="held-out renders to score the judge on")
     p.add_argument("--val-lists", type=int, default=128, help="validation label lists for the guidance sweep")

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
+from common.config import HelpFormatter
 from common.device import device_name
 from scripts.benchmarks import replace_section
 
@@ -99,7 +100,7 @@ def measure(dm, batches: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each measures every loader once)")
     p.add_argument("--workers", default="0,1,2", help="--num-workers values to compare")
     p.add_argument("--digits", type=int, default=1500, help="digits per data set and split written (--limit)")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import HelpFormatter
 from common.device import device_name
 from common.errors import cli_main
 from common.fileio import write_text_atomic
@@ -60,17 +61,17 @@ def timed_generate(model, cond, idx, ab, seed, sampler, steps, guidance):
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--lenet", required=True, help="the course grader Classifier.pth")
-    p.add_argument("--svhn-classifier", default=str(DEFAULT_SVHN))
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--svhn-classifier", default=str(DEFAULT_SVHN), help="classifier that scores svhn/")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the P1 DDPM to time and score")
     p.add_argument("--ddpm-per-digit", type=int, default=10, help="MNIST-M images per digit for table B")
     p.add_argument("--sweep-per-digit", type=int, default=20, help="images per digit and dataset for table C")
-    p.add_argument("--guidances", default="1,2,3,4,5")
+    p.add_argument("--guidances", default="1,2,3,4,5", help="comma-separated guidance scales of table C")
     p.add_argument("--skip", default="", help="comma-separated tables to skip: A,B,C")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     p.add_argument("--json", default=None, help="also write the headline numbers to this JSON file")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling seed")
     args = p.parse_args(argv)
     summary: dict = {"device": None}
     skip = {s.strip().upper() for s in args.skip.split(",") if s.strip()}

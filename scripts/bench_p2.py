@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import HelpFormatter
 from common.device import (
     add_device_flag,
     add_precision_flag,
@@ -77,19 +78,19 @@ def run_e2e(model: FaceUNet, noises: torch.Tensor, args) -> float:
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--count", type=int, default=10, help="number of noises (images)")
     p.add_argument("--size", type=int, default=256, help="image side (a multiple of 32)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--base-channels", type=int, default=128, help="UNet width (128 = the course network)")
     add_device_flag(p)
     add_precision_flag(p, default="fp32", what="the UNet (as p2_ddim/infer.py, exact fp32 by default)")
-    p.add_argument("--tf32", action="store_true")
+    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls (off: exact fp32)")
     p.add_argument("--skip-single", action="store_true", help="time only the batched run")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
                    help="also time bash hw2_2.sh end to end (default: on CUDA only)")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noises")
     p.add_argument("--json", default=None, help="also write the timings to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)
     if args.count < 1 or args.steps < 1 or args.size < 32 or args.size % 32:

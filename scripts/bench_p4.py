@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import save_checkpoint
+from common.config import HelpFormatter
 from common.datasets import read_label_csv
 from common.device import device_name
 from common.errors import UserError, cli_main
@@ -128,22 +129,24 @@ def section(payload: dict, ship_rows: dict, entry_rows: dict, table: str, comman
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="course digits root (mnistm, usps, svhn, mnist)")
     p.add_argument("--runs", default="runs/p4/bench", help="run folders (trained there when missing or --retrain)")
     p.add_argument("--out", default="p4_report", help="the report's folder (table, results.json, t-SNE plots)")
-    p.add_argument("--scenarios", default=",".join(f"{s}-{t}" for s, t in SCENARIOS))
-    p.add_argument("--modes", default="source,dann,target")
+    p.add_argument("--scenarios", default=",".join(f"{s}-{t}" for s, t in SCENARIOS),
+                   help="comma-separated SOURCE-TARGET scenarios")
+    p.add_argument("--modes", default="source,dann,target",
+                   help="comma-separated training modes (p4_dann/train.py --mode)")
     p.add_argument("--retrain", action="store_true", help="train every run again")
     p.add_argument(
         "--ship", action="store_true", help="write checkpoints/p4_dann_{usps,svhn}.safetensors from the runs"
     )
-    p.add_argument("--ship-dir", default=str(REPO / "checkpoints"))
+    p.add_argument("--ship-dir", default=str(REPO / "checkpoints"), help="where --ship writes the DANN checkpoints")
     p.add_argument("--skip-entry", action="store_true", help="do not time hw2_dann.sh")
     p.add_argument("--train-args", default="", help="extra flags for every training run")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (report.py --jobs)")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
     args = p.parse_args(argv)
     scenarios, modes = parse_scenarios(args.scenarios), parse_modes(args.modes)
     command = "python scripts/bench_p4.py " + " ".join(

@@ -46,6 +46,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.fileio import read_json, write_text_atomic
 
@@ -600,7 +601,7 @@ def build_page(root: Path, title: str, page_dir: Path) -> str:
 
 @cli_main
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("root", help="the demo's output folder (demo_out) or a folder of report outputs (layout above)")
     p.add_argument("--title", default=None, help="page title (default: 'DLCV HW2 demo: ROOT')")
     p.add_argument("--out", default=None, help="page to write (default: ROOT/index.html)")

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.figure_info import write_figure_info
 from common.fileio import write_text_atomic
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     if "--" in argv:
         cut = argv.index("--")
         argv, cmd = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("out", help="the demo's output folder (demo_out)")
     p.add_argument("name", help="step name, starting with its problem: p1_sample, iclevr_score_test, ...")
     p.add_argument("--figure", action="append", default=[], help="a PNG the command writes (repeatable)")

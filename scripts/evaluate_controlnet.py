@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from common.clip_loading import add_quick_gelu_flag
+from common.config import HelpFormatter
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
@@ -225,7 +226,7 @@ def sam2_ious(pred_imgs, gt_imgs, centres, checkpoint: str, config: str, device)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pred", required=True, help="folder of generated images (OUT_DIR of hw2_3.sh)")
     p.add_argument("--gt", default=None, help="folder of target images (fill50k/testing/target)")
     p.add_argument("--prompts", default=None, help="prompt.json naming the images and their prompts")

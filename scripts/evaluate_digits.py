@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.errors import UserError, cli_main
 from common.fileio import check_writable_file, folder_error, write_text_atomic
@@ -130,7 +131,7 @@ def format_table(report: dict) -> str:
 
 @cli_main(sigterm=True)
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--folder", required=True, help="generated images: OUT/{mnistm,svhn}/*.png or OUT/*.png")
     p.add_argument("--checkpoint", default=None, help="the course's MNIST-M classifier (Classifier.pth)")
     p.add_argument("--svhn-checkpoint", default=str(DEFAULT_SVHN_CHECKPOINT),

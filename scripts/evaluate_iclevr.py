@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 from p1_ddpm.iclevr_judge import (
@@ -79,7 +80,7 @@ def _short(path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--images", required=True, help="folder of 0.png..N-1.png (or a grid PNG)")
     p.add_argument("--labels", required=True, help="the label lists (test.json / new_test.json style)")
     p.add_argument("--objects", default=str(DEFAULT_OBJECTS), help="objects.json (name -> index)")

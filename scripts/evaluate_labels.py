@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from common.config import HelpFormatter
 from common.datasets import read_label_csv
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
@@ -18,7 +19,7 @@ from common.fileio import write_text_atomic
 
 @cli_main
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pred", required=True, help="predictions: image_name,label csv")
     p.add_argument("--labels", required=True, help="the true labels: image_name,label csv")
     p.add_argument("--json", default=None, help="also write the numbers here")

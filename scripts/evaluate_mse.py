@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.config import HelpFormatter
 from common.datasets import PNG_SUFFIXES, list_images
 from common.errors import UserError, cli_main
 from common.fileio import check_writable_file, write_text_atomic
@@ -72,7 +73,7 @@ def evaluate(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, float]:
 
 @cli_main(sigterm=True)
 def main(argv=None) -> float:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pred", required=True, help="folder of generated NAME.png")
     p.add_argument("--gt", required=True, help="folder of ground-truth NAME.png (hw2_data/face/GT)")
     p.add_argument("--json", default=None, help="also write {per_image, mean} here")

@@ -69,6 +69,7 @@ from pathlib import Path
 import torch
 
 from common.clip_loading import add_quick_gelu_flag
+from common.config import HelpFormatter, int_at_least
 from common.datasets import list_images, load_image
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
@@ -311,7 +312,7 @@ def run_fill50k_judge(args, cases) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--json", required=True, help="the course's input.json (prompt_4_clip_eval and baseline per prompt)")
     p.add_argument("--judge", choices=JUDGES, default="clip",
                    help="clip: the course's CLIP grading; fill50k: the offline Fill50k judge for the mini SD")
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=TOP_K, help="images kept per prompt (by image + 2.5 x text)")
     p.add_argument("--report", default=None, help="write the scores as JSON here")
     p.add_argument("--strict", action="store_true", help="exit 1 when any prompt misses its baseline")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per CLIP forward")
     add_device_flag(p)
     add_precision_flag(p, default="fp32", what="the CLIP image encoder (fp32 by default: the grade should not "
                                                "depend on the GPU)")

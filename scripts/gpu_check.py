@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes (for the tests)")
     p.add_argument("--budget", type=float, default=570.0, help="seconds for the whole check (default 570)")
-    p.add_argument("--only", default="", help="comma-separated pieces to run: "
+    p.add_argument("--only", default=None, help="comma-separated pieces to run (default: all): "
                                                + ",".join(f.__name__[len('piece_'):] for f in PIECES))
     p.add_argument("--write", default=None,
                    help="markdown file to put the section into ('' = none; default BENCHMARKS.md, or none with --tiny)")
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         p1_train_timed(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    names = [s.strip() for s in args.only.split(",") if s.strip()]
+    names = [s.strip() for s in (args.only or "").split(",") if s.strip()]
     pieces = [f for f in PIECES if not names or f.__name__[len("piece_"):] in names]
     unknown = set(names) - {f.__name__[len("piece_"):] for f in PIECES}
     if unknown:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -78,7 +79,7 @@ def prepare(npz_dir: Path, out: Path, names, val_fraction: float, seed: int, lim
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--npz-dir", default="../shared/data/digits",
                    help="folder with mnistm.npz, svhn_partial.npz, usps.npz (and mnist.npz for --datasets mnist)")
     p.add_argument("--out", required=True, help="output root, e.g. hw2_data/digits")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Copy a trained checkpoint into checkpoints/ for shipping: optional fp16 storage, extra metrics merged in.
+r"""Copy a trained checkpoint into checkpoints/ for shipping: optional fp16 storage, extra metrics merged in.
 
     python scripts/ship_checkpoint.py runs/p1/model.safetensors checkpoints/p1_ddpm.safetensors \
         --fp16 --metrics bench.json --note "trained with ..."
@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from common.checkpoint import read_checkpoint, save_checkpoint, sidecar_json
+from common.config import HelpFormatter
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
 
@@ -50,7 +51,7 @@ def ship_controlnet(src: Path, dst: Path, args) -> None:
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--fp16", action="store_true", help="store floating-point tensors in fp16")

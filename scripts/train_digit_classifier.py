@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train SvhnNet, the small classifier that scores generated digits, on the real images of one data set.
+r"""Train SvhnNet, the small classifier that scores generated digits, on the real images of one data set.
 
     python scripts/train_digit_classifier.py --data hw2_data/digits --extra mnistm   # checkpoints/svhn_classifier
     python scripts/train_digit_classifier.py --data hw2_data/digits --dataset mnistm \
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.config import HelpFormatter, float_in, int_at_least
 from common.datasets import CourseImageFolder, load_image, read_label_csv
 from common.device import add_device_flag, pick_device
 from common.errors import UserError, cli_main
@@ -180,7 +181,7 @@ def choose_dtype(model: SvhnNet, images: torch.Tensor) -> torch.dtype | None:
 
 @cli_main
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="course digits root holding <dataset>/ (and <extra>/ for --extra)")
     p.add_argument("--dataset", choices=["svhn", "mnistm"], default="svhn", help="the data set to classify")
     p.add_argument("--out", default=None,
@@ -189,17 +190,18 @@ def main(argv=None) -> None:
                    help="also train on images of this other data set drawn into every batch")
     p.add_argument("--extra-count", type=int, default=5000, help="training images of --extra loaded")
     p.add_argument("--extra-batch", type=int, default=32, help="images of --extra added to every batch")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--epochs", type=int_at_least(1), default=60, help="passes over the training images")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per step")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float_in(0), default=5e-4, help="AdamW weight decay")
+    share = float_in(0, 1, high_open=True)
+    p.add_argument("--label-smoothing", type=share, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--dropout", type=share, default=0.3, help="dropout before the classifier layer")
     p.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[32, 64, 128],
                    help="channels of the three conv stages, e.g. 32,64,128")
     p.add_argument("--aug", type=float, default=1.0, help="strength of the geometric augmentation (0 = none)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the scored weights (0 = no EMA)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and batch order")
     add_device_flag(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-test", action="store_true", help="skip the final test.csv score (for model search)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the project's own i-CLEVR judge (a multi-label CNN) on rendered images.
+r"""Train the project's own i-CLEVR judge (a multi-label CNN) on rendered images.
 
     python p1_ddpm/render_iclevr.py --out runs/iclevr/data --n 24000 --seed 0
     python p1_ddpm/render_iclevr.py --out runs/iclevr/heldout --n 3000 --seed 1 --prefix heldout
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import save_checkpoint
+from common.config import HelpFormatter, float_in, int_at_least
 from common.device import add_precision_flag, autocast, autocast_dtype
 from common.errors import UserError, cli_main
 from common.fileio import check_writable
@@ -53,19 +54,20 @@ def top_k_sets(net, images, cond) -> list[tuple[int, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--data", required=True, help="rendered (or real) training folder: images + train.json + objects.json"
     )
     p.add_argument("--heldout", default=None, help="a second rendered folder, scored once at the end")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int_at_least(1), default=4, help="passes over the rendered images")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per step")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="AdamW learning rate")
     p.add_argument("--width", type=int, default=32, help="base channel width of the CNN")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True), default=0.05,
+                   help="share of the images held out to choose the epoch")
     add_precision_flag(p, default="fp32", what="the judge's training forward (on the CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, split and batch order")
     return p
 
 

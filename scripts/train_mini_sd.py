@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the mini Stable Diffusion (issue 16, common/mini_sd.py) from scratch on Fill50k-style data.
+r"""Train the mini Stable Diffusion (issue 16, common/mini_sd.py) from scratch on Fill50k-style data.
 
     python scripts/train_mini_sd.py --stage vae --out runs/mini_sd/vae --threads 2
     python scripts/train_mini_sd.py --stage vae --out runs/mini_sd/vae --resume        # continue
@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.checkpoint import save_checkpoint
 from common.colour import delta_e, srgb_to_lab
-from common.config import add_config_flags, config_from_args, pre_parse
+from common.config import BELOW_1, NON_NEGATIVE, POSITIVE, HelpFormatter, add_config_flags, config_from_args, pre_parse
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, ensure_dir, write_text_atomic
@@ -114,13 +114,16 @@ class MiniSDTrainConfig:
     # optimisation
     max_steps: int = field(default=30000, metadata={"help": "optimiser steps to train for"})
     batch_size: int = field(default=16, metadata={"help": "images per step (per device)"})
-    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate (after --warmup-steps)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=5e-4, metadata={
+        "range": POSITIVE, "help": "AdamW learning rate (after --warmup-steps)"})
+    weight_decay: float = field(default=0.0, metadata={
+        "range": NON_NEGATIVE, "help": "AdamW weight decay"})
     warmup_steps: int = field(default=200, metadata={"help": "linear warm-up of the rate over these steps"})
     cooldown_from: int | None = field(default=None, metadata={
         "metavar": "STEP", "help": "from this step the rate falls linearly to 0 at --max-steps (none: constant); "
                                    "can be added when resuming"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights that is validated and exported"})
+    ema_decay: float = field(default=0.999, metadata={
+        "range": BELOW_1, "help": "EMA of the weights that is validated and exported"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     val_every: int = field(default=500, metadata={"help": "validate, export and checkpoint every N steps"})
     # the VAE
@@ -845,7 +848,7 @@ def train_unet(args, config: MiniSDTrainConfig, out: Path) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 def build_parser(stage: str = "vae") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--stage", choices=STAGES, default="vae",
                    help="vae: the AutoencoderKL; unet: the UNet and text encoder on the frozen VAE. "
                         "The defaults below are those of --stage " + stage)

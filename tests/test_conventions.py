@@ -48,3 +48,80 @@ def test_device_and_precision_flags_have_one_home():
         rel = str(path.relative_to(REPO))
         found += [(rel, m.group(1)) for m in pattern.finditer(path.read_text()) if rel not in homes]
     assert not found, found
+
+
+def _commands() -> list[str]:
+    """Every command's module name: the files of the problem folders and scripts/ that build a parser."""
+    names = []
+    for path in _sources(*PROBLEMS, "scripts"):
+        text = path.read_text()
+        if "ArgumentParser(" in text and '__name__ == "__main__"' in text:
+            names.append(".".join(path.relative_to(REPO).with_suffix("").parts))
+    return names
+
+
+class _Shown(Exception):
+    pass
+
+
+def _parsers(module_name: str, monkeypatch) -> list:
+    """The parser(s) behind `module --help` (with its sub-commands'), caught as it would print its help."""
+    import argparse
+    import importlib
+    caught = []
+
+    def catch(self, file=None):
+        caught.append(self)
+        raise _Shown
+
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", catch)
+    module = importlib.import_module(module_name)
+    try:
+        module.main(["--help"])
+    except (_Shown, SystemExit):
+        pass
+    assert caught, f"{module_name}: main(['--help']) printed no help"
+    parsers = list(caught)
+    for action in caught[0]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    return parsers
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    """The guide's "every default has one home, shown by --help": no option of any command without a help
+    text, and none whose default (not None or off) its --help does not show."""
+    import argparse
+    missing = []
+    for name in _commands():
+        for parser in _parsers(name, monkeypatch):
+            formatter = parser._get_formatter()
+            for action in parser._actions:
+                if not action.option_strings or isinstance(action, argparse._HelpAction):
+                    continue
+                flag = action.option_strings[-1]
+                if not (action.help or "").strip():
+                    missing.append(f"{name} {flag}: no help")
+                    continue
+                if action.default in (None, False, argparse.SUPPRESS):
+                    continue
+                shown = formatter._expand_help(action) if "%" in formatter._get_help_string(action) else \
+                    formatter._get_help_string(action)
+                if "default" not in shown.lower():
+                    missing.append(f"{name} {flag}: default {action.default!r} not shown")
+    assert not missing, "\n".join(missing)
+
+
+def test_help_texts_keep_their_line_continuations():
+    """A module docstring is its command's --help; a shell example's trailing backslash in a plain string
+    joins the two lines (the --help then shows one line with a run of spaces): such docstrings are raw."""
+    joined = []
+    for path in _sources(*PROBLEMS, "scripts", "common"):
+        src = path.read_text()
+        body = ast.parse(src).body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            seg = ast.get_source_segment(src, body[0].value)
+            if re.search(r"(?<!\\)(\\\\)*\\\n", seg) and not seg.lower().startswith("r"):
+                joined.append(str(path.relative_to(REPO)))
+    assert not joined, joined

@@ -328,6 +328,32 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o2"), "--grad-clip", "-1"],
                         capsys)
     assert code == 2 and "--grad-clip" in err and not (tmp_path / "o2").exists()
+    # numbers out of range or not finite stop at the parser, before anything is written (they once ran to a
+    # traceback, or to NaN weights)
+    for flags, said in ((["--lr", "nan"], "--lr: must be a finite number"), (["--lr", "-1"], "--lr: must be > 0"),
+                        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+                        (["--val-every", "0"], "--val-every: must be >= 1"),
+                        (["--max-steps", "-1"], "--max-steps: must be >= 1"),
+                        (["--temperature", "nan"], "--temperature: must be a finite number"),
+                        (["--dropout", "2"], "--dropout: must be < 1"),
+                        (["--patch-size", "0"], "--patch-size: must be >= 1"),
+                        (["--max-minutes", "-1"], "--max-minutes: must be > 0")):
+        code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o3")] + flags, capsys)
+        assert code == 2 and said in err, (flags, err)
+        assert not (tmp_path / "o3").exists()
+
+
+def test_infer_refuses_non_finite_scales_and_too_many_steps(tiny_p1_checkpoint, tmp_path, capsys):
+    """--guidance nan once wrote 1000 black images with exit 0; --steps above the model's T a traceback."""
+    out = tmp_path / "out"
+    for flags, said in ((["--guidance", "nan"], "--guidance: must be a finite number"),
+                        (["--sampler", "ddim", "--eta", "nan"], "--eta: must be a finite number"),
+                        (["--steps", "2000"], "--steps must be at most 1000"),
+                        (["--sampler", "ddim", "--steps", "1001"], "--steps must be at most 1000"),
+                        (["--task", "iclevr", "--guidance", "inf"], "--guidance: must be a finite number")):
+        code, err = run_cli(infer_main, ["--checkpoint", str(tiny_p1_checkpoint), "--out", str(out)] + flags, capsys)
+        assert code == 2 and said in err, (flags, err)
+        assert not out.exists()
 
 
 def test_infer_bad_batch_size_and_device_are_one_line_errors(tiny_p1_checkpoint, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -203,8 +204,6 @@ def test_default_controlnet_missing_says_how_to_get_one(monkeypatch, tmp_path, f
 def test_controlnet_with_non_finite_weights_is_refused(trained, fill, sd_ckpt, tmp_path, capsys):
     """A ControlNet folder saved from a diverged run (a NaN in its weights): one line naming the file, exit 2,
     no output folder, instead of black images."""
-    import shutil
-
     import p3_controlnet.infer as infer
     bad = tmp_path / "controlnet"
     shutil.copytree(trained / "controlnet", bad)
@@ -405,6 +404,29 @@ def test_bad_inputs(tmp_path, fill, sd_ckpt, trained, capsys):
     escape.write_text('{"source": "0.png", "target": "../evil.png", "prompt": "p"}\n')
     code, err = run_cli(infer, ["--prompts", str(escape), "--out", str(tmp_path / "o3")] + base, capsys)
     assert code == 2 and "must be a file name inside the folder" in err
+    dot = tmp_path / "dot.json"  # "." names --out itself, which would become a PNG file
+    dot.write_text('{"source": "0.png", "target": ".", "prompt": "p"}\n')
+    code, err = run_cli(infer, ["--prompts", str(dot), "--out", str(tmp_path / "o3")] + base, capsys)
+    assert code == 2 and "dot.json:1: target must be a file name inside the folder" in err
+    assert not (tmp_path / "o3").exists()
+
+    # --out = --source-dir: the outputs would overwrite the control images they are drawn from
+    own = tmp_path / "own"
+    shutil.copytree(src, own)
+    before = {f.name: f.read_bytes() for f in own.iterdir()}
+    code, err = run_cli(infer, ["--prompts", str(fill / "testing" / "prompt.json"), "--out", str(own),
+                                "--source-dir", str(own)] + base[2:], capsys)
+    assert code == 2 and "is a control image of --source-dir" in err and len(err.strip().splitlines()) == 1, err
+    assert {f.name: f.read_bytes() for f in own.iterdir()} == before
+
+    for flags, said in ((["--guidance", "nan"], "--guidance: must be a finite number"),
+                        (["--control-scale", "inf"], "--control-scale: must be a finite number"),
+                        (["--steps", "0"], "--steps: must be >= 1"),
+                        (["--steps", "1001"], "--steps must be in [1, 1000]")):
+        code, err = run_cli(infer, ["--prompts", str(fill / "testing" / "prompt.json"), "--out", str(tmp_path / "o6")]
+                            + base + flags, capsys)
+        assert code == 2 and said in err, (flags, err)
+        assert not (tmp_path / "o6").exists()
 
     code, err = run_cli(infer, ["--prompts", str(fill / "testing" / "prompt.json"), "--out", str(tmp_path / "o4"),
                                 "--source-dir", src, "--sd", str(tmp_path / "sd-v1-4.ckpt"),
@@ -723,8 +745,6 @@ def test_hw2_3_checks_every_input_first_and_leaves_nothing_on_failure(fill, sd_c
                                                                       monkeypatch):
     """A truncated 10th control image (batch 8) is found before any model is loaded; and a failure in the
     second batch adds no image to OUT (the first batch's included), while a file that was there stays."""
-    import shutil
-
     import p3_controlnet.infer as infer
     src = tmp_path / "source"
     src.mkdir()
