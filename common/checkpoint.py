@@ -91,6 +91,9 @@ def read_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if path.suffix == ".ckpt":  # a trainer's last.ckpt (Lightning's, for --resume) given for its weights
+            raise UserError(f"{path}: a training checkpoint (for --resume), not the weights; pass the "
+                            f"model.safetensors (or best.safetensors) that the trainer exports beside it") from None
         raise UserError(f"{path}: not a readable safetensors checkpoint (truncated or corrupt?): {e}") from None
     found = meta.get("kind")
     if found != kind:

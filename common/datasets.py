@@ -35,7 +35,7 @@ def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
             raise UserError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
-        rows = []
+        rows, first_line = [], {}
         for lineno, row in enumerate(reader, start=2):
             if not row:
                 continue
@@ -45,6 +45,10 @@ def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
                 rows.append((row[0].strip(), int(row[1])))
             except ValueError:
                 raise UserError(f"{csv_path}:{lineno}: label {row[1]!r} is not an integer") from None
+            # a name listed twice would be scored once, with whichever row a dict kept
+            seen = first_line.setdefault(rows[-1][0], lineno)
+            if seen != lineno:
+                raise UserError(f"{csv_path}:{lineno}: {rows[-1][0]!r} is listed again (first on line {seen})")
     if not rows:
         raise UserError(f"{csv_path}: no rows")
     return rows

@@ -21,6 +21,7 @@ depend on the batch it is generated in.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
@@ -102,8 +103,9 @@ class SDComponents:
     source: str
 
     def to(self, device=None, dtype=None) -> SDComponents:
-        for m in (self.vae, self.unet, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+        with _without_diffusers_notes():
+            for m in (self.vae, self.unet, self.text_encoder):
+                m.to(device=device, dtype=dtype)
         return self
 
     def freeze(self) -> SDComponents:
@@ -177,17 +179,34 @@ def _unreadable(file: Path, e: Exception) -> UserError:
     return UserError(f"{file}: not a readable safetensors file, truncated or corrupt? ({one_line(e)})")
 
 
-def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """module.to(dtype) when it differs, without diffusers' advisory about from_pretrained(torch_dtype=...)."""
-    if module.dtype == dtype:
-        return module
+@contextlib.contextmanager
+def _without_diffusers_notes():
+    """diffusers' ModelMixin.to() notes which modules "should be kept in float32" (none, for SD v1) and advises
+    from_pretrained(torch_dtype=...) on every call: a line per model on every run, saying nothing to act on."""
     from diffusers.utils import logging as dlog
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()
     try:
-        return module.to(dtype=dtype)
+        yield
     finally:
         dlog.set_verbosity(level)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """module.to(dtype) when it differs, without diffusers' notes (`_without_diffusers_notes`)."""
+    if module.dtype == dtype:
+        return module
+    with _without_diffusers_notes():
+        return module.to(dtype=dtype)
+
+
+def quiet_libraries() -> None:
+    """--quiet reaches diffusers and transformers too: no "Loading weights" bars, no notes below errors."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    for log in (dlog, tlog):
+        log.disable_progress_bar()
+        log.set_verbosity_error()
 
 
 def load_sd(

@@ -250,6 +250,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if not args.prefix or any(c in args.prefix for c in "/\\") or args.prefix.startswith("."):
+        raise UserError(f"--prefix must be a plain file-name prefix (no '/', not starting with '.'), "
+                        f"got {args.prefix!r}")
     out = check_writable(args.out)
     rng = np.random.default_rng([args.seed, 991])
     source = args.labels_from

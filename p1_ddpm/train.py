@@ -75,7 +75,7 @@ class P1TrainConfig:
     max_steps: int = field(default=20000, metadata={"range": AT_LEAST_1, "help": "optimiser steps to train for"})
     batch_size: int = field(default=128, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     lr: float = field(default=3e-4, metadata={
-        "range": POSITIVE,
+        "range": NON_NEGATIVE,
         "help": "AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate"})
     weight_decay: float = field(default=0.0, metadata={"range": NON_NEGATIVE, "help": "AdamW weight decay"})
     warmup_steps: int = field(default=500, metadata={
@@ -313,6 +313,16 @@ def model_config_for(task: str, config: P1TrainConfig, data) -> dict:
                 prediction=config.prediction)
 
 
+def check_geometry(model_config: dict) -> None:
+    """The image side must split into --patch-size patches and then halve at every level but the last (the
+    UNet's skips join same-size maps): a one-line UserError instead of a shape traceback at the first step."""
+    side, patch, levels = model_config["image_size"], model_config["patch_size"], len(model_config["channels"])
+    if side % patch or (side // patch) % 2 ** (levels - 1):
+        raise UserError(f"--patch-size {patch} and {levels} levels of --channels do not fit {side}-px images: "
+                        f"{side} must be a multiple of {patch} x 2^{levels - 1} (e.g. --patch-size 2 with two "
+                        f"levels for 28 px)")
+
+
 @cli_main
 def main(argv=None) -> None:
     args, config, given = parse_config(argv)
@@ -348,6 +358,7 @@ def main(argv=None) -> None:
         # deterministic samplers leave grain on a part-trained model; stochastic DDIM does not
         sample_settings = dict(sampler="ddim", eta=1.0, grid_steps=25)
     model_config = model_config_for(args.task, config, data)
+    check_geometry(model_config)
     init_state = None
     if resume is not None:
         # the network and its schedule are the checkpoint's, whatever the flags say now

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, float_in
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, to_uint8
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--unet", required=True, help="the course's UNet.pt")
         s.add_argument("--out", required=True, help="PNG file to write")
         s.add_argument(
-            "--scale", type=float, default=1.0, help="tile size factor (0.5 shrinks 256x256 tiles to 128x128)"
+            "--scale", type=float_in(1 / 16, 4), default=1.0,
+            help="tile size factor, 1/16 to 4 (0.5 shrinks 256x256 tiles to 128x128)"
         )
         if name == "eta-grid":
             s.add_argument("--etas", default=DEFAULT_ETAS, help="comma-separated eta values (rows)")

@@ -107,8 +107,8 @@ def load_noises(
             raise UserError(f"{p}: noise of shape {tuple(x.shape)} differs from {files[0].name}'s {tuple(shape)}")
         tensors.append(x)
     stems = [p.stem for p in files]
-    if shape[1] % 32 or shape[2] % 32:
-        raise UserError(f"{files[0]}: noise size {shape[1]}x{shape[2]} is not a multiple of 32 "
+    if shape[1] % 32 or shape[2] % 32 or not shape[1] or not shape[2]:
+        raise UserError(f"{files[0]}: noise size {shape[1]}x{shape[2]} is not a positive multiple of 32 "
                         "(the UNet halves it five times)")
     return stems, torch.stack(tensors), [keys[s] for s in stems]
 

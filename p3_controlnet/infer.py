@@ -90,6 +90,8 @@ def main(argv=None) -> None:
     out = check_writable(args.out)
     remove_stale_temps(*{(out / name).parent for name in names})  # what a killed earlier run left
     device = pick_device(args.device)
+    if args.quiet:
+        sdlib.quiet_libraries()
     ac_dtype = autocast_dtype(device, args.precision)
     weight_dtype = ac_dtype or torch.float32
 

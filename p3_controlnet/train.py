@@ -41,11 +41,11 @@ from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoi
 from common.config import (
     BELOW_1,
     NON_NEGATIVE,
-    POSITIVE,
     HelpFormatter,
     add_config_flags,
     check_positive,
     config_from_args,
+    int_at_least,
 )
 from common.device import fused_adamw_pays, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -92,7 +92,7 @@ class P3TrainConfig:
     accumulate: int = field(default=1, metadata={
         "help": "gradient accumulation (effective batch = batch x devices x this)"})
     lr: float = field(default=1e-5, metadata={
-        "range": POSITIVE, "help": "AdamW learning rate (ControlNet paper: 1e-5)"})
+        "range": NON_NEGATIVE, "help": "AdamW learning rate (ControlNet paper: 1e-5)"})
     cooldown_from: int | None = field(default=None, metadata={
         "metavar": "STEP", "help": "from this step the rate falls linearly to 0 at --max-steps (none: constant); "
                                    "can be added when resuming a constant-rate run"})
@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder (controlnet/, samples/, last.ckpt, logs/; fill50k/ without --data)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and UNet (CUDA, long runs)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of prompt.json (quick runs)")
+    p.add_argument("--limit", type=int_at_least(1), default=None,
+                   help="use only the first N lines of prompt.json (quick runs; default: all)")
     p.add_argument("--init-from", default=None, metavar="CONTROLNET",
                    help="start from this ControlNet folder (a train.py OUT/controlnet on the same base model) with "
                         "a fresh optimiser and step 0, instead of a copy of the UNet encoder; ignored when "
@@ -391,6 +392,9 @@ def main(argv=None) -> None:
     if args.data is None and config.generate_n < config.val_count + config.batch_size:
         raise UserError(f"--generate-n {config.generate_n}: need at least --val-count {config.val_count} "
                         f"+ --batch-size {config.batch_size} samples")
+
+    if args.quiet:
+        sdlib.quiet_libraries()
 
     def load_sd():
         t0 = time.time()

@@ -6,7 +6,7 @@
 
 The target domain is --target, or else read from the folder's path (it must contain `usps` or `svhn`);
 the model is the shipped DANN checkpoint for that target (checkpoints/p4_dann_<target>.safetensors)
-unless --checkpoint names another. Images (.png/.jpg/.jpeg/.bmp) are read as RGB (grey copied into
+unless --checkpoint names another. Images (.png/.jpg/.jpeg/.bmp/.webp) are read as RGB (grey copied into
 three channels) and resized to 28x28 when they are not already; rows are sorted by file name, header first.
 """
 from __future__ import annotations

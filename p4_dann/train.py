@@ -42,7 +42,6 @@ from common.config import (
     AT_LEAST_1,
     BELOW_1,
     NON_NEGATIVE,
-    POSITIVE,
     SHARE,
     HelpFormatter,
     add_config_flags,
@@ -84,7 +83,7 @@ class P4TrainConfig:
         "help": "instead of --max-steps: passes over the larger training set"})
     batch_size: int = field(default=64, metadata={"help": "images per domain per step"})
     lr: float = field(default=0.02, metadata={
-        "range": POSITIVE, "help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
+        "range": NON_NEGATIVE, "help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
     momentum: float = field(default=0.9, metadata={
         "range": SHARE, "help": "SGD (Nesterov) momentum"})
     weight_decay: float = field(default=5e-4, metadata={

@@ -160,6 +160,8 @@ def main(argv=None) -> dict:
     setup_cuda_fast_math()
     amp = autocast_dtype(device, args.precision)
 
+    if args.quiet:
+        sdlib.quiet_libraries()
     sd = sdlib.load_sd(args.sd).freeze()
     sdlib.check_sampling_steps(args.steps, sd)
     resolution = args.resolution or sd.native_resolution
@@ -169,8 +171,8 @@ def main(argv=None) -> dict:
         n = load_kv(emb_dir / KV_FILE, sd.unet)
         kv_note = f", joint cross-attention K/V ({n} tensors) from {emb_dir / KV_FILE}"
     if amp is not None:
-        sd.unet.to(amp)
-        sd.vae.to(amp)
+        sdlib.cast(sd.unet, amp)
+        sdlib.cast(sd.vae, amp)
     sd.to(device)
     if channels_last_pays(device):
         sd.unet.to(memory_format=torch.channels_last)

@@ -46,7 +46,7 @@ from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, read_resume_checkpoint
-from common.config import NON_NEGATIVE, POSITIVE, HelpFormatter, add_config_flags, check_positive, config_from_args
+from common.config import NON_NEGATIVE, HelpFormatter, add_config_flags, check_positive, config_from_args
 from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -125,9 +125,9 @@ class P5TrainConfig:
         "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "
                 "64 for the mini SD)"})
     lr: float = field(default=5e-3, metadata={
-        "range": POSITIVE, "help": "learning rate of the token vectors"})
+        "range": NON_NEGATIVE, "help": "learning rate of the token vectors"})
     kv_lr: float = field(default=1e-5, metadata={
-        "range": POSITIVE, "help": "learning rate of the K/V weights (joint-kv)"})
+        "range": NON_NEGATIVE, "help": "learning rate of the K/V weights (joint-kv)"})
     weight_decay: float = field(default=1e-2, metadata={
         "range": NON_NEGATIVE, "help": "AdamW weight decay of the token vectors"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the learning rates over these steps"})
@@ -579,6 +579,8 @@ def main(argv=None) -> dict:
         resume_ckpt = read_resume_checkpoint(resume, "p5_personalization/train_ti.py", ("concepts", "train"))
     seed_everything(args.seed)
     setup_cuda_fast_math()
+    if args.quiet:
+        sdlib.quiet_libraries()
 
     components = None
     if config.resolution is None:  # resolved before the photos are sized, and recorded as resolved

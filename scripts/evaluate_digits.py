@@ -59,12 +59,16 @@ def find_sets(folder: Path, notes: bool = True) -> list[tuple[str, str, Path]]:
     """(name, kind, path) of every digits set under `folder`: itself when it holds images, else its subfolders."""
     if not folder.is_dir():
         raise folder_error(folder)
-    if list_images(folder, PNG_SUFFIXES, empty=None):
-        return [(folder.name or str(folder), folder_kind(folder.name) or "mnistm", folder)]
     sets, skipped = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         kind = folder_kind(sub.name)
         (sets if kind else skipped).append((sub.name, kind, sub))
+    loose = list_images(folder, PNG_SUFFIXES, empty=None)
+    if loose and sets:  # which layout is meant cannot be told: scoring one would silently drop the other
+        raise UserError(f"{folder}: holds both PNGs ({loose[0].name}, ...) and {sets[0][0]}/; give the folder "
+                        f"of one layout: OUT/{{mnistm,svhn}}/*.png (2024, 2025) or OUT/*.png (2023)")
+    if loose:
+        return [(folder.name or str(folder), folder_kind(folder.name) or "mnistm", folder)]
     for name, _, _ in (skipped if notes else []):
         print(f"note: skipping {folder / name} (not named mnistm or svhn)", file=sys.stderr)
     if not sets:

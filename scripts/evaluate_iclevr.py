@@ -56,6 +56,9 @@ def read_images(path: Path, count: int) -> torch.Tensor:
     with Image.open(path) as im:
         grid = np.asarray(im.convert("RGB"))
     tile, pad = 64, 2
+    if any((side - pad) % (tile + pad) or side < pad + tile + pad for side in grid.shape[:2]):
+        raise UserError(f"{path}: {grid.shape[1]}x{grid.shape[0]} px is not a grid of 64-px tiles with 2-px "
+                        f"padding (each side is 2 + k x 66 px, as p1_ddpm/infer.py --task iclevr writes)")
     cols = (grid.shape[1] - pad) // (tile + pad)
     rows = (grid.shape[0] - pad) // (tile + pad)
     if rows * cols < count:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -44,6 +44,10 @@ def load_arrays(npz_path: Path, name: str):
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise UserError(f"{npz_path}: missing array {key!r} (has {sorted(arrays)})")
+    for split in ("train", "test"):
+        if f"x_{split}" in arrays and len(arrays[f"x_{split}"]) != len(arrays.get(f"y_{split}", ())):
+            raise UserError(f"{npz_path}: x_{split} holds {len(arrays[f'x_{split}'])} images but y_{split} "
+                            f"{len(arrays.get(f'y_{split}', ()))} labels")
     x, y = arrays["x_train"], arrays["y_train"]
     if name == "svhn" and "x_test" not in arrays:
         return x[:SVHN_TRAIN_COUNT], y[:SVHN_TRAIN_COUNT], x[SVHN_TRAIN_COUNT:], y[SVHN_TRAIN_COUNT:]
@@ -86,12 +90,15 @@ def main(argv=None) -> None:
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help=f"comma-separated subset of {','.join(SOURCES)}, or 'all' (default: {DEFAULT_DATASETS})")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training arrays held out as val.csv")
-    p.add_argument("--limit", type=int, default=None, help="keep only the first N images of each split (for tests)")
+    p.add_argument("--limit", type=int_at_least(1), default=None,
+                   help="keep only the first N images of each split (for tests; default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = p.parse_args(argv)
     names = (
         list(SOURCES) if args.datasets.strip() == "all" else [n.strip() for n in args.datasets.split(",") if n.strip()]
     )
+    if not names:
+        raise UserError(f"--datasets names no data set (choose from {', '.join(SOURCES)}, or 'all')")
     for n in names:
         if n not in SOURCES:
             raise UserError(f"--datasets: unknown data set {n!r} (choose from {', '.join(SOURCES)})")

@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.checkpoint import save_checkpoint
 from common.colour import delta_e, srgb_to_lab
-from common.config import BELOW_1, NON_NEGATIVE, POSITIVE, HelpFormatter, add_config_flags, config_from_args, pre_parse
+from common.config import BELOW_1, NON_NEGATIVE, HelpFormatter, add_config_flags, config_from_args, pre_parse
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, ensure_dir, write_text_atomic
@@ -115,7 +115,7 @@ class MiniSDTrainConfig:
     max_steps: int = field(default=30000, metadata={"help": "optimiser steps to train for"})
     batch_size: int = field(default=16, metadata={"help": "images per step (per device)"})
     lr: float = field(default=5e-4, metadata={
-        "range": POSITIVE, "help": "AdamW learning rate (after --warmup-steps)"})
+        "range": NON_NEGATIVE, "help": "AdamW learning rate (after --warmup-steps)"})
     weight_decay: float = field(default=0.0, metadata={
         "range": NON_NEGATIVE, "help": "AdamW weight decay"})
     warmup_steps: int = field(default=200, metadata={"help": "linear warm-up of the rate over these steps"})

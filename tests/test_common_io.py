@@ -373,3 +373,19 @@ def test_config_flags_check_their_range_when_parsed(text, said, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--scale", "nan"])
     assert "argument --scale: must be a finite number" in capsys.readouterr().err
+
+
+def test_label_csv_refuses_a_name_listed_twice(tmp_path):
+    """Scored through a dict, a repeated name would count once, with whichever label came last."""
+    f = tmp_path / "pred.csv"
+    f.write_text("image_name,label\na.png,1\nb.png,3\na.png,2\n")
+    with pytest.raises(UserError, match=r"pred.csv:4: 'a.png' is listed again \(first on line 2\)"):
+        read_label_csv(f)
+
+
+def test_a_training_checkpoint_given_for_weights_says_which_file_to_pass(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3}, ckpt)
+    with pytest.raises(UserError, match="a training checkpoint .for --resume., not the weights; pass the "
+                                        "model.safetensors"):
+        read_checkpoint(ckpt, "p1_ddpm.ConditionalUNet")

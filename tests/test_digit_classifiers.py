@@ -160,6 +160,13 @@ def test_error_folder_without_pngs(tmp_path, capsys, lenet):
     )
 
 
+def test_error_folder_with_both_layouts(good_folder, capsys, mnistm_test):
+    """Loose PNGs beside mnistm/: scoring either layout would silently drop the other."""
+    write_digits(good_folder / "mnistm", mnistm_test[0][:2], mnistm_test[1][:2])
+    msg = run_error(capsys, ["--folder", str(good_folder), "--checkpoint", str(LENET_PATH)])
+    assert str(good_folder) in msg and "both PNGs" in msg and "mnistm/" in msg
+
+
 def test_error_bad_file_name(good_folder, capsys, mnistm_test):
     Image.fromarray(mnistm_test[0][0]).save(good_folder / "x_001.png")
     msg = run_error(capsys, ["--folder", str(good_folder), "--checkpoint", str(LENET_PATH)])

@@ -103,6 +103,24 @@ def test_renderer_labels_from_file(tmp_path):
     assert all(v in (["red sphere"], ["blue cube", "gray cylinder"]) for v in lists)
 
 
+def test_renderer_refuses_a_prefix_that_is_a_path(tmp_path, capsys):
+    for prefix in ("../../x", "a/b", ".hidden", ""):
+        out = tmp_path / "o"
+        with pytest.raises(SystemExit) as e:
+            render_main(["--out", str(out), "--n", "2", "--prefix", prefix])
+        assert e.value.code == 2 and "--prefix must be a plain file-name prefix" in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.parent.glob("x_*.png"))
+
+
+def test_evaluate_refuses_an_image_that_is_not_a_tile_grid(tmp_path, capsys):
+    from scripts.evaluate_iclevr import read_images
+    Image.new("RGB", (874, 862)).save(tmp_path / "digits_grid.png")  # P1's 10x10 digit grid, not 64-px tiles
+    with pytest.raises(UserError, match="874x862 px is not a grid of 64-px tiles"):
+        read_images(tmp_path / "digits_grid.png", 32)
+    Image.new("RGB", (2 + 8 * 66, 2 + 4 * 66)).save(tmp_path / "grid.png")
+    assert read_images(tmp_path / "grid.png", 32).shape == (32, 3, 64, 64)
+
+
 # --- data -----------------------------------------------------------------------------------------------
 
 def test_multi_hot_from_names():

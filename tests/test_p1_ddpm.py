@@ -330,13 +330,15 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
     assert code == 2 and "--grad-clip" in err and not (tmp_path / "o2").exists()
     # numbers out of range or not finite stop at the parser, before anything is written (they once ran to a
     # traceback, or to NaN weights)
-    for flags, said in ((["--lr", "nan"], "--lr: must be a finite number"), (["--lr", "-1"], "--lr: must be > 0"),
+    for flags, said in ((["--lr", "nan"], "--lr: must be a finite number"), (["--lr", "-1"], "--lr: must be >= 0"),
                         (["--batch-size", "0"], "--batch-size: must be >= 1"),
                         (["--val-every", "0"], "--val-every: must be >= 1"),
                         (["--max-steps", "-1"], "--max-steps: must be >= 1"),
                         (["--temperature", "nan"], "--temperature: must be a finite number"),
                         (["--dropout", "2"], "--dropout: must be < 1"),
                         (["--patch-size", "0"], "--patch-size: must be >= 1"),
+                        (["--patch-size", "3"], "--patch-size 3 and 2 levels of --channels do not fit 28-px images"),
+                        (["--channels", "8,16,32"], "2 and 3 levels of --channels do not fit 28-px images"),
                         (["--max-minutes", "-1"], "--max-minutes: must be > 0")):
         code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o3")] + flags, capsys)
         assert code == 2 and said in err, (flags, err)

@@ -326,6 +326,7 @@ def test_infer_bad_inputs(face_dir, tmp_path, capsys):
         (noise_dir("nan", {"00": x, "07": nan}), good_unet, "07.pt"),
         (noise_dir("ints", {"00": torch.zeros(1, 3, 64, 64, dtype=torch.long)}), good_unet, "float"),
         (noise_dir("odd", {"00": torch.randn(1, 3, 40, 40)}), good_unet, "multiple of 32"),
+        (noise_dir("empty_noise", {"00": torch.randn(1, 3, 0, 0)}), good_unet, "positive multiple of 32"),
         (noise_dir("dict", {"00": {"x": x}}), good_unet, "expected a tensor"),
         (good_noise, tmp_path / "missing_UNet.pt", "missing_UNet.pt"),
         (good_noise, other, "other.pt"),

@@ -138,6 +138,17 @@ def test_prepare_digits_writes_mnist_as_rgb(tmp_path, capsys):
     assert int(rows[1][1]) == label
     code, err = run_cli(prepare, ["--out", str(tmp_path), "--datasets", "mnist,kmnist"], capsys)
     assert code == 2 and "kmnist" in err
+    code, err = run_cli(prepare, ["--out", str(tmp_path / "none"), "--datasets", ","], capsys)
+    assert code == 2 and "--datasets names no data set" in err and not (tmp_path / "none").exists()
+    code, err = run_cli(prepare, ["--out", str(tmp_path / "none"), "--limit", "-1"], capsys)
+    assert code == 2 and "--limit: must be >= 1" in err
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    np.savez(odd / "mnist.npz", x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.zeros(4, np.int64))
+    code, err = run_cli(prepare, ["--npz-dir", str(odd), "--out", str(tmp_path / "none"), "--datasets", "mnist"],
+                        capsys)
+    assert code == 2 and "mnist.npz: x_train holds 3 images but y_train 4 labels" in err
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("mode,num_domains", [("source", 1), ("dann", 1), ("dann", 2), ("target", 1), ("target", 2)])
