@@ -95,14 +95,13 @@ def int_at_least(low: int):
     return _number(int, low=low)
 
 
-def _parse_optional(kind: type, bounds: dict | None = None):
-    base = _number(kind, **(bounds or {})) if kind in (int, float) else kind
-
+def _parse_optional(base):
+    """`base` (an argparse type), or None for 'none' or ''."""
     def parse(text: str):
         if text.lower() in ("none", ""):
             return None
         return base(text)
-    parse.__name__ = kind.__name__
+    parse.__name__ = base.__name__
     return parse
 
 
@@ -124,13 +123,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | Non
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            bounds = f.metadata.get("range", {})
-            if optional:
-                kwargs["type"] = _parse_optional(kind, bounds)
-            elif kind in (int, float):
-                kwargs["type"] = _number(kind, **bounds)
-            else:
-                kwargs["type"] = kind
+            base = _number(kind, **f.metadata.get("range", {})) if kind in (int, float) else kind
+            kwargs["type"] = _parse_optional(base) if optional else base
             if "choices" in f.metadata:
                 kwargs["choices"] = tuple(f.metadata["choices"])
             if "metavar" in f.metadata:

@@ -160,10 +160,9 @@ def check_steps(args, config: dict) -> None:
 
 
 def sampler_calls(sampler: str, num_train_steps: int, steps: int) -> int:
-    """How many steps (callback calls) `sampler` takes: all T for ddpm, else --steps (at most T for ddim)."""
-    if sampler == "ddpm":
-        return num_train_steps
-    return min(steps, num_train_steps) if sampler == "ddim" else steps
+    """How many steps (callback calls) `sampler` takes: all T for ddpm, else --steps (check_steps has kept it
+    at most T)."""
+    return num_train_steps if sampler == "ddpm" else steps
 
 
 def denoise_frame_indices(num_states: int, frames: int) -> list[int]:

@@ -326,8 +326,6 @@ def check_geometry(model_config: dict) -> None:
 @cli_main
 def main(argv=None) -> None:
     args, config, given = parse_config(argv)
-    if config.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     check_cooldown(config.cooldown_from, config.max_steps)
     out = check_writable(args.out)
     seed_everything(args.seed)

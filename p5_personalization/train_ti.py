@@ -357,6 +357,8 @@ class TextualInversionModule(pl.LightningModule):
             te.train()
         self.sd = sd
         self.prediction = sd.prediction  # what the loss's target is: eps for SD v1 (its scheduler says)
+        # on the module's device once, not copied there every step (the v target reads it)
+        self.register_buffer("alphas_cumprod", sd.noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
 
     # the frozen components follow the module to its device
     def on_fit_start(self) -> None:
@@ -374,7 +376,7 @@ class TextualInversionModule(pl.LightningModule):
         ids = sdlib.tokenize(sd.tokenizer, [expand_prompt(p, self.num_vectors) for p in prompts]).to(self.device)
         context = sd.text_encoder(ids)[0]
         pred = sd.unet(noisy.to(sd.unet.dtype), t, encoder_hidden_states=context.to(sd.unet.dtype)).sample
-        ab = sched.alphas_cumprod.to(self.device)[t].float()[:, None, None, None]
+        ab = self.alphas_cumprod[t][:, None, None, None]
         return F.mse_loss(pred.float(), training_target(latents, noise, ab, self.prediction))
 
     def training_step(self, batch, batch_idx):
