@@ -24,6 +24,8 @@ NON_NEGATIVE = {"low": 0}
 AT_LEAST_1 = {"low": 1}
 SHARE = {"low": 0, "high": 1}  # a probability
 BELOW_1 = {"low": 0, "high": 1, "high_open": True}  # a decay or dropout rate
+UP_TO_1 = {"low": 0, "low_open": True, "high": 1}  # a share that cannot be 0 (a crop's smallest scale)
+OPEN_SHARE = {"low": 0, "low_open": True, "high": 1, "high_open": True}  # a mix of two kinds, both present
 
 
 def _flag(name: str) -> str:
@@ -90,6 +92,11 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
     return _number(float, low, high, low_open, high_open)
 
 
+def int_in(low: int, high: int):
+    """argparse type of an integer flag within [low, high] (`int_in(1, 1000)`: steps of a 1000-step schedule)."""
+    return _number(int, low, high)
+
+
 def int_at_least(low: int):
     """argparse type of an integer flag with a lower bound (counts: `int_at_least(1)`)."""
     return _number(int, low=low)
@@ -149,14 +156,6 @@ def config_from_dict(cls, values: dict, source: str = "checkpoint"):
     if unknown:
         raise UserError(f"{source}: unknown {cls.__name__} fields {', '.join(unknown)}")
     return cls(**values)
-
-
-def check_positive(config, *names: str) -> None:
-    """UserError naming the flag when one of these integer fields is below 1."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise UserError(f"{_flag(name)} must be >= 1, got {value}")
 
 
 def pre_parse(argv, *flags: tuple[str, Any]) -> argparse.Namespace:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import HelpFormatter, finite_float
+from common.config import HelpFormatter, finite_float, int_at_least
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, remove_stale_temps
@@ -95,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoise", default=None,
                    help='iclevr: comma-separated object names, e.g. "red sphere,cyan cylinder,cyan cube": write '
                         "OUT/denoise.png, the denoising process from noise to the result")
-    p.add_argument("--denoise-frames", type=int, default=10, help="iclevr: images in the denoising grid (>= 8)")
+    p.add_argument("--denoise-frames", type=int_at_least(8), default=10,
+                   help="iclevr: images in the denoising grid (>= 8)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="dpmpp2m (fast, the digits default), ddim (the iclevr default, with --eta 1), "
                         "or ddpm (ancestral, all 1000 steps)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=int_at_least(1), default=None,
                    help=f"sampling steps (ignored by ddpm); default {DEFAULTS['steps']} (digits), "
                         f"{ICLEVR_DEFAULTS['steps']} (iclevr)")
     p.add_argument("--guidance", type=finite_float, default=None,
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM eta (0 = deterministic); default 0 (digits), 1 (iclevr)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="seed of every image's starting noise (with its data set, digit and index)")
-    p.add_argument("--batch-size", type=int, default=1000, help="images per batch (the guided forward doubles it)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1000,
+                   help="images per batch (the guided forward doubles it)")
     add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -125,10 +127,6 @@ def main(argv=None) -> None:
             setattr(args, key, task_defaults[key])
     if args.checkpoint is None:
         args.checkpoint = str(DEFAULT_CHECKPOINT if args.task == "digits" else ICLEVR_CHECKPOINT)
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task == "iclevr":
         return main_iclevr(args)
     t0 = time.time()
@@ -174,8 +172,6 @@ def denoise_frame_indices(num_states: int, frames: int) -> list[int]:
 def main_iclevr(args) -> None:
     from p1_ddpm.iclevr_data import load_label_lists, load_objects, multi_hot
     t0 = time.time()
-    if args.denoise_frames < 8:
-        raise UserError(f"--denoise-frames must be >= 8, got {args.denoise_frames}")
     device = pick_device(args.device)
     out = check_writable(args.out)  # fail before loading or sampling anything, creating nothing
     model, config = load_unet(args.checkpoint, device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic
 
@@ -236,7 +236,7 @@ def write_dataset(out: Path, label_lists: list[list[str]], seed: int, prefix: st
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (images/, train.json, objects.json)")
-    p.add_argument("--n", type=int, default=18009, help="number of images (the lab's train set has 18009)")
+    p.add_argument("--n", type=int_at_least(1), default=18009, help="number of images (the lab's train set has 18009)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label draw and the scene layouts")
     p.add_argument("--labels-from", default="auto",
                    help="a lab train.json to draw label lists from; 'auto': ../shared/data/iclevr/train.json "
@@ -248,8 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
     if not args.prefix or any(c in args.prefix for c in "/\\") or args.prefix.startswith("."):
         raise UserError(f"--prefix must be a plain file-name prefix (no '/', not starting with '.'), "
                         f"got {args.prefix!r}")

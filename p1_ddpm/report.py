@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from common.config import HelpFormatter, finite_float
+from common.config import HelpFormatter, finite_float, int_at_least
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, write_figure_info
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
                    help="course year: which digits and data sets the reverse-process figure shows")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="weights written by p1_ddpm/train.py")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"], help="sampler of the grids")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps of the grids")
+    p.add_argument("--steps", type=int_at_least(1), default=DEFAULTS["steps"], help="sampling steps of the grids")
     p.add_argument("--guidance", type=finite_float, default=DEFAULTS["guidance"],
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the starting noise")

@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
-from common.config import HelpFormatter, float_in
+from common.config import HelpFormatter, float_in, int_at_least
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, to_uint8
-from p2_ddim.infer import add_sampling_args, check_sampling_args, load_model, load_noises, sample_faces_ddim, setup
+from p2_ddim.infer import add_sampling_args, load_model, load_noises, sample_faces_ddim, setup
 from p2_ddim.interpolation import INTERPOLATIONS, interpolate
 
 DEFAULT_ETAS = "0,0.25,0.5,0.75,1.0"
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--mode", choices=tuple(INTERPOLATIONS), required=True, help="slerp or lerp")
             s.add_argument("--pair", default="00,01", help="the two noise names to interpolate between")
-            s.add_argument("--count", type=int, default=11, help="images in the row (11: alpha 0.0, 0.1, ..., 1.0)")
+            s.add_argument("--count", type=int_at_least(2), default=11,
+                           help="images in the row (11: alpha 0.0, 0.1, ..., 1.0)")
         add_sampling_args(s)
     return p
 
@@ -110,9 +111,6 @@ def _resize(images: np.ndarray, scale: float) -> np.ndarray:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_sampling_args(args)
-    if not args.scale > 0:
-        raise UserError(f"--scale must be > 0, got {args.scale}")
     t0 = time.time()
     out = figure_out(args.out)
     if args.command == "eta-grid":
@@ -124,8 +122,6 @@ def main(argv=None) -> None:
         pair = _names(args.pair, "--pair")
         if len(pair) != 2:
             raise UserError(f"--pair needs two noise names, got {args.pair!r}")
-        if args.count < 2:
-            raise UserError(f"--count must be >= 2, got {args.count}")
         _, noises, _ = load_noises(args.noise_dir, pair)
     device, amp = setup(args)
     model = load_model(args.unet, device)  # after the cheap checks: a bad noise folder fails at once

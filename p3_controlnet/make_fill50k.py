@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-from common.config import HelpFormatter, add_config_flags, config_from_args, pre_parse
+from common.config import HelpFormatter, add_config_flags, config_from_args, int_at_least, pre_parse
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_png
@@ -280,8 +280,8 @@ def write_split(root: Path, n: int, size: int, seed: int, start: int = 0,
 def build_parser(preset: str = "fill50k") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="data root; training/ (and testing/) are written under it")
-    p.add_argument("--n", type=int, default=50000, help="training samples (Fill50k has 50000)")
-    p.add_argument("--n-test", type=int, default=0, help="testing samples (different seeds from training)")
+    p.add_argument("--n", type=int_at_least(1), default=50000, help="training samples (Fill50k has 50000)")
+    p.add_argument("--n-test", type=int_at_least(0), default=0, help="testing samples (different seeds from training)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (SD v1: 512; a multiple of 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the circles, colours and prompts")
     p.add_argument("--preset", choices=PRESETS, default="fill50k",
@@ -302,8 +302,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Fill50kOptions]:
 def main(argv=None) -> None:
     args, options = parse_args(argv)
     check_options(options)
-    if args.n < 1 or args.n_test < 0:
-        raise UserError(f"--n must be >= 1 and --n-test >= 0, got {args.n} and {args.n_test}")
     if args.size < 16 or args.size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 16, got {args.size}")
     out = check_writable(args.out)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common.stable_diffusion as sdlib
-from common.config import HelpFormatter, finite_float
+from common.config import HelpFormatter, finite_float, int_at_least
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: the SD's native resolution: 512 for SD v1.4, 64 for the mini "
                         "SD)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int_at_least(1), default=50, help="DDIM steps")
     p.add_argument("--guidance", type=finite_float, default=7.5,
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
     p.add_argument("--seed", type=int, default=42, help="seed of the starting noise")

@@ -39,11 +39,12 @@ from pytorch_lightning.callbacks import Callback
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoint
 from common.config import (
+    AT_LEAST_1,
     BELOW_1,
     NON_NEGATIVE,
+    SHARE,
     HelpFormatter,
     add_config_flags,
-    check_positive,
     config_from_args,
     int_at_least,
 )
@@ -85,12 +86,13 @@ class P3TrainConfig:
         "help": "training resolution, images are resized to it (default: the SD's native resolution, 512 for SD "
                 "v1.4, 64 for the mini SD; recorded resolved)"})
     generate_n: int = field(default=50000, metadata={
+        "range": AT_LEAST_1,
         "help": "without --data: how many training samples to generate (Fill50k has 50000); drawn at --size with "
                 "generator seed --seed"})
-    max_steps: int = field(default=6000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
+    max_steps: int = field(default=6000, metadata={"range": AT_LEAST_1, "help": "optimiser steps"})
+    batch_size: int = field(default=4, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     accumulate: int = field(default=1, metadata={
-        "help": "gradient accumulation (effective batch = batch x devices x this)"})
+        "range": AT_LEAST_1, "help": "gradient accumulation (effective batch = batch x devices x this)"})
     lr: float = field(default=1e-5, metadata={
         "range": NON_NEGATIVE, "help": "AdamW learning rate (ControlNet paper: 1e-5)"})
     cooldown_from: int | None = field(default=None, metadata={
@@ -98,25 +100,29 @@ class P3TrainConfig:
                                    "can be added when resuming a constant-rate run"})
     weight_decay: float = field(default=1e-2, metadata={
         "range": NON_NEGATIVE, "help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    grad_clip: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE, "help": "clip the gradient norm to this (0: off)"})
     proportion_empty_prompts: float = field(default=0.0, metadata={
+        "range": SHARE,
         "help": "probability of training a sample with the empty prompt (the paper uses 0.5 to make the "
                 "ControlNet read content from the control image; the Fill50k tutorial 0)"})
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "recompute activations in the backward pass (--no-gradient-checkpointing: faster, much more "
                 "memory)"})
-    val_count: int = field(default=8, metadata={"help": "training items held out for validation loss and samples"})
+    val_count: int = field(default=8, metadata={
+        "range": AT_LEAST_1, "help": "training items held out for validation loss and samples"})
     ema_decay: float = field(default=0.0, metadata={
         "range": BELOW_1,
         "help": "keep an exponential moving average of the ControlNet's weights with this decay (e.g. 0.999) "
                 "and validate, export and sample it instead of the weights themselves (0: off, as in the "
                 "ControlNet paper; costs one more copy of the ControlNet in memory)"})
     sample_every: int = field(default=500, metadata={
-        "help": "validate, export controlnet/ and draw samples every N steps"})
-    sample_steps: int = field(default=20, metadata={"help": "DDIM steps of the sample images (0: no images)"})
+        "range": AT_LEAST_1, "help": "validate, export controlnet/ and draw samples every N steps"})
+    sample_steps: int = field(default=20, metadata={
+        "range": NON_NEGATIVE, "help": "DDIM steps of the sample images (0: no images)"})
     sample_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of the sample images"})
     checkpoint_every: int | None = field(default=None, metadata={
-        "metavar": "N", "help": "write last.ckpt every N steps (off: every --sample-every steps)"})
+        "range": AT_LEAST_1, "metavar": "N", "help": "write last.ckpt every N steps (off: every --sample-every steps)"})
 
 
 def load_init_controlnet(controlnet, path: str) -> None:
@@ -371,14 +377,9 @@ def main(argv=None) -> None:
     config = config_from_args(P3TrainConfig(), args)
     # the frozen SD is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    if not 0.0 <= config.proportion_empty_prompts <= 1.0:
-        raise UserError(f"--proportion-empty-prompts must be in [0, 1], got {config.proportion_empty_prompts}")
     if config.size is not None and (config.size < 8 or config.size % 8):
         raise UserError(f"--size must be a positive multiple of 8, got {config.size}")
-    check_positive(config, "batch_size", "accumulate", "max_steps", "sample_every", "generate_n")
     check_cooldown(config.cooldown_from, config.max_steps)
-    if config.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
     out = check_writable(args.out)
     seed_everything(args.seed)
     setup_cuda_fast_math()

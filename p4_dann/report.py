@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, write_figure_info
 from common.fileio import atomic_path, check_writable, ensure_dir, write_text_atomic
@@ -312,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dann mode with the gradient reversal switched off)")
     p.add_argument("--retrain", action="store_true", help="train every run again, even when it exists")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots")
-    p.add_argument("--tsne-count", type=int, default=1000, help="val images per domain in the t-SNE plots")
+    p.add_argument("--tsne-count", type=int_at_least(3), default=1000, help="val images per domain in the t-SNE plots")
     p.add_argument("--train-args", default="", help="extra flags for every training run, e.g. '--max-steps 500'")
     p.add_argument("--refresh-rate", type=int, default=50, help="training progress bar refresh (steps)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int_at_least(1), default=1,
                    help="train this many runs at once, each in its own process with threads/jobs threads "
                         "(2 on a 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training runs and the t-SNE")
@@ -335,10 +335,6 @@ def parse_modes(text: str) -> list[str]:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.tsne_count < 3:
-        raise UserError(f"--tsne-count must be >= 3, got {args.tsne_count}")
     run_report(args.data, Path(args.runs), Path(args.out), parse_scenarios(args.scenarios), parse_modes(args.modes),
                args.seed, args.retrain, args.train_args.split(), not args.no_tsne, args.tsne_count, args.refresh_rate,
                args.jobs, command=command_line(__file__, argv))

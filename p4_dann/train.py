@@ -42,10 +42,10 @@ from common.config import (
     AT_LEAST_1,
     BELOW_1,
     NON_NEGATIVE,
+    POSITIVE,
     SHARE,
     HelpFormatter,
     add_config_flags,
-    check_positive,
     config_from_args,
     pre_parse,
 )
@@ -78,10 +78,11 @@ class P4TrainConfig:
     Chosen on the TARGET val split's accuracy (see README.md: "how the settings were chosen"). The src_*/tgt_*
     fields are the source's and the target's augmentation (`aug_config`)."""
 
-    max_steps: int = field(default=3000, metadata={"help": "optimiser steps (sets the schedules' progress p)"})
+    max_steps: int = field(default=3000, metadata={
+        "range": AT_LEAST_1, "help": "optimiser steps (sets the schedules' progress p)"})
     max_epochs: int | None = field(default=None, metadata={
-        "help": "instead of --max-steps: passes over the larger training set"})
-    batch_size: int = field(default=64, metadata={"help": "images per domain per step"})
+        "range": AT_LEAST_1, "help": "instead of --max-steps: passes over the larger training set"})
+    batch_size: int = field(default=64, metadata={"range": AT_LEAST_1, "help": "images per domain per step"})
     lr: float = field(default=0.02, metadata={
         "range": NON_NEGATIVE, "help": "initial SGD learning rate (annealed lr/(1+10p)^0.75)"})
     momentum: float = field(default=0.9, metadata={
@@ -104,29 +105,33 @@ class P4TrainConfig:
     input_norm: str = field(default="image", metadata={
         "choices": ("image", "fixed"),
         "help": "image: standardise each image on its own; fixed: (x/255-0.5)/0.5"})
-    src_affine: float = field(default=1.0, metadata={"help": "source augmentation: affine strength"})
-    src_scale_min: float = field(default=0.85, metadata={"help": "source: smallest random zoom"})
-    src_scale_max: float = field(default=1.2, metadata={"help": "source: largest random zoom"})
+    src_affine: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE, "help": "source augmentation: affine strength"})
+    src_scale_min: float = field(default=0.85, metadata={"range": POSITIVE, "help": "source: smallest random zoom"})
+    src_scale_max: float = field(default=1.2, metadata={"range": POSITIVE, "help": "source: largest random zoom"})
     src_invert: float = field(default=0.0, metadata={
         "range": SHARE, "help": "source: probability of inversion"})
     src_channel_shuffle: float = field(default=0.5, metadata={
         "range": SHARE, "help": "source: p of permuting RGB"})
     src_grey: float = field(default=0.2, metadata={
         "range": SHARE, "help": "source: probability of turning grey"})
-    src_jitter: float = field(default=0.3, metadata={"help": "source: brightness/contrast amplitude"})
+    src_jitter: float = field(default=0.3, metadata={
+        "range": NON_NEGATIVE, "help": "source: brightness/contrast amplitude"})
     src_colourize: float = field(default=0.0, metadata={
         "range": SHARE,
         "help": "source: probability of painting the (grey) digit on a random colour texture"})
-    tgt_affine: float = field(default=1.0, metadata={"help": "target augmentation: affine strength"})
-    tgt_scale_min: float = field(default=0.85, metadata={"help": "target: smallest random zoom"})
-    tgt_scale_max: float = field(default=1.2, metadata={"help": "target: largest random zoom"})
-    tgt_invert: float = field(default=0.0, metadata={"help": "target: probability of inversion"})
-    tgt_channel_shuffle: float = field(default=0.0, metadata={"help": "target: p of permuting RGB"})
-    tgt_grey: float = field(default=0.0, metadata={"help": "target: probability of turning grey"})
-    tgt_jitter: float = field(default=0.0, metadata={"help": "target: brightness/contrast amplitude"})
+    tgt_affine: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE, "help": "target augmentation: affine strength"})
+    tgt_scale_min: float = field(default=0.85, metadata={"range": POSITIVE, "help": "target: smallest random zoom"})
+    tgt_scale_max: float = field(default=1.2, metadata={"range": POSITIVE, "help": "target: largest random zoom"})
+    tgt_invert: float = field(default=0.0, metadata={"range": SHARE, "help": "target: probability of inversion"})
+    tgt_channel_shuffle: float = field(default=0.0, metadata={"range": SHARE, "help": "target: p of permuting RGB"})
+    tgt_grey: float = field(default=0.0, metadata={"range": SHARE, "help": "target: probability of turning grey"})
+    tgt_jitter: float = field(default=0.0, metadata={
+        "range": NON_NEGATIVE, "help": "target: brightness/contrast amplitude"})
     tgt_colourize: float = field(default=0.0, metadata={
-        "help": "target: probability of painting the (grey) digit on a random colour texture"})
-    val_every: int = field(default=250, metadata={"help": "validate and export every N steps"})
+        "range": SHARE, "help": "target: probability of painting the (grey) digit on a random colour texture"})
+    val_every: int = field(default=250, metadata={"range": AT_LEAST_1, "help": "validate and export every N steps"})
 
     def width_list(self) -> list[int]:
         try:
@@ -317,7 +322,6 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig]:
     check_dataset_name(args.target, "--target")
     config = config_from_args(scenario_config(args.source, args.target), args)
     config.width_list()
-    check_positive(config, "batch_size", "val_every", "max_epochs", "max_steps")
     return args, config
 
 

@@ -173,8 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
     out = check_writable(args.out)
     labels = read_labels(args.labels)
     items = labelled_images(args.data, labels)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder hw2_ti.sh wrote (repeat to put runs side by side)")
     p.add_argument("--label", action="append", default=None,
                    help="column-group label per --output-dir (default: the folder names)")
-    p.add_argument("--per-prompt", type=int, default=4, help="images shown per prompt and run")
+    p.add_argument("--per-prompt", type=int_at_least(1), default=4, help="images shown per prompt and run")
     p.add_argument("--out", required=True, help="figure path (.png)")
     return p
 
@@ -57,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     out = figure_out(args.out)
-    if args.per_prompt < 1:
-        raise UserError(f"--per-prompt must be at least 1, got {args.per_prompt}")
     dirs = [Path(d) for d in args.output_dir]
     labels = args.label or [d.name for d in dirs]
     if len(labels) != len(dirs):

@@ -46,7 +46,16 @@ from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
 from common.checkpoint import check_resume_fits, read_resume_checkpoint
-from common.config import NON_NEGATIVE, HelpFormatter, add_config_flags, check_positive, config_from_args
+from common.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    OPEN_SHARE,
+    SHARE,
+    UP_TO_1,
+    HelpFormatter,
+    add_config_flags,
+    config_from_args,
+)
 from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -118,9 +127,10 @@ class P5TrainConfig:
         "help": "ti: only the token vectors learn; joint-kv: also the UNet's cross-attention K/V, shared by the "
                 "concepts (Custom Diffusion's multi-concept recipe, designed for prompts that combine several "
                 "concepts; measured against ti on the mini SD in BENCHMARKS.md)"})
-    vectors: int = field(default=1, metadata={"help": "embedding vectors per token (multi-vector tokens)"})
-    steps: int = field(default=3000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=4, metadata={"help": "images per step (per device)"})
+    vectors: int = field(default=1, metadata={
+        "range": AT_LEAST_1, "help": "embedding vectors per token (multi-vector tokens)"})
+    steps: int = field(default=3000, metadata={"range": AT_LEAST_1, "help": "optimiser steps"})
+    batch_size: int = field(default=4, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     resolution: int | None = field(default=None, metadata={
         "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "
                 "64 for the mini SD)"})
@@ -130,19 +140,23 @@ class P5TrainConfig:
         "range": NON_NEGATIVE, "help": "learning rate of the K/V weights (joint-kv)"})
     weight_decay: float = field(default=1e-2, metadata={
         "range": NON_NEGATIVE, "help": "AdamW weight decay of the token vectors"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up of the learning rates over these steps"})
-    flip_p: float = field(default=0.5, metadata={"help": "probability of a horizontal flip"})
+    warmup_steps: int = field(default=0, metadata={
+        "range": NON_NEGATIVE, "help": "linear warm-up of the learning rates over these steps"})
+    flip_p: float = field(default=0.5, metadata={"range": SHARE, "help": "probability of a horizontal flip"})
     crop_min_scale: float = field(default=0.6, metadata={
+        "range": UP_TO_1,
         "help": "smallest random square crop, as a share of the photo's shorter side (1: the whole photo)"})
     prior_share: float = field(default=0.5, metadata={
+        "range": OPEN_SHARE,
         "help": "with --prior-images: the share of the training images drawn from them (every k-th image of "
                 "the stream, the same whatever the batch size)"})
     # None: on with CUDA. Its flag is written by hand (build_parser): the generated help would call None "off"
     gradient_checkpointing: bool | None = field(default=None, metadata={"flag": False})
     save_every: int = field(default=500, metadata={
-        "help": "export embeddings and a resumable checkpoint every N steps"})
-    sample_every: int = field(default=0, metadata={"help": "write sample images every N steps (0: never)"})
-    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample images"})
+        "range": AT_LEAST_1, "help": "export embeddings and a resumable checkpoint every N steps"})
+    sample_every: int = field(default=0, metadata={
+        "range": NON_NEGATIVE, "help": "write sample images every N steps (0: never)"})
+    sample_steps: int = field(default=25, metadata={"range": AT_LEAST_1, "help": "DDIM steps of the sample images"})
     sample_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of the sample images"})
 
 
@@ -536,8 +550,6 @@ def prior_from_args(args, config: P5TrainConfig) -> dict | None:
         raise UserError("give --prior-images and --prior-captions together")
     if args.prior_images is None:
         return None
-    if not 0 < config.prior_share < 1:
-        raise UserError(f"--prior-share must be in (0, 1), got {config.prior_share}")
     files = list_prior_images(args.prior_images)
     read_captions(args.prior_captions, files, flag="--prior-captions")
     return {"images": str(args.prior_images), "captions": str(args.prior_captions)}
@@ -558,11 +570,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     resolve_num_workers(args, decodes=False)  # the few photos are decoded once and held in memory
     config = config_from_args(P5TrainConfig(), args)
-    check_positive(config, "steps", "batch_size", "vectors", "save_every")
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise UserError("--resolution must be a positive multiple of 8")
-    if not 0 < config.crop_min_scale <= 1:
-        raise UserError(f"--crop-min-scale must be in (0, 1], got {config.crop_min_scale}")
     concepts = concepts_from_args(args, config.vectors)
     prior = prior_from_args(args, config)
     out = check_writable(args.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.device import device_name
 from common.images import to_uint8
 from p1_ddpm.iclevr_data import load_label_lists, multi_hot
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--heldout", type=int, default=2000, help="held-out renders to score the judge on")
     p.add_argument("--val-lists", type=int, default=128, help="validation label lists for the guidance sweep")
     p.add_argument("--guidances", default="1.5,3,5", help="guidance scales of the sweep")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (the timing line says how many)")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="CPU threads (the timing line says how many)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.device import device_name
 from scripts.benchmarks import replace_section
 
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--fill", type=int, default=240, help="Fill50k items at 512 px")
     p.add_argument("--batches", type=int, default=None,
                    help="batches timed per measurement (default: 40 digits, 16 i-CLEVR, 12 Fill50k)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch threads of the main process")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

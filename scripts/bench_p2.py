@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least, int_in
 from common.device import (
     add_device_flag,
     add_precision_flag,
@@ -79,9 +79,9 @@ def run_e2e(model: FaceUNet, noises: torch.Tensor, args) -> float:
 @cli_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--count", type=int, default=10, help="number of noises (images)")
+    p.add_argument("--count", type=int_at_least(1), default=10, help="number of noises (images)")
     p.add_argument("--size", type=int, default=256, help="image side (a multiple of 32)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps")
     p.add_argument("--base-channels", type=int, default=128, help="UNet width (128 = the course network)")
     add_device_flag(p)
     add_precision_flag(p, default="fp32", what="the UNet (as p2_ddim/infer.py, exact fp32 by default)")
@@ -93,8 +93,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noises")
     p.add_argument("--json", default=None, help="also write the timings to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)
-    if args.count < 1 or args.steps < 1 or args.size < 32 or args.size % 32:
-        raise UserError("--count and --steps must be >= 1 and --size a positive multiple of 32")
+    if args.size < 32 or args.size % 32:
+        raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     device = pick_device(args.device)
     args.device = str(device)
     set_tf32(args.tf32)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.device import device_name, fused_adamw_pays
 from common.fileio import write_text_atomic
 from scripts.benchmarks import replace_section
@@ -82,7 +82,7 @@ def bench(sd, device, batch: int, size: int, bf16: bool, checkpointing: bool, st
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--gpu", action="store_true", help="run the SD1.4-sized CUDA benchmark (needs a GPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="timed steps (default 5 CPU, 20 GPU)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md (section p3)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file (scripts/gpu_check.py)")
     args = p.parse_args(argv)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import save_checkpoint
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.datasets import read_label_csv
 from common.device import device_name
 from common.errors import UserError, cli_main
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     p.add_argument("--ship-dir", default=str(REPO / "checkpoints"), help="where --ship writes the DANN checkpoints")
     p.add_argument("--skip-entry", action="store_true", help="do not time hw2_dann.sh")
     p.add_argument("--train-args", default="", help="extra flags for every training run")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (report.py --jobs)")
+    p.add_argument("--jobs", type=int_at_least(1), default=1, help="runs trained at once (report.py --jobs)")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
     args = p.parse_args(argv)

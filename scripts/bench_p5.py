@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import common.stable_diffusion as sdlib
-from common.config import HelpFormatter
+from common.config import HelpFormatter, int_at_least
 from common.device import add_device_flag, channels_last_pays, device_name, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
@@ -121,9 +121,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sd14", action="store_true", help="SD v1.4-sized random components (default: the tiny test ones)")
     add_device_flag(p)
-    p.add_argument("--batch-size", type=int, default=4, help="training batch")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="training batch")
     p.add_argument("--resolution", type=int, default=None, help="image side (default 512 with --sd14, else 64)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 with --sd14, else 10)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="timed training steps (default 20 with --sd14, else 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--gen-steps", type=int, default=50, help="DDIM steps for the generation timing (0: skip it)")
     p.add_argument("--gen-count", type=int, default=25, help="images generated for one prompt")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,12 @@ def read_images(path: Path, count: int) -> torch.Tensor:
                 )
             with Image.open(f) as im:
                 imgs.append(np.asarray(im.convert("RGB").resize((64, 64), Image.BICUBIC)))
+        extra = sorted((f.name for f in path.glob("*.png") if f.stem.isdigit() and int(f.stem) >= count),
+                       key=lambda name: int(name[:-4]))
+        if extra:  # more images than label lists: most likely the other split's --labels
+            print(f"note: {path} holds {len(extra)} numbered image(s) beyond the {count} label lists "
+                  f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); only 0.png..{count - 1}.png "
+                  f"were scored", file=sys.stderr)
         return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
     if not path.is_file():
         raise UserError(f"{path}: no such image folder or grid file")

@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-concept", action="append", default=[], metavar="TOKEN=WORD",
                    help="--judge fill50k: in the prompts, WORD stands for TOKEN's concept (repeatable): judge images "
                         "made from init-word prompts against the concept, e.g. '<new1>=green'")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="images kept per prompt (by image + 2.5 x text)")
+    p.add_argument("--top-k", type=int_at_least(1), default=TOP_K,
+                   help="images kept per prompt (by image + 2.5 x text)")
     p.add_argument("--report", default=None, help="write the scores as JSON here")
     p.add_argument("--strict", action="store_true", help="exit 1 when any prompt misses its baseline")
     p.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per CLIP forward")
@@ -347,8 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main(sigterm=True)
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.top_k < 1:
-        raise UserError("--top-k must be >= 1")
     if args.judge == "fill50k":
         if args.strict:
             raise UserError("--strict grades against the CLIP baselines: it needs --judge clip")

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.config import HelpFormatter, float_in
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DIGITS = REPO.parent / "shared" / "data" / "digits"
 SHARED_DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
@@ -362,9 +364,9 @@ def render(rows: list[dict], device: str, total_s: float, budget_s: float, tiny:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU dry run at tiny sizes (for the tests)")
-    p.add_argument("--budget", type=float, default=570.0, help="seconds for the whole check (default 570)")
+    p.add_argument("--budget", type=float_in(0, low_open=True), default=570.0, help="seconds for the whole check")
     p.add_argument("--only", default=None, help="comma-separated pieces to run (default: all): "
                                                + ",".join(f.__name__[len('piece_'):] for f in PIECES))
     p.add_argument("--write", default=None,

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.config import HelpFormatter, int_at_least
+from common.config import HelpFormatter, float_in, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -89,7 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output root, e.g. hw2_data/digits")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help=f"comma-separated subset of {','.join(SOURCES)}, or 'all' (default: {DEFAULT_DATASETS})")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training arrays held out as val.csv")
+    p.add_argument("--val-fraction", type=float_in(0, 1, high_open=True), default=0.1,
+                   help="share of the training arrays held out as val.csv")
     p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="keep only the first N images of each split (for tests; default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
@@ -102,8 +103,6 @@ def main(argv=None) -> None:
     for n in names:
         if n not in SOURCES:
             raise UserError(f"--datasets: unknown data set {n!r} (choose from {', '.join(SOURCES)})")
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     prepare(Path(args.npz_dir), Path(args.out), names, args.val_fraction, args.seed, args.limit)
 
 

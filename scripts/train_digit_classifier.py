@@ -199,11 +199,12 @@ def main(argv=None) -> None:
     p.add_argument("--dropout", type=share, default=0.3, help="dropout before the classifier layer")
     p.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[32, 64, 128],
                    help="channels of the three conv stages, e.g. 32,64,128")
-    p.add_argument("--aug", type=float, default=1.0, help="strength of the geometric augmentation (0 = none)")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the scored weights (0 = no EMA)")
+    p.add_argument("--aug", type=float_in(0), default=1.0, help="strength of the geometric augmentation (0 = none)")
+    p.add_argument("--ema", type=float_in(0, 1, high_open=True), default=0.0,
+                   help="EMA decay of the scored weights (0 = no EMA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and batch order")
     add_device_flag(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-test", action="store_true", help="skip the final test.csv score (for model search)")
     args = p.parse_args(argv)
     if args.out is None:
@@ -217,7 +218,7 @@ def main(argv=None) -> None:
     if args.extra != "none" and (args.extra_count < 1 or args.extra_batch < 1):
         raise UserError("--extra-count and --extra-batch must be at least 1 with --extra")
     ensure_dir(Path(args.out).parent)  # fail now, not after minutes of training
-    if args.threads > 0:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     result = train(args)

@@ -77,7 +77,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.checkpoint import save_checkpoint
 from common.colour import delta_e, srgb_to_lab
-from common.config import BELOW_1, NON_NEGATIVE, HelpFormatter, add_config_flags, config_from_args, pre_parse
+from common.config import (
+    AT_LEAST_1,
+    BELOW_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    HelpFormatter,
+    add_config_flags,
+    config_from_args,
+    int_at_least,
+    pre_parse,
+)
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main, one_line
 from common.fileio import check_writable, ensure_dir, write_text_atomic
@@ -106,53 +116,63 @@ class MiniSDTrainConfig:
 
     # data
     n_images: int = field(default=20000, metadata={
+        "range": AT_LEAST_1,
         "help": "samples make_fill50k.py --preset mini draws into <out>/data when --data is not given "
                 "(validation items included)"})
-    val_count: int = field(default=512, metadata={"help": "the last N data items are held out for validation"})
+    val_count: int = field(default=512, metadata={
+        "range": AT_LEAST_1, "help": "the last N data items are held out for validation"})
     size: int = field(default=64, metadata={"help": "image side in pixels (the mini SD's native 64)"})
     data_seed: int = field(default=0, metadata={"help": "--seed of the generated data"})
     # optimisation
-    max_steps: int = field(default=30000, metadata={"help": "optimiser steps to train for"})
-    batch_size: int = field(default=16, metadata={"help": "images per step (per device)"})
+    max_steps: int = field(default=30000, metadata={"range": AT_LEAST_1, "help": "optimiser steps to train for"})
+    batch_size: int = field(default=16, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     lr: float = field(default=5e-4, metadata={
         "range": NON_NEGATIVE, "help": "AdamW learning rate (after --warmup-steps)"})
     weight_decay: float = field(default=0.0, metadata={
         "range": NON_NEGATIVE, "help": "AdamW weight decay"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up of the rate over these steps"})
+    warmup_steps: int = field(default=200, metadata={
+        "range": NON_NEGATIVE, "help": "linear warm-up of the rate over these steps"})
     cooldown_from: int | None = field(default=None, metadata={
         "metavar": "STEP", "help": "from this step the rate falls linearly to 0 at --max-steps (none: constant); "
                                    "can be added when resuming"})
     ema_decay: float = field(default=0.999, metadata={
         "range": BELOW_1, "help": "EMA of the weights that is validated and exported"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    val_every: int = field(default=500, metadata={"help": "validate, export and checkpoint every N steps"})
+    grad_clip: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE, "help": "clip the gradient norm to this (0: off)"})
+    val_every: int = field(default=500, metadata={
+        "range": AT_LEAST_1, "help": "validate, export and checkpoint every N steps"})
     # the VAE
     vae_channels: str = field(default="32,64,64,64", metadata={
         "help": "AutoencoderKL widths per level (multiples of 32; four levels: 8x smaller latents)"})
-    vae_layers: int = field(default=1, metadata={"help": "AutoencoderKL resnet layers per level"})
+    vae_layers: int = field(default=1, metadata={"range": AT_LEAST_1, "help": "AutoencoderKL resnet layers per level"})
     lab_weight: float = field(default=1.0, metadata={
+        "range": NON_NEGATIVE,
         "help": "weight of the L1 error in CIELAB (in units of 100) beside the L1 error in RGB ([-1, 1])"})
     circle_weight: float = field(default=3.0, metadata={
+        "range": POSITIVE,
         "help": "weight of the pixels not of the background colour (corner pixel) relative to the others"})
     kl_weight: float = field(default=1e-6, metadata={
+        "range": NON_NEGATIVE,
         "help": "KL weight relative to the reconstruction error summed per image, as in SD's VAE"})
     ae_warmup_steps: int = field(default=1000, metadata={
-        "help": "plain autoencoder (posterior mean, no KL) for the first N steps"})
+        "range": NON_NEGATIVE, "help": "plain autoencoder (posterior mean, no KL) for the first N steps"})
     target_delta_e: float = field(default=15.0, metadata={
-        "help": "delta E an item must stay within in both regions to count in pass_share"})
+        "range": POSITIVE, "help": "delta E an item must stay within in both regions to count in pass_share"})
     # the UNet and text encoder
     unet_channels: str = field(default="64,128,128", metadata={
         "help": "UNet2DConditionModel widths per level (multiples of 32; cross-attention on all but the last)"})
-    unet_layers: int = field(default=1, metadata={"help": "UNet resnet layers per level"})
+    unet_layers: int = field(default=1, metadata={"range": AT_LEAST_1, "help": "UNet resnet layers per level"})
     text_width: int = field(default=128, metadata={
         "help": "CLIP text encoder width (a multiple of 64: 64-wide heads, as SD's CLIP and the single-file "
                 "loader have them); also the UNet's cross-attention width"})
-    text_layers: int = field(default=3, metadata={"help": "CLIP text encoder layers"})
+    text_layers: int = field(default=3, metadata={"range": AT_LEAST_1, "help": "CLIP text encoder layers"})
     caption_dropout: float = field(default=0.1, metadata={
+        "range": BELOW_1,
         "help": "share of training captions replaced by the empty prompt (for classifier-free guidance)"})
     val_prompts: int = field(default=128, metadata={
+        "range": AT_LEAST_1,
         "help": "held-out prompts naming every colour that are sampled and judged at each validation"})
-    val_steps: int = field(default=20, metadata={"help": "DDIM steps of the validation samples"})
+    val_steps: int = field(default=20, metadata={"range": AT_LEAST_1, "help": "DDIM steps of the validation samples"})
     val_guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance of the validation samples"})
 
     def vae_config(self) -> dict:
@@ -858,7 +878,7 @@ def build_parser(stage: str = "vae") -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="a Fill50k-layout root (holding training/) or split folder (holding prompt.json); "
                         "default: generate <out>/data with make_fill50k.py --preset mini")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice); 1 leaves the other cores to other work")
     add_config_flags(p, STAGE_CONFIGS[stage], f"hyper-parameters (defaults of --stage {stage})")
     add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU")
@@ -874,19 +894,10 @@ def parse_config(argv) -> tuple[argparse.Namespace, MiniSDTrainConfig]:
 
 
 def check_config(config: MiniSDTrainConfig) -> None:
-    from common.config import check_positive
-    check_positive(config, "n_images", "val_count", "max_steps", "batch_size", "val_every")
     if config.size < 16 or config.size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 16, got {config.size}")
-    if config.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
-    if config.circle_weight <= 0 or config.lab_weight < 0 or config.kl_weight < 0:
-        raise UserError("--circle-weight must be > 0, --lab-weight and --kl-weight >= 0")
     check_cooldown(config.cooldown_from, config.max_steps)
     config.vae_config()
-    check_positive(config, "unet_layers", "text_layers", "val_prompts", "val_steps")
-    if not 0 <= config.caption_dropout < 1:
-        raise UserError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
     config.unet_config(config.size // 8)
     config.text_config()
 
@@ -942,8 +953,6 @@ def main(argv=None) -> None:
     if args.stage == "unet" and args.vae is None and args.resume is None:
         raise UserError("--stage unet needs --vae: the best_vae.safetensors of a --stage vae run")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for worker processes started later
     out = check_writable(args.out)

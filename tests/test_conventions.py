@@ -125,3 +125,37 @@ def test_help_texts_keep_their_line_continuations():
             if re.search(r"(?<!\\)(\\\\)*\\\n", seg) and not seg.lower().startswith("r"):
                 joined.append(str(path.relative_to(REPO)))
     assert not joined, joined
+
+
+# flags that count something: 0 or less is never meant (0-means-off flags such as --sample-every are not here)
+COUNT_FLAGS = ("--batch-size", "--max-steps", "--max-epochs", "--val-every", "--accumulate", "--epochs",
+               "--images-per-prompt", "--vectors", "--save-every", "--generate-n", "--n-images", "--val-count",
+               "--unet-layers", "--text-layers", "--val-prompts", "--val-steps", "--limit", "--num-nodes", "--steps",
+               "--n", "--jobs", "--tsne-count", "--per-prompt", "--top-k", "--threads", "--denoise-frames", "--count",
+               "--vae-layers", "--checkpoint-every")
+
+
+def test_numbers_are_checked_when_parsed(monkeypatch):
+    """Every float flag refuses nan and inf, and every counting flag refuses 0, at the parser: argparse's
+    one-line error naming the flag, before anything is loaded or written (the hand-written checks they
+    replace once came after the output folder was made, or not at all)."""
+    import argparse
+    wrong = []
+    for name in _commands():
+        for parser in _parsers(name, monkeypatch):
+            for action in parser._actions:
+                if not action.option_strings or action.type is None or isinstance(action, argparse._HelpAction):
+                    continue
+                flag = action.option_strings[-1]
+                probes = []
+                if action.type is float or getattr(action.type, "__name__", "") in ("float", "finite_float"):
+                    probes = ["nan", "inf"]
+                if flag in COUNT_FLAGS:
+                    probes.append("0")
+                for probe in probes:
+                    try:
+                        value = action.type(probe)
+                    except (argparse.ArgumentTypeError, ValueError, TypeError):
+                        continue
+                    wrong.append(f"{name} {flag} takes {probe!r} (as {value!r})")
+    assert not wrong, "\n".join(wrong)

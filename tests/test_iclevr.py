@@ -121,6 +121,20 @@ def test_evaluate_refuses_an_image_that_is_not_a_tile_grid(tmp_path, capsys):
     assert read_images(tmp_path / "grid.png", 32).shape == (32, 3, 64, 64)
 
 
+def test_evaluate_notes_images_beyond_the_label_lists(tmp_path, capsys):
+    """A folder with more numbered images than label lists (the other split's --labels, most likely) was
+    scored on its first images without a word."""
+    from scripts.evaluate_iclevr import read_images
+    for i in range(5):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "cover.png")  # not numbered: not counted
+    assert read_images(tmp_path, 5).shape == (5, 3, 64, 64)
+    assert capsys.readouterr().err == ""
+    assert read_images(tmp_path, 3).shape == (3, 3, 64, 64)
+    err = capsys.readouterr().err
+    assert "2 numbered image(s) beyond the 3 label lists (3.png, 4.png)" in err and "0.png..2.png" in err
+
+
 # --- data -----------------------------------------------------------------------------------------------
 
 def test_multi_hot_from_names():
