@@ -177,3 +177,28 @@ def explicit_flags(build_parser, argv) -> set[str]:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
+
+
+def resumed_config(config, saved: dict, given: set[str], *, may_change=(), source, program: str):
+    """The config a --resume continues with. `config` is what the flags say now, `saved` the checkpoint's
+    config (as a dict), `given` the dests of the flags on the command line (`explicit_flags`).
+
+    A field whose flag was not given takes the checkpoint's value, so the run continues as it was and what
+    it exports records what really trained (not today's defaults). A flag given with another value than the
+    checkpoint's is a one-line UserError naming both, unless the field is in `may_change` (how long the run
+    goes on, how often it validates): the optimiser state, the data order and the model are the
+    checkpoint's, so a new learning rate or batch size would be recorded but not used, or would change the
+    run under its own name."""
+    try:
+        old = config_from_dict(type(config), saved, str(source))
+    except (UserError, TypeError) as e:
+        raise UserError(f"{source}: not a checkpoint of {program} ({e})") from None
+    changed = [f.name for f in dataclasses.fields(config)
+               if f.name in given and f.name not in may_change and getattr(config, f.name) != getattr(old, f.name)]
+    if changed:
+        said = ", ".join(f"{_flag(n)} {getattr(old, n)} (not {getattr(config, n)})" for n in changed)
+        allowed = ", ".join(_flag(n) for n in may_change)
+        raise UserError(f"{source}: this run was trained with {said}; --resume continues it as it was "
+                        f"(it may change only {allowed or 'none of its settings'}); start a new --out to train "
+                        f"with other settings")
+    return dataclasses.replace(old, **{n: getattr(config, n) for n in may_change if n in given})

@@ -274,12 +274,13 @@ def resolve_num_workers(args, decodes: bool = True) -> int:
 
 
 def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/last.ckpt",
-                      num_workers: int | str = "auto") -> None:
+                      num_workers: int | str = "auto", resume_may_change: tuple[str, ...] = ()) -> None:
     """The flags every trainer shares: --accelerator, --devices, --num-nodes, --precision, --resume,
     --max-minutes, --num-workers, --seed, --quiet.
 
     `precision_help` says what --precision auto picks for that trainer; `resume_help` where --resume
-    without a value looks."""
+    without a value looks; `resume_may_change` the config fields a resumed run may change
+    (`common.config.resumed_config`)."""
     from common.device import PRECISIONS
     g = parser.add_argument_group("run")
     g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="(default: auto)")
@@ -289,7 +290,10 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
                    help="machines taking part (DDP across nodes; default: 1)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help=f"resume from a Lightning checkpoint (no value: {resume_help})")
+                   help=f"resume from a Lightning checkpoint (no value: {resume_help}); the run goes on with the "
+                        f"checkpoint's settings: a flag not given takes its value, and a flag given may differ "
+                        f"from it only for "
+                        + (", ".join("--" + n.replace("_", "-") for n in resume_may_change) or "none"))
     g.add_argument("--max-minutes", type=float_in(0, low_open=True), default=None, metavar="MINUTES",
                    help="stop after this much training wall time in all: a --resume'd run counts the time "
                         "before it too (Lightning's Timer is checkpointed), so raise it to continue")

@@ -43,6 +43,7 @@ from common.config import (
     config_from_args,
     explicit_flags,
     pre_parse,
+    resumed_config,
 )
 from common.device import lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -65,6 +66,9 @@ from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet
 from p1_ddpm.samplers import sample_conditional_images
 
 TASKS = ("digits", "iclevr")
+PROGRAM = "p1_ddpm/train.py"
+# what a --resume may change: how long the run goes on and how it validates (not what or how it trains)
+RESUME_MAY_CHANGE = ("max_steps", "cooldown_from", "val_every", "limit_val_batches", "guidance", "judge_samples")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class P1TrainConfig:
     batch_size: int = field(default=128, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     lr: float = field(default=3e-4, metadata={
         "range": NON_NEGATIVE,
-        "help": "AdamW learning rate (after --warmup-steps); --resume keeps the checkpoint's rate"})
+        "help": "AdamW learning rate (after --warmup-steps)"})
     weight_decay: float = field(default=0.0, metadata={"range": NON_NEGATIVE, "help": "AdamW weight decay"})
     warmup_steps: int = field(default=500, metadata={
         "range": NON_NEGATIVE, "help": "linear warm-up of the rate over these steps"})
@@ -139,7 +143,7 @@ class DiffusionModule(UpdateEmaEachStep, pl.LightningModule):
     init_state: weights to start from (--init-from), loaded into the model before the EMA copies it."""
 
     def __init__(self, *, model_config: dict, train: dict, channels_last: bool = False,
-                 init_state: dict | None = None):
+                 init_state: dict | None = None, seed: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["init_state"])
         self.config = P1TrainConfig(**train)
@@ -193,7 +197,7 @@ class DiffusionModule(UpdateEmaEachStep, pl.LightningModule):
         c = self.config
         # extra_config: what inference needs beyond the network (i-CLEVR: the objects.json mapping)
         return {"model": self.model.config, "schedule": c.schedule, "num_train_steps": c.num_train_steps,
-                **getattr(self, "extra_config", {}), "train": dataclasses.asdict(c)}
+                **getattr(self, "extra_config", {}), "train": dataclasses.asdict(c), "seed": self.hparams.seed}
 
 
 class ExportEmaAndSampleGrid(Callback):
@@ -284,7 +288,8 @@ def build_parser(task: str = "digits") -> argparse.ArgumentParser:
                    help="iclevr: a judge checkpoint (scripts/train_iclevr_judge.py) to score validation samples")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
     add_config_flags(p, TASK_CONFIGS[task], f"hyper-parameters (defaults of --task {task})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX")
+    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX",
+                      resume_may_change=RESUME_MAY_CHANGE)
     return p
 
 
@@ -326,12 +331,27 @@ def check_geometry(model_config: dict) -> None:
 @cli_main
 def main(argv=None) -> None:
     args, config, given = parse_config(argv)
-    check_cooldown(config.cooldown_from, config.max_steps)
     out = check_writable(args.out)
-    seed_everything(args.seed)
     setup_cuda_fast_math()
     config.channel_tuple()
     resume = resolve_resume(args.resume, out)
+    resumed_model = None
+    if resume is not None:  # read now: the data, the network and its schedule are the checkpoint's
+        hparams = read_resume_checkpoint(resume, PROGRAM, ("model_config", "train"))["hyper_parameters"]
+        resumed_model = hparams["model_config"]
+        condition = "digits" if args.task == "digits" else "multihot"
+        if not isinstance(resumed_model, dict) or resumed_model.get("condition") != condition:
+            raise UserError(f"{resume}: not a checkpoint of {PROGRAM} --task {args.task}")
+        config = resumed_config(config, hparams["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+        saved_seed = hparams.get("seed")  # checkpoints from before the seed was saved do not say
+        if saved_seed is not None:
+            if "seed" in given and args.seed != saved_seed:
+                raise UserError(f"{resume}: this run was trained with --seed {saved_seed} (not {args.seed}); "
+                                f"--resume continues it as it was; start a new --out to train with another seed")
+            args.seed = saved_seed
+    check_cooldown(config.cooldown_from, config.max_steps)
+    seed_everything(args.seed)
 
     grid = judge = None
     sample_settings = {}
@@ -358,15 +378,8 @@ def main(argv=None) -> None:
     model_config = model_config_for(args.task, config, data)
     check_geometry(model_config)
     init_state = None
-    if resume is not None:
-        # the network and its schedule are the checkpoint's, whatever the flags say now
-        hparams = read_resume_checkpoint(resume, "p1_ddpm/train.py", ("model_config", "train"))["hyper_parameters"]
-        model_config, saved = hparams["model_config"], hparams["train"]
-        for flag in ("prediction", "schedule"):
-            if flag in given and getattr(config, flag) != saved[flag]:
-                raise UserError(f"{resume}: was trained with --{flag} {saved[flag]}; --resume cannot change it "
-                                f"(start a new --out with --init-from to fine-tune)")
-        config = dataclasses.replace(config, prediction=saved["prediction"], schedule=saved["schedule"])
+    if resumed_model is not None:
+        model_config = resumed_model
     elif args.init_from is not None:
         init_state, init_config = read_checkpoint(args.init_from, CHECKPOINT_KIND)
         if init_config["model"]["condition"] != model_config["condition"]:
@@ -384,7 +397,7 @@ def main(argv=None) -> None:
     ensure_dir(out)
     accelerator = resolve_accelerator(args.accelerator)
     module = DiffusionModule(model_config=model_config, train=dataclasses.asdict(config),
-                             channels_last=accelerator == "gpu", init_state=init_state)
+                             channels_last=accelerator == "gpu", init_state=init_state, seed=args.seed)
     if args.task == "iclevr":
         module.extra_config = {"objects": data.objects}
     if args.compile:

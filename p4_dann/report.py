@@ -84,7 +84,7 @@ def train_run(argv: list[str], run_dir: Path, threads: int | None = None, jobs: 
     trains in a child process (`python p4_dann/train.py`) limited to that many threads, so that several
     runs can share the machine (--jobs)."""
     from p4_dann.train import parse_config, train
-    args, config = parse_config(argv)  # bad flags fail here, before anything is deleted
+    args, config, _ = parse_config(argv)  # bad flags fail here, before anything is deleted
     for stale in ("best.safetensors", "best.json", "model.safetensors", "model.json", "last.ckpt", "train.log"):
         (run_dir / stale).unlink(missing_ok=True)
     t0 = time.perf_counter()

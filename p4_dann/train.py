@@ -47,7 +47,9 @@ from common.config import (
     HelpFormatter,
     add_config_flags,
     config_from_args,
+    explicit_flags,
     pre_parse,
+    resumed_config,
 )
 from common.device import lightning_precision
 from common.errors import UserError, cli_main
@@ -170,7 +172,7 @@ class DANNModule(UpdateEmaEachStep, pl.LightningModule):
     from one validation to the next than the raw weights)."""
 
     def __init__(self, *, model_config: dict, train: dict, mode: str, total_steps: int, seed: int = 0,
-                 val_names: tuple[str, ...] = ("source", "target")):
+                 val_names: tuple[str, ...] = ("source", "target"), scenario: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.config = P4TrainConfig(**train)
@@ -293,6 +295,17 @@ class ExportBest(Callback):
             save_dann(self.out / "best.safetensors", model, pl_module.eval_domain, self.info, metrics)
 
 
+PROGRAM = "p4_dann/train.py"
+# what a --resume may change: how long the run goes on (the schedules' progress p then follows the new
+# length, so a longer run continues at a higher rate) and how often it validates
+RESUME_MAY_CHANGE = ("max_steps", "max_epochs", "val_every")
+
+
+def scenario_of(args: argparse.Namespace) -> dict:
+    """The data sets a run adapts between (saved with its checkpoint, checked by --resume)."""
+    return {"source": args.source, "target": args.target}
+
+
 def build_parser(source: str = "mnistm", target: str = "usps") -> argparse.ArgumentParser:
     """The flags; the hyper-parameters' defaults shown by --help are those of the scenario (source, target)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -308,13 +321,14 @@ def build_parser(source: str = "mnistm", target: str = "usps") -> argparse.Argum
                    help="progress bar refresh every N steps (0 = no bar, as --quiet; default: 1)")
     add_config_flags(p, scenario_config(source, target),
                      f"hyper-parameters (defaults of --source {source} --target {target})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32")
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32",
+                      resume_may_change=RESUME_MAY_CHANGE)
     return p
 
 
-def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig]:
-    """The parsed flags and the run's config (the scenario's defaults, overridden by the flags given), checked:
-    a bad value is a one-line UserError before anything is written."""
+def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig, set[str]]:
+    """The parsed flags, the run's config (the scenario's defaults, overridden by the flags given), checked:
+    a bad value is a one-line UserError before anything is written; and the names of the flags given."""
     chosen = pre_parse(argv, ("--source", "mnistm"), ("--target", "usps"))
     args = build_parser(chosen.source, chosen.target).parse_args(argv)
     resolve_num_workers(args)
@@ -322,19 +336,32 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, P4TrainConfig]:
     check_dataset_name(args.target, "--target")
     config = config_from_args(scenario_config(args.source, args.target), args)
     config.width_list()
-    return args, config
+    return args, config, explicit_flags(lambda: build_parser(args.source, args.target), argv)
 
 
-def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
-    """Train per the run flags `args` and the hyper-parameters `config` (from parse_config); returns the output
-    folder (holding best.safetensors)."""
+def train(args: argparse.Namespace, config: P4TrainConfig, given: set[str] = frozenset()) -> Path:
+    """Train per the run flags `args` and the hyper-parameters `config` (from parse_config; `given`: the flags
+    on the command line, which a --resume checks against the checkpoint); returns the output folder (holding
+    best.safetensors)."""
     out = check_writable(args.out)
-    seed_everything(args.seed)
     resume = resolve_resume(args.resume, out)
     # read and checked now: a truncated or foreign --resume checkpoint fails before anything is written
     resume_ckpt = None
     if resume is not None:
-        resume_ckpt = read_resume_checkpoint(resume, "p4_dann/train.py", ("model_config", "train", "mode"))
+        resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("model_config", "train", "mode"))
+        hp = resume_ckpt["hyper_parameters"]
+        # the run's flags outside the config follow the same rule as the config's (common.config.resumed_config)
+        saved_run = {"mode": hp["mode"], "seed": hp.get("seed", args.seed), **(hp.get("scenario") or {})}
+        changed = [k for k, v in saved_run.items() if k in given and getattr(args, k) != v]
+        if changed:
+            raise UserError(f"{resume}: this run was trained with "
+                            + ", ".join(f"--{k} {saved_run[k]} (not {getattr(args, k)})" for k in changed)
+                            + "; --resume continues it as it was; start a new --out to train with other settings")
+        for k, v in saved_run.items():
+            setattr(args, k, v)
+        config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+    seed_everything(args.seed)
     accelerator = resolve_accelerator(args.accelerator)
     data = DomainAdaptationData(args.data, args.source, args.target, args.mode, config.batch_size, args.seed,
                                 args.num_workers)
@@ -345,9 +372,10 @@ def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
     model_config = dict(widths=widths, feature_dim=config.feature_dim, dropout=config.dropout,
                         input_norm=config.input_norm, num_domains=2 if config.bn == "domain" else 1)
     module = DANNModule(model_config=model_config, train=dataclasses.asdict(config), mode=args.mode,
-                        total_steps=total_steps, seed=args.seed, val_names=tuple(data.val_names))
+                        total_steps=total_steps, seed=args.seed, val_names=tuple(data.val_names),
+                        scenario=scenario_of(args))
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning (leaving logs/)
-        check_resume_fits(resume, resume_ckpt, module, "p4_dann/train.py")
+        check_resume_fits(resume, resume_ckpt, module, PROGRAM)
         del resume_ckpt
     ensure_dir(out)
     info = {"source": args.source, "target": args.target, "mode": args.mode, "total_steps": total_steps,
@@ -380,7 +408,8 @@ def train(args: argparse.Namespace, config: P4TrainConfig) -> Path:
 
 @cli_main
 def main(argv=None) -> None:
-    train(*parse_config(argv))
+    args, config, given = parse_config(argv)
+    train(args, config, given)
 
 
 if __name__ == "__main__":

@@ -227,12 +227,55 @@ def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
     second = load_unet(out / "model.safetensors")[0].state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
     assert (out / "best.safetensors").is_file() and (out / "samples" / "step_000004.png").is_file()
-    # resumed with another save interval (and no clipping): Lightning keys the checkpoint callback's state by
-    # the interval, so without a fixed name it would write last-v1.ckpt and a later --resume would read step 4
+    # resumed with another save interval: Lightning keys the checkpoint callback's state by the interval, so
+    # without a fixed name it would write last-v1.ckpt and a later --resume would read step 4
     every3 = [("3" if prev == "--val-every" else a) for prev, a in zip([None] + base, base)]
-    _train(every3 + ["--max-steps", "6", "--grad-clip", "0", "--resume"])
+    _train(every3 + ["--max-steps", "6", "--resume"])
     ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 6 and not list(out.glob("last-v*.ckpt"))
+
+
+def test_resume_keeps_the_checkpoints_settings(digits_tree, tmp_path, capsys):
+    """--resume goes on with the run's own settings: a flag left off takes the checkpoint's value (the export
+    records what trained, not today's default) and a flag given with another value is refused in one line,
+    before anything is written. Once, a new --lr was recorded but not used and --datasets changed silently."""
+    import json
+
+    from p1_ddpm.train import main as train_main
+    out = tmp_path / "run"
+    base = ["--data", str(digits_tree), "--out", str(out), "--channels", "8,16", "--val-every", "2",
+            "--warmup-steps", "1"]
+    _train(base + ["--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--datasets", "mnistm"])
+    before = (out / "last.ckpt").read_bytes()
+    for flags, said in ((["--lr", "0.01"], "--lr 0.001 (not 0.01)"), (["--batch-size", "16"], "--batch-size 8"),
+                        (["--datasets", "mnistm,svhn"], "--datasets mnistm (not mnistm,svhn)"),
+                        (["--channels", "16,32"], "--channels 8,16")):
+        code, err = run_cli(train_main, base + ["--max-steps", "4", "--resume"] + flags, capsys)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert (out / "last.ckpt").read_bytes() == before
+    _train(base + ["--max-steps", "3", "--val-every", "3", "--resume"])  # --lr, --batch-size, --datasets left off
+    saved = json.loads((out / "model.json").read_text())
+    train = saved["config"]["train"]
+    assert train["lr"] == 1e-3 and train["batch_size"] == 8 and train["datasets"] == "mnistm"
+    assert train["max_steps"] == 3 and saved["metrics"]["global_step"] == 3
+
+
+def test_resume_refuses_another_trainers_or_tasks_checkpoint(digits_tree, tmp_path, capsys):
+    """A P4 checkpoint once gave KeyError: 'prediction', an i-CLEVR one a shape error inside Lightning."""
+    import dataclasses
+
+    from p1_ddpm.train import main as train_main
+    from p4_dann.train import P4TrainConfig
+    for hparams, said in (({"model_config": {"widths": [4]}, "train": dataclasses.asdict(P4TrainConfig()),
+                            "mode": "dann"}, "not a checkpoint of p1_ddpm/train.py"),
+                          ({"model_config": {"condition": "multihot"}, "train": {}},
+                           "not a checkpoint of p1_ddpm/train.py --task digits")):
+        ckpt = tmp_path / "other.ckpt"
+        torch.save({"state_dict": {}, "global_step": 2, "hyper_parameters": hparams}, ckpt)
+        out = tmp_path / "o"
+        code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(out), "--resume", str(ckpt)], capsys)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
 
 
 def test_lr_factor_warmup_and_cooldown():

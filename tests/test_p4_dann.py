@@ -202,6 +202,24 @@ def test_train_cli_exports_chooses_on_source_val_and_resumes(digits_tree, tmp_pa
     assert json.loads((out / "model.json").read_text())["metrics"]["global_step"] == 5
 
 
+def test_resume_refuses_other_settings_and_keeps_its_own(digits_tree, tmp_path, capsys):
+    """--resume with another --target, --mode, --seed or --lr once exited 0 and exported a model.json that
+    named settings it was not trained with (infer.py then refused the USPS model as an SVHN one)."""
+    out = tmp_path / "run"
+    base = ["--data", str(digits_tree), "--out", str(out), "--mode", "dann", *TINY_FLAGS, "--val-every", "2"]
+    train_main([*base, "--max-steps", "2", "--lr", "0.05", "--seed", "3"])
+    before = (out / "last.ckpt").read_bytes()
+    for flags, said in ((["--target", "svhn"], "--target usps (not svhn)"), (["--mode", "source"], "--mode dann"),
+                        (["--seed", "4"], "--seed 3 (not 4)"), (["--lr", "0.5"], "--lr 0.05 (not 0.5)")):
+        code, err = run_cli(train_main, [*base, "--max-steps", "4", "--resume", *flags], capsys)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert (out / "last.ckpt").read_bytes() == before
+    train_main([*base, "--max-steps", "3", "--resume"])  # --lr and --seed left off: the checkpoint's
+    info = json.loads((out / "model.json").read_text())
+    assert info["config"]["train"]["lr"] == 0.05 and info["config"]["train"]["seed"] == 3
+    assert info["metrics"]["global_step"] == 3
+
+
 def test_target_mode_chooses_on_target_val(digits_tree, tmp_path):
     out = tmp_path / "run"
     train_main(["--data", str(digits_tree), "--out", str(out), "--source", "mnistm", "--target", "usps",
@@ -404,7 +422,7 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
     """--resume with a last.ckpt that is truncated, another trainer's, or of a run with other --widths: one line
     naming the file, exit 2, before anything is written (no logs/)."""
     import os
-    cfg = P4TrainConfig()
+    cfg = dataclasses.replace(P4TrainConfig(), widths="4,8,16", feature_dim=16, batch_size=16)
     other = DANNModule(model_config=dict(widths=[4, 8, 16], feature_dim=16, dropout=0.0, input_norm=cfg.input_norm,
                                          num_domains=1), train=dataclasses.asdict(cfg), mode="dann", total_steps=2)
     out = tmp_path / "run"
@@ -418,7 +436,7 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
         (whole[: len(whole) // 2], "last.ckpt: not a checkpoint of p4_dann/train.py ("),
         ({"state_dict": {}, "global_step": 1, "hyper_parameters": {"model_config": {}, "train": {}}},
          "not a checkpoint of p4_dann/train.py (it has no hyper-parameter 'mode')"),
-        (other_widths, "is (16, 8, 3, 3) there, (8, 8, 3, 3) in this run's model"),
+        (other_widths, "this run was trained with --widths 4,8,16 (not 4,8,8); --resume continues it as it was"),
     ]
     for content, needle in cases:
         if isinstance(content, bytes):
