@@ -202,3 +202,17 @@ def resumed_config(config, saved: dict, given: set[str], *, may_change=(), sourc
                         f"(it may change only {allowed or 'none of its settings'}); start a new --out to train "
                         f"with other settings")
     return dataclasses.replace(old, **{n: getattr(config, n) for n in may_change if n in given})
+
+
+def resumed_args(args: argparse.Namespace, saved: dict, given: set[str], *, source) -> None:
+    """The same rule as resumed_config for the run's flags outside its config (--seed, --mode, the data sets a
+    run adapts between ...): `saved` maps dests to the checkpoint's values; a flag left off takes it (set on
+    `args`), a flag given with another value is a one-line UserError. Keys the checkpoint does not hold (files
+    from before they were saved) are not checked."""
+    changed = [k for k, v in saved.items() if k in given and getattr(args, k) != v]
+    if changed:
+        said = ", ".join(f"{_flag(k)} {saved[k]} (not {getattr(args, k)})" for k in changed)
+        raise UserError(f"{source}: this run was trained with {said}; --resume continues it as it was; start a "
+                        f"new --out to train with other settings")
+    for k, v in saved.items():
+        setattr(args, k, v)

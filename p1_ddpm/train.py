@@ -43,6 +43,7 @@ from common.config import (
     config_from_args,
     explicit_flags,
     pre_parse,
+    resumed_args,
     resumed_config,
 )
 from common.device import lightning_precision, setup_cuda_fast_math
@@ -344,12 +345,9 @@ def main(argv=None) -> None:
             raise UserError(f"{resume}: not a checkpoint of {PROGRAM} --task {args.task}")
         config = resumed_config(config, hparams["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
-        saved_seed = hparams.get("seed")  # checkpoints from before the seed was saved do not say
-        if saved_seed is not None:
-            if "seed" in given and args.seed != saved_seed:
-                raise UserError(f"{resume}: this run was trained with --seed {saved_seed} (not {args.seed}); "
-                                f"--resume continues it as it was; start a new --out to train with another seed")
-            args.seed = saved_seed
+        # checkpoints from before the seed was saved do not say
+        resumed_args(args, {"seed": hparams["seed"]} if hparams.get("seed") is not None else {}, given,
+                     source=resume)
     check_cooldown(config.cooldown_from, config.max_steps)
     seed_everything(args.seed)
 
@@ -410,6 +408,9 @@ def main(argv=None) -> None:
                            val_every=config.val_every, limit_val_batches=config.limit_val_batches,
                            gradient_clip_val=config.grad_clip or None, seed_steps=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.global_step == config.max_steps and config.max_steps % config.val_every:
+        # a last step off the --val-every grid: validated (and exported) too, as an uninterrupted run would be
+        trainer.validate(module, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         if (out / "model.safetensors").is_file():
             print(f"done: {out / 'model.safetensors'} (EMA weights), best by val loss: {out / 'best.safetensors'}")

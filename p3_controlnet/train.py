@@ -46,7 +46,10 @@ from common.config import (
     HelpFormatter,
     add_config_flags,
     config_from_args,
+    explicit_flags,
     int_at_least,
+    resumed_args,
+    resumed_config,
 )
 from common.device import fused_adamw_pays, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
@@ -140,12 +143,14 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
     trained one starts from (--init-from) instead of the copy of the UNet encoder."""
 
     def __init__(self, *, sd, prompts: list[str], empty_prompt_id: int, config: P3TrainConfig | None = None,
-                 frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64, init_from: str | None = None):
+                 frozen_dtype: torch.dtype = torch.float32, text_batch: int = 64, init_from: str | None = None,
+                 run: dict | None = None):
         super().__init__()
         self.config = config if config is not None else P3TrainConfig()
-        # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes
+        # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes;
+        # run: the flags outside the config that --resume checks (seed, limit)
         self.save_hyperparameters({"train": dataclasses.asdict(self.config), "empty_prompt_id": empty_prompt_id,
-                                   "text_batch": text_batch})
+                                   "text_batch": text_batch, "run": run or {}})
         sd.freeze()
         self.vae, self.text_encoder, self.tokenizer = sd.vae, sd.text_encoder, sd.tokenizer
         self.noise_scheduler = sd.noise_scheduler
@@ -363,29 +368,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "a fresh optimiser and step 0, instead of a copy of the UNet encoder; ignored when "
                         "--resume finds a checkpoint")
     add_config_flags(p, P3TrainConfig(), "hyper-parameters")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU")
+    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU",
+                      resume_may_change=RESUME_MAY_CHANGE)
     return p
 
 
 PROGRAM = "p3_controlnet/train.py"
+# what a --resume may change: how long the run goes on and how it samples and checkpoints
+RESUME_MAY_CHANGE = ("max_steps", "cooldown_from", "sample_every", "sample_steps", "sample_guidance",
+                     "checkpoint_every")
 
 
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    given = explicit_flags(build_parser, argv)
     resolve_num_workers(args)
     config = config_from_args(P3TrainConfig(), args)
     # the frozen SD is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     if config.size is not None and (config.size < 8 or config.size % 8):
         raise UserError(f"--size must be a positive multiple of 8, got {config.size}")
-    check_cooldown(config.cooldown_from, config.max_steps)
     out = check_writable(args.out)
-    seed_everything(args.seed)
     setup_cuda_fast_math()
     resume = resolve_resume(args.resume, out)
     # read and checked now: a truncated or foreign --resume checkpoint fails before anything is written
     resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("train", "empty_prompt_id")) if resume else None
+    if resume_ckpt is not None:
+        hp = resume_ckpt["hyper_parameters"]
+        config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+        resumed_args(args, hp.get("run") or {}, given, source=resume)
+    check_cooldown(config.cooldown_from, config.max_steps)
+    seed_everything(args.seed)
     accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
     frozen_dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
@@ -418,7 +433,8 @@ def main(argv=None) -> None:
     print(f"loaded SD from {args.sd} in {load_seconds:.1f} s; {len(data.train_set)} training items, "
           f"{len(data.prompts) - 1} distinct prompts", file=sys.stderr)
     module = ControlNetModule(sd=sd, prompts=data.prompts, empty_prompt_id=data.empty_prompt_id, config=config,
-                              frozen_dtype=frozen_dtype, init_from=None if resume else args.init_from)
+                              frozen_dtype=frozen_dtype, init_from=None if resume else args.init_from,
+                              run={"seed": args.seed, "limit": args.limit})
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
         check_resume_fits(resume, resume_ckpt, module, PROGRAM, keys=ControlNetModule.trained_key)
         del resume_ckpt

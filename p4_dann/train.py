@@ -49,6 +49,7 @@ from common.config import (
     config_from_args,
     explicit_flags,
     pre_parse,
+    resumed_args,
     resumed_config,
 )
 from common.device import lightning_precision
@@ -350,15 +351,8 @@ def train(args: argparse.Namespace, config: P4TrainConfig, given: set[str] = fro
     if resume is not None:
         resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("model_config", "train", "mode"))
         hp = resume_ckpt["hyper_parameters"]
-        # the run's flags outside the config follow the same rule as the config's (common.config.resumed_config)
-        saved_run = {"mode": hp["mode"], "seed": hp.get("seed", args.seed), **(hp.get("scenario") or {})}
-        changed = [k for k, v in saved_run.items() if k in given and getattr(args, k) != v]
-        if changed:
-            raise UserError(f"{resume}: this run was trained with "
-                            + ", ".join(f"--{k} {saved_run[k]} (not {getattr(args, k)})" for k in changed)
-                            + "; --resume continues it as it was; start a new --out to train with other settings")
-        for k, v in saved_run.items():
-            setattr(args, k, v)
+        resumed_args(args, {"mode": hp["mode"], **{k: hp[k] for k in ("seed",) if k in hp},
+                            **(hp.get("scenario") or {})}, given, source=resume)
         config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
     seed_everything(args.seed)

@@ -55,6 +55,9 @@ from common.config import (
     HelpFormatter,
     add_config_flags,
     config_from_args,
+    explicit_flags,
+    resumed_args,
+    resumed_config,
 )
 from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
@@ -514,8 +517,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute UNet/text-encoder activations in the backward pass (default: on with CUDA, "
                         "off on the CPU)")
     add_trainer_flags(p, "auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU",
-                      resume_help="<out>/runs/<run>/last.ckpt")
+                      resume_help="<out>/runs/<run>/last.ckpt", resume_may_change=RESUME_MAY_CHANGE)
     return p
+
+
+PROGRAM = "p5_personalization/train_ti.py"
+# what a --resume may change: how long the run goes on, how it exports and samples, and activation
+# checkpointing (memory, not results)
+RESUME_MAY_CHANGE = ("steps", "save_every", "sample_every", "sample_steps", "sample_guidance",
+                     "gradient_checkpointing")
+
+
+def same_concepts(concepts: list[dict]) -> list[dict]:
+    """Concepts as --resume compares them: their folders and caption files resolved (a run resumed from
+    another working directory names the same photos)."""
+    return [{k: str(Path(v).resolve()) if k in ("images", "captions") else v for k, v in c.items()}
+            for c in concepts]
 
 
 def concepts_from_args(args, vectors: int) -> list[dict]:
@@ -568,6 +585,7 @@ def first_caption(concept: dict) -> str:
 @cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    given = explicit_flags(build_parser, argv)
     resolve_num_workers(args, decodes=False)  # the few photos are decoded once and held in memory
     config = config_from_args(P5TrainConfig(), args)
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
@@ -587,7 +605,16 @@ def main(argv=None) -> dict:
     # read and checked now: a truncated or foreign --resume checkpoint fails before SD is loaded or anything written
     resume_ckpt = None
     if resume is not None:
-        resume_ckpt = read_resume_checkpoint(resume, "p5_personalization/train_ti.py", ("concepts", "train"))
+        resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("concepts", "train"))
+        hp = resume_ckpt["hyper_parameters"]
+        config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+        resumed_args(args, {k: hp[k] for k in ("seed",) if k in hp}, given, source=resume)
+        concepts = concepts_from_args(args, config.vectors)  # --vectors may have come from the checkpoint
+        if same_concepts(concepts) != same_concepts(hp["concepts"]):
+            raise UserError(f"{resume}: this run was trained on other concepts ({hp['concepts']}); --resume "
+                            f"continues it as it was; start a new --out to train these")
+        prior = prior_from_args(args, config)
     seed_everything(args.seed)
     setup_cuda_fast_math()
     if args.quiet:
@@ -605,7 +632,7 @@ def main(argv=None) -> dict:
                                     frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed,
                                     components=components)
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
-        check_resume_fits(resume, resume_ckpt, module, "p5_personalization/train_ti.py")
+        check_resume_fits(resume, resume_ckpt, module, PROGRAM)
         del resume_ckpt
     ensure_dir(run_dir)
     info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "prior": prior,

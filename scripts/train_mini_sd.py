@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import read_resume_checkpoint, save_checkpoint
 from common.colour import delta_e, srgb_to_lab
 from common.config import (
     AT_LEAST_1,
@@ -85,11 +85,14 @@ from common.config import (
     HelpFormatter,
     add_config_flags,
     config_from_args,
+    explicit_flags,
     int_at_least,
     pre_parse,
+    resumed_args,
+    resumed_config,
 )
 from common.device import lightning_precision, setup_cuda_fast_math
-from common.errors import UserError, cli_main, one_line
+from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, write_text_atomic
 from common.images import save_grid, to_uint8
 from common.lightning_utils import (
@@ -107,6 +110,9 @@ from common.seeding import seed_everything
 
 STAGES = ("vae", "unet")
 VAE_KIND = "mini_sd_vae"
+PROGRAM = "scripts/train_mini_sd.py"
+# what a --resume may change: how long the run goes on and how it validates
+RESUME_MAY_CHANGE = ("max_steps", "cooldown_from", "val_every", "val_prompts", "val_steps", "val_guidance")
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,7 @@ def region_delta_e(recon: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
 class MiniVAEModule(UpdateEmaEachStep, pl.LightningModule):
     """The AutoencoderKL with its EMA copy; validation scores the EMA weights on held-out images."""
 
-    def __init__(self, *, vae_config: dict, train: dict):
+    def __init__(self, *, vae_config: dict, train: dict, seed: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.config = MiniSDTrainConfig(**train)
@@ -763,30 +769,29 @@ def train_unet(args, config: MiniSDTrainConfig, out: Path) -> None:
     resume = resolve_resume(args.resume, out)
     if resume is None and args.vae is None:
         raise UserError("--stage unet needs --vae: the best_vae.safetensors of a --stage vae run")
-    if args.data is not None:
-        from p3_controlnet.data import resolve_split
-        split = resolve_split(args.data)
-    else:
-        split = generated_data(out / "data", config.n_images, config.size, config.data_seed)
+    ckpt = None
+    if resume is not None:  # the networks, the VAE and the settings are the checkpoint's
+        ckpt = read_stage_checkpoint(resume, "unet")
+        hparams = ckpt["hyper_parameters"]
+        config = resumed_config(config, hparams["train"], args.given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+        resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
+        check_cooldown(config.cooldown_from, config.max_steps)
+    seed_everything(args.seed)
+    split = stage_data(args, config, out)
+    ensure_dir(out)
     from p3_controlnet.data import read_prompt_file
     items = read_prompt_file(split / "prompt.json")
     if len(items) < config.val_count + config.batch_size:
         raise UserError(f"{split}: {len(items)} items, need at least --val-count {config.val_count} + "
                         f"--batch-size {config.batch_size}")
 
-    if resume is not None:
-        # the networks and the VAE are the checkpoint's, whatever the flags say now
-        try:
-            ckpt = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
-            hparams = ckpt["hyper_parameters"]
-            vae_state = {k[len(UNET_VAE_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-                         if k.startswith(UNET_VAE_PREFIX)}
-            unet_config, text_config = hparams["unet_config"], hparams["text_config"]
-            vae_config, vae_source = hparams["vae_config"], hparams["vae_source"]
-            command = hparams.get("command", "")
-        except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
-            raise UserError(f"{resume}: not a checkpoint of scripts/train_mini_sd.py --stage unet ({one_line(e)})") \
-                from None
+    if ckpt is not None:
+        vae_state = {k[len(UNET_VAE_PREFIX):]: v for k, v in ckpt["state_dict"].items()
+                     if k.startswith(UNET_VAE_PREFIX)}
+        unet_config, text_config = hparams["unet_config"], hparams["text_config"]
+        vae_config, vae_source = hparams["vae_config"], hparams["vae_source"]
+        command = hparams.get("command", "")
         if args.vae is not None and state_fingerprint(read_vae(args.vae)[0]) != vae_source["fingerprint"]:
             raise UserError(f"--vae {args.vae} is not the VAE this run was started with ({vae_source['path']}); "
                             f"leave --vae out when resuming")
@@ -881,7 +886,7 @@ def build_parser(stage: str = "vae") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice); 1 leaves the other cores to other work")
     add_config_flags(p, STAGE_CONFIGS[stage], f"hyper-parameters (defaults of --stage {stage})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU")
+    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU", resume_may_change=RESUME_MAY_CHANGE)
     return p
 
 
@@ -902,41 +907,79 @@ def check_config(config: MiniSDTrainConfig) -> None:
     config.text_config()
 
 
+class VAEData(pl.LightningDataModule):
+    """The VAE stage's images: training batches drawn from (--seed, step) (common.step_batches), so a resumed
+    run sees the batches an uninterrupted one would; the validation images in order."""
+
+    def __init__(self, train_set, val_set, batch_size: int, seed: int, num_workers: int):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+
+    def train_dataloader(self):
+        from common.step_batches import BatchStream, step_batch_loader
+        return step_batch_loader(self.trainer, BatchStream(self.train_set, self.batch_size, self.seed),
+                                 self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=64, num_workers=0)
+
+
+def read_stage_checkpoint(resume, stage: str) -> dict:
+    """A --resume checkpoint of this stage (memory-mapped, read before anything is written); another stage's or
+    program's checkpoint, or a truncated file, is a one-line UserError."""
+    program = f"{PROGRAM} --stage {stage}"
+    needs = ("train", "vae_config") + (("unet_config", "text_config", "vae_source") if stage == "unet" else ())
+    ckpt = read_resume_checkpoint(resume, program, needs)
+    if ("unet_config" in ckpt["hyper_parameters"]) != (stage == "unet"):
+        raise UserError(f"{resume}: not a checkpoint of {program} (it is one of the other stage)")
+    return ckpt
+
+
+def stage_data(args, config: MiniSDTrainConfig, out: Path) -> Path:
+    """The split a stage trains on: --data, or make_fill50k data generated into <out>/data (checked first, so
+    a run that cannot use it does not draw thousands of images)."""
+    if args.data is not None:
+        from p3_controlnet.data import resolve_split
+        return resolve_split(args.data)
+    if config.n_images <= config.val_count + config.batch_size:
+        raise UserError(f"--n-images {config.n_images}: need more than --val-count {config.val_count} + "
+                        f"--batch-size {config.batch_size}")
+    ensure_dir(out)
+    return generated_data(out / "data", config.n_images, config.size, config.data_seed)
+
+
 def train_vae(args, config: MiniSDTrainConfig, out: Path) -> None:
     resume = resolve_resume(args.resume, out)
     vae_config = config.vae_config()
-    if resume is not None:
-        # the network is the checkpoint's, whatever the flags say now
-        try:
-            hparams = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
-            vae_config = hparams["vae_config"]
-        except Exception as e:  # a truncated file, another trainer's checkpoint, not a checkpoint at all
-            raise UserError(f"{resume}: not a checkpoint of scripts/train_mini_sd.py --stage vae ({one_line(e)})") \
-                from None
-    if args.data is not None:
-        from p3_controlnet.data import resolve_split
-        split = resolve_split(args.data)
-    else:
-        split = generated_data(out / "data", config.n_images, config.size, config.data_seed)
+    if resume is not None:  # the network and its settings are the checkpoint's
+        hparams = read_stage_checkpoint(resume, "vae")["hyper_parameters"]
+        vae_config = hparams["vae_config"]
+        config = resumed_config(config, hparams["train"], args.given, may_change=RESUME_MAY_CHANGE, source=resume,
+                                program=PROGRAM)
+        resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
+        check_cooldown(config.cooldown_from, config.max_steps)
+    seed_everything(args.seed)
+    split = stage_data(args, config, out)
+    ensure_dir(out)
     images, _ = load_targets(split, config.size)
     if len(images) <= config.val_count:
         raise UserError(f"{split}: {len(images)} items, not more than --val-count {config.val_count}")
-    train_set = TensorDataset(images[:-config.val_count])
-    val_set = TensorDataset(images[-config.val_count:])
-    g = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=g,
-                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    val_loader = DataLoader(val_set, batch_size=64, num_workers=0)
-    print(f"VAE stage: {len(train_set)} training and {len(val_set)} validation images ({config.size} px) from "
-          f"{split}", file=sys.stderr)
+    data = VAEData(TensorDataset(images[:-config.val_count]), TensorDataset(images[-config.val_count:]),
+                   config.batch_size, args.seed, args.num_workers)
+    print(f"VAE stage: {len(data.train_set)} training and {len(data.val_set)} validation images ({config.size} px) "
+          f"from {split}", file=sys.stderr)
 
-    module = MiniVAEModule(vae_config=vae_config, train=dataclasses.asdict(config))
+    module = MiniVAEModule(vae_config=vae_config, train=dataclasses.asdict(config), seed=args.seed)
     accelerator = resolve_accelerator(args.accelerator)
     trainer = make_trainer(args, out=out, precision=lightning_precision(accelerator, args.precision),
                            max_steps=config.max_steps, checkpoint_every=config.val_every,
                            callbacks=[ValidateAndExport(out)], val_every=config.val_every,
-                           gradient_clip_val=config.grad_clip or None)
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume)
+                           gradient_clip_val=config.grad_clip or None, seed_steps=True)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.global_step == config.max_steps and config.max_steps % config.val_every:
+        # a last step off the --val-every grid: validated (and exported) too, as an uninterrupted run would be
+        trainer.validate(module, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         print(f"done: {out / 'vae.safetensors'} (EMA VAE), best: {out / 'best_vae.safetensors'}, "
               f"curve: {out / 'val_curve.csv'}")
@@ -947,6 +990,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, config = parse_config(argv)
     args.argv = argv
+    args.given = explicit_flags(lambda: build_parser(args.stage), argv)
     check_config(config)
     if args.stage == "vae" and args.vae is not None:
         raise UserError("--vae is an input of --stage unet")
@@ -956,9 +1000,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for worker processes started later
     out = check_writable(args.out)
-    ensure_dir(out)
-    seed_everything(args.seed)
     setup_cuda_fast_math()
+    # each stage reads its --resume checkpoint (and may take the seed from it) before it seeds and writes
     (train_unet if args.stage == "unet" else train_vae)(args, config, out)
 
 

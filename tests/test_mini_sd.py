@@ -165,6 +165,18 @@ def test_vae_stage_trains_exports_and_resumes(tmp_path, capsys):
     with torch.no_grad():
         z = vae.encode(images[-8:].float() / 127.5 - 1).latent_dist.mode() * vae.config.scaling_factor
     torch.testing.assert_close(z.std(), torch.tensor(1.0), atol=1e-3, rtol=0)
+    # resumed = uninterrupted, to the byte (the batches once came from a shuffled loader that restarted its
+    # epoch on resume)
+    whole = tmp_path / "whole"
+    main([str(whole) if a == str(out) else a for a in args] + ["--max-steps", "4", "--data", str(out / "data")])
+    assert (whole / "vae.safetensors").read_bytes() == (out / "vae.safetensors").read_bytes()
+    # a 3-step run exports its last step too (once, nothing was exported after step 2), and --resume keeps the
+    # run's settings
+    main(args + ["--max-steps", "5", "--resume"])
+    assert json.loads((out / "vae.json").read_text())["metrics"]["step"] == 5
+    capsys.readouterr()
+    code, err = run_cli(main, args + ["--max-steps", "6", "--batch-size", "8", "--resume"], capsys)
+    assert code == 2 and "--batch-size 4 (not 8)" in err, err
 
 
 # ------------------------------------------------------------------------------------------ UNet stage

@@ -819,6 +819,25 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
         assert os.listdir(out) == ["last.ckpt"]
 
 
+def test_resume_refuses_other_settings_before_loading_sd(trained, fill, sd_ckpt, tmp_path, capsys):
+    """--resume with another --batch-size, --size, --lr or --limit once trained on (or recorded settings that
+    were not used); now one line naming both values, before SD is loaded, and --out unchanged."""
+    import shutil
+
+    from p3_controlnet.train import main
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = sorted(p.name for p in out.rglob("*"))
+    base = ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(out), "--max-steps", "3", "--num-workers", "0",
+            "--resume", "--quiet"]
+    for flags, said in ((["--batch-size", "4"], "--batch-size 2 (not 4)"), (["--size", "32"], f"--size {SIZE}"),
+                        (["--lr", "0.5"], "--lr 0.001 (not 0.5)"), (["--limit", "6"], "--limit None (not 6)"),
+                        (["--seed", "1"], "--seed 0 (not 1)")):
+        code, err = run_cli(main, base + flags, capsys)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_ship_checkpoint_writes_a_controlnet_folder_in_fp16(trained, tmp_path, capsys):
     """scripts/ship_checkpoint.py on a ControlNet folder: an fp16 folder that load_controlnet reads back to the
     same weights (to fp16 precision), with the metrics beside it; a bad --metrics file writes nothing."""

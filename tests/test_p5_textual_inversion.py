@@ -621,20 +621,30 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
                                                                                     capsys):
     """--resume with a last.ckpt that is truncated, another trainer's, or of a run with other --vectors: one line
     naming the file, exit 2, and no new file in --out."""
+    import dataclasses
     import io
 
     from p5_personalization import train_ti
-    # as train_ti.py saves one (the trained tensors only), from a run with 2 vectors of another width
+    # as train_ti.py saves one (the trained tensors only), of this run's settings but with vectors of another
+    # width; then the same with other settings, and with other concepts (once both trained on silently)
+    train = dataclasses.asdict(dataclasses.replace(train_ti.P5TrainConfig(), batch_size=2, resolution=int(RES)))
+    concept = {"images": str(photos["dog"]), "token": "<new1>", "init_word": "dog", "property": "object",
+               "vectors": 1}
     other = {"state_dict": {"token_vectors": torch.zeros(2, 7)}, "global_step": 1,
-             "hyper_parameters": {"sd_path": "sd", "concepts": [], "train": {}}}
+             "hyper_parameters": {"sd_path": "sd", "concepts": [concept], "train": train, "seed": 0}}
     buf = io.BytesIO()
     torch.save(other, buf)
     whole = buf.getvalue()
+    settings = {**other, "hyper_parameters": {**other["hyper_parameters"], "train": {**train, "lr": 0.5}}}
+    concepts = {**other, "hyper_parameters": {**other["hyper_parameters"],
+                                              "concepts": [{**concept, "images": str(photos["cat"])}]}}
     cases = [
         (whole[: len(whole) // 2], "last.ckpt: not a checkpoint of p5_personalization/train_ti.py ("),
         ({"state_dict": {}, "global_step": 1, "hyper_parameters": {"train": {}, "empty_prompt_id": 0}},
          "(it has no hyper-parameter 'concepts')"),
         (other, "tensor 'token_vectors' is (2, 7) there, (1, "),
+        (settings, "this run was trained with --lr 0.5 (not 0.005)"),
+        (concepts, "this run was trained on other concepts"),
     ]
     out = tmp_path / "emb"
     (out / "runs" / "new1").mkdir(parents=True)
@@ -644,7 +654,8 @@ def test_resume_from_a_truncated_or_wrong_checkpoint_is_one_line_and_writes_noth
         else:
             torch.save(content, out / "runs" / "new1" / "last.ckpt")
         code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog",
-                                                      "--vectors", "1", "--steps", "3", "--resume"), capsys)
+                                                      "--vectors", "1", "--steps", "3", "--lr", "0.005", "--resume"),
+                            capsys)
         last = err.strip().splitlines()[-1]  # after the SD loader's progress bar
         assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
         assert [str(p.relative_to(out)) for p in sorted(out.rglob("*"))] == ["runs", "runs/new1",
