@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from common.errors import UserError
@@ -214,6 +215,49 @@ def remove_stale_temps(*folders: str | os.PathLike) -> int:
                     os.unlink(e.path)
                     removed += 1
     return removed
+
+
+def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Iterable[str], ours: str) -> list[str]:
+    """After a run wrote `written` (names relative to `out`), delete from `out`/each of `folders` ('' is `out`)
+    the files whose names match `ours` (a regular expression: what this command writes) that this run did not
+    write: a rerun into the same hand-in folder (another year's layout, fewer prompts) then holds exactly this
+    run's files, not a mix the grader would also read. A folder left empty by that is removed unless this run
+    wrote into it. Files of other names are left alone, and named in a note on stdout; they are returned."""
+    out, keep = Path(out), {os.path.normpath(n) for n in written}
+    pattern = re.compile(ours)
+    foreign = []
+    for sub in folders:
+        folder = out / sub
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            rel = os.path.normpath(os.path.join(sub, e.name))
+            if rel in keep or not e.is_file(follow_symlinks=False) or _TEMP_RE.match(e.name):
+                continue
+            if pattern.fullmatch(e.name):
+                os.unlink(e.path)
+            else:
+                foreign.append(rel)
+        if sub and not any(os.path.normpath(n).startswith(os.path.normpath(sub) + os.sep) for n in keep):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+    if foreign:
+        print(f"note: {out} also holds {len(foreign)} file(s) this command did not write ({', '.join(foreign[:3])}"
+              f"{', ...' if len(foreign) > 3 else ''}); remove them before handing in")
+    return foreign
+
+
+def share_tree(folder: str | os.PathLike) -> None:
+    """Give a folder written by a library the usual permissions (umask applied), like atomic_path's files:
+    safetensors and mkdtemp make 0600 files and 0700 folders, which a grader's other account cannot read."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~_UMASK)
 
 
 @contextlib.contextmanager

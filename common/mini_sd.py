@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common.fileio import atomic_path, ensure_dir, read_json, write_text_atomic
+from common.fileio import atomic_path, ensure_dir, read_json, share_tree, write_text_atomic
 
 MINI_IMAGE = 64  # native resolution in pixels; latents are 8x8
 MINI_VAE = dict(
@@ -119,6 +119,7 @@ def export_diffusers(comps, folder: str | os.PathLike, info: dict, dtype: torch.
                  "scheduler": ["diffusers", "DDPMScheduler"]}
         write_text_atomic(tmp / "model_index.json", json.dumps(index, indent=2) + "\n")
         write_text_atomic(tmp / INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        share_tree(tmp)
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)

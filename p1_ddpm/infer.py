@@ -31,7 +31,7 @@ import torch
 from common.config import HelpFormatter, finite_float, int_at_least
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
-from common.fileio import all_or_nothing, check_writable, remove_stale_temps
+from common.fileio import all_or_nothing, check_writable, prune_outputs, remove_stale_temps
 from common.images import save_grid, save_pngs, to_uint8
 from common.seeding import PerSampleNoise, seed_everything
 from p1_ddpm.data import DIGIT_DATASETS
@@ -49,6 +49,8 @@ ICLEVR_DEFAULTS = dict(
 )  # guidance: ICLEVR.md (validation lists)
 GRID_COLUMNS = 8
 LAYOUTS = ("2023", "2024", "2025")
+LAYOUT_FOLDERS = ("", "mnistm", "svhn")  # every folder some layout writes into
+DIGIT_IMAGE_NAME = r"\d_\d{3}\.png"  # what layout_jobs names its images
 
 
 def layout_jobs(layout: str) -> list[tuple[str, int, int, int]]:
@@ -145,6 +147,8 @@ def main(argv=None) -> None:
                                        args.eta, batch_size=args.batch_size, device=device, amp_dtype=dtype,
                                        progress=not args.quiet)
     save_pngs(out, names, to_uint8(images))  # all or nothing: a failure or SIGTERM adds no file and no folder
+    # digit images of an earlier run into this folder (another year's layout) would be graded too
+    prune_outputs(out, names, LAYOUT_FOLDERS, DIGIT_IMAGE_NAME)
     print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
 

@@ -20,6 +20,7 @@ import torch
 
 from common.device import autocast
 from common.errors import UserError, one_line
+from common.fileio import share_tree
 from common.seeding import pad_items, padded_size
 
 # the conditioning encoder's widths in SD v1 ControlNets: three stride-2 convs take 512 px to 64 latents
@@ -125,6 +126,7 @@ def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | No
         from safetensors.torch import save_file
         controlnet.save_config(tmp)  # config.json, as save_pretrained writes it
         save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        share_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.exists():
             shutil.rmtree(old)
@@ -135,7 +137,6 @@ def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(path, 0o755)
     return path
 
 

@@ -19,6 +19,7 @@ bf16 on CUDA, exact fp32 on CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import zlib
 from pathlib import Path
@@ -39,7 +40,7 @@ from common.device import (
     setup_cuda_fast_math,
 )
 from common.errors import UserError, cli_main
-from common.fileio import all_or_nothing, check_writable, remove_stale_temps
+from common.fileio import all_or_nothing, check_writable, prune_outputs, remove_stale_temps
 from common.images import save_pngs, to_uint8
 from common.seeding import sample_seed
 from p5_personalization.concepts import read_input_json, token_file_stem
@@ -49,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_EMBEDDINGS = REPO / "checkpoints" / "textual_inversion"
 IMAGES_PER_PROMPT = 25
+IMAGE_NAME = r"source.+_prompt\d+_\d+\.png"  # what this command names its images
 
 
 def how_to_train(emb_dir: Path, token: str = "<new1>") -> str:
@@ -198,12 +200,15 @@ def main(argv=None) -> dict:
             )
             save_pngs(out / case.key / str(p), [f"source{case.key}_prompt{p}_{k}.png" for k in range(n)], images)
             written += n
-    for case, p in jobs:
-        # a previous run with more images per prompt must not leave extra files behind
-        folder = out / case.key / str(p)
-        keep = {folder / f"source{case.key}_prompt{p}_{k}.png" for k in range(n)}
-        for stale in set(folder.glob(f"source{case.key}_prompt{p}_*.png")) - keep:
-            stale.unlink()
+    # an earlier run into this folder (more images per prompt, more prompts or concepts) must not leave images
+    # the grader would read too; with --only, only the folders of the prompts written now are this run's
+    folders = {os.path.join(c.key, str(p)) for c, p in jobs}
+    if not args.only:
+        folders |= {str(d.relative_to(out)) for d in out.glob("*/*") if d.is_dir()}
+        folders |= {d.name for d in out.iterdir() if d.is_dir()}
+    names = [os.path.join(c.key, str(p), f"source{c.key}_prompt{p}_{k}.png") for c, p in jobs for k in range(n)]
+    # deepest first, so a prompt folder emptied by this is gone before its concept folder is tried
+    prune_outputs(out, names, sorted(folders, key=lambda s: -s.count(os.sep)), IMAGE_NAME)
     secs = time.perf_counter() - t0
     print(f"wrote {written} images ({len(jobs)} prompts x {args.images_per_prompt}) to {out} in {secs:.1f} s "
           f"({secs / max(1, len(jobs)):.1f} s per prompt)")

@@ -389,3 +389,23 @@ def test_a_training_checkpoint_given_for_weights_says_which_file_to_pass(tmp_pat
     with pytest.raises(UserError, match="a training checkpoint .for --resume., not the weights; pass the "
                                         "model.safetensors"):
         read_checkpoint(ckpt, "p1_ddpm.ConditionalUNet")
+
+
+def test_exported_folders_are_readable_by_others(tmp_path):
+    """safetensors writes 0600 files: the ControlNet folder a student hands in was unreadable to a grader's
+    other account, while every file written through atomic_path had the usual permissions."""
+    import os
+    import stat
+
+    from diffusers import ControlNetModel
+
+    from p3_controlnet.model import save_controlnet
+    from tests.tiny_sd import tiny_sd_components
+    umask = os.umask(0)
+    os.umask(umask)
+    unet = tiny_sd_components(seed=0).unet
+    folder = save_controlnet(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 4, 8)),
+                             tmp_path / "controlnet")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes == {"controlnet": 0o777 & ~umask, "config.json": 0o666 & ~umask,
+                     "diffusion_pytorch_model.safetensors": 0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}

@@ -78,6 +78,27 @@ def test_infer_layouts(layout, tiny_p1_checkpoint, tmp_path):
         _check_folder(out / "svhn", range(1, 10, 2), 50)
 
 
+def test_rerun_into_the_same_folder_holds_only_this_layouts_images(tiny_p1_checkpoint, tmp_path, capsys):
+    """A 2025 run into a folder a 2024 run had filled once left the odd digits in mnistm/ and the even ones in
+    svhn/ (500 images per folder, all graded); a 2023 run after it left both folders. Files this command does
+    not write are kept, and named."""
+    out = tmp_path / "out"
+    run = lambda layout: infer_main(["--layout", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint),
+                                     "--quiet"] + FAST)
+    run("2024")
+    (out / "mnistm" / "notes.txt").write_text("mine")
+    run("2025")
+    assert "note: " in capsys.readouterr().out and (out / "mnistm" / "notes.txt").read_text() == "mine"
+    (out / "mnistm" / "notes.txt").unlink()
+    _check_folder(out / "mnistm", range(0, 10, 2), 50)
+    _check_folder(out / "svhn", range(1, 10, 2), 50)
+    run("2023")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
+    _check_folder(out, range(10), 100)
+    run("2024")
+    assert sorted(os.listdir(out)) == ["mnistm", "svhn"]
+
+
 def test_same_image_across_layouts_and_batch_sizes(tiny_p1_checkpoint, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     infer_main(["--layout", "2024", "--out", str(a), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)

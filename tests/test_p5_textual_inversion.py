@@ -298,6 +298,32 @@ def test_hw2_ti_sh_writes_the_exact_tree(trained, tiny_sd, tmp_path, capsys):
     assert not (tmp_path / "again" / "0").exists()
 
 
+def test_rerun_with_fewer_concepts_leaves_only_this_runs_images(trained, tiny_sd, tmp_path, capsys):
+    """A rerun into the same folder with an input.json of fewer concepts or prompts once left the old 1/ and
+    0/1/ folders, which the grader would read too; --only keeps the other concepts on purpose."""
+    from p5_personalization import infer_ti
+    js = write_input_json(tmp_path / "input.json")
+    out = tmp_path / "out"
+    argv = ["--json", str(js), "--out", str(out), "--sd", str(tiny_sd["diffusers"]), "--embeddings",
+            str(trained[0]), "--steps", "1", "--resolution", RES, "--quiet", "--images-per-prompt", "1"]
+    assert run_cli(infer_ti.main, argv, capsys)[0] == 0
+    (out / "1" / "mine.txt").write_text("kept")
+    fewer = json.loads(js.read_text())
+    for key in ("prompt", "prompt_4_clip_eval", "baseline"):
+        fewer["0"][key] = fewer["0"][key][:1]
+    del fewer["1"]
+    js.write_text(json.dumps(fewer))
+    code, err = run_cli(infer_ti.main, argv + ["--only", "0"], capsys)
+    assert code == 0, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [  # --only: the rest as it was
+        "0/0/source0_prompt0_0.png", "0/1/source0_prompt1_0.png", "1/0/source1_prompt0_0.png"]
+    infer_ti.main(argv)
+    said = capsys.readouterr().out
+    assert "note: " in said and "mine.txt" in said
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "0/0/source0_prompt0_0.png", "1/mine.txt"]
+
+
 def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(trained, tiny_sd, tmp_path, capsys,
                                                                      monkeypatch):
     """infer_ti's CUDA branch (the UNet in channels_last) run on the CPU: the same images, to a pixel level."""
