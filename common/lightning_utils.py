@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -201,13 +202,17 @@ def adamw_with_schedule(params, *, lr: float, weight_decay: float, warmup_steps:
 
 
 def resolve_resume(resume: str | None, out: Path) -> str | None:
-    """--resume: None -> fresh start; 'auto' -> out/last.ckpt when it exists; else a path that must exist."""
+    """--resume: None -> fresh start; 'auto' -> out/last.ckpt when it exists (else a fresh start, said on
+    stderr: a mistyped --out would otherwise start over without a word); else a path that must exist."""
     from common.errors import UserError
     if resume is None:
         return None
     if resume == "auto":
         last = out / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            print(f"note: --resume: no {last} yet, so this is a new run", file=sys.stderr)
+            return None
+        return str(last)
     if not os.path.isfile(resume):
         raise UserError(f"{resume}: --resume checkpoint not found")
     return resume

@@ -409,3 +409,16 @@ def test_exported_folders_are_readable_by_others(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
     assert modes == {"controlnet": 0o777 & ~umask, "config.json": 0o666 & ~umask,
                      "diffusion_pytorch_model.safetensors": 0o666 & ~umask}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
+    """--resume with no last.ckpt (a mistyped --out, a first run of a script that always resumes) once started a
+    new run without a word."""
+    from common.lightning_utils import resolve_resume
+    assert resolve_resume("auto", tmp_path) is None
+    assert f"no {tmp_path / 'last.ckpt'} yet, so this is a new run" in capsys.readouterr().err
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "last.ckpt") and capsys.readouterr().err == ""
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(UserError, match="nope.ckpt: --resume checkpoint not found"):
+        resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
