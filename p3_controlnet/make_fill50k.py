@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
+from tqdm import tqdm
 
 from common.config import HelpFormatter, add_config_flags, config_from_args, int_at_least, pre_parse
 from common.errors import UserError, cli_main
@@ -260,14 +261,15 @@ def draw_sample(rng: np.random.Generator, size: int, colours,
 
 
 def write_split(root: Path, n: int, size: int, seed: int, start: int = 0,
-                options: Fill50kOptions | None = None) -> None:
+                options: Fill50kOptions | None = None, progress: bool = False) -> None:
     options = options or Fill50kOptions()
     check_options(options)
     colours = palette_colours(options.palette)
     extra = options != Fill50kOptions()  # the original layout keeps its bytes
     src_dir, tgt_dir = ensure_dir(root / "source"), ensure_dir(root / "target")
     lines = []
-    for i in range(start, start + n):
+    for i in tqdm(range(start, start + n), desc=f"drawing {root.name}", unit="sample", disable=not progress,
+                  mininterval=2):
         rng = np.random.default_rng([seed, i])  # sample i depends only on (seed, i)
         source, target, prompt, record = draw_sample(rng, size, colours, options)
         save_png(src_dir / f"{i}.png", source)
@@ -305,10 +307,10 @@ def main(argv=None) -> None:
     if args.size < 16 or args.size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 16, got {args.size}")
     out = check_writable(args.out)
-    write_split(out / "training", args.n, args.size, args.seed, options=options)
+    write_split(out / "training", args.n, args.size, args.seed, options=options, progress=True)
     if args.n_test:
         # test samples draw from seeds no training sample uses
-        write_split(out / "testing", args.n_test, args.size, args.seed + 1_000_003, options=options)
+        write_split(out / "testing", args.n_test, args.size, args.seed + 1_000_003, options=options, progress=True)
     print(f"wrote {args.n} training" + (f" and {args.n_test} testing" if args.n_test else "")
           + f" samples ({args.size}x{args.size}) to {out}")
 

@@ -10,6 +10,7 @@ which diffusers' own ControlNet pipelines also read.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -113,8 +114,13 @@ def load_controlnet(path: str | os.PathLike, device="cpu", dtype=torch.float32):
     return cast(net, dtype).to(device).eval()
 
 
-def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write a ControlNet folder atomically: a finished folder replaces the old one, never a half-written one."""
+TRAIN_INFO = "train.json"  # beside the weights in a folder train.py exports: how and how far it was trained
+
+
+def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    info: dict | None = None) -> Path:
+    """Write a ControlNet folder atomically: a finished folder replaces the old one, never a half-written one;
+    `info` goes into it as TRAIN_INFO."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -126,6 +132,8 @@ def save_controlnet(controlnet, path: str | os.PathLike, dtype: torch.dtype | No
         from safetensors.torch import save_file
         controlnet.save_config(tmp)  # config.json, as save_pretrained writes it
         save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        if info is not None:
+            (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         share_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.exists():

@@ -272,7 +272,8 @@ class ExportControlNetAndSamples(Callback):
     """Every `every` steps and at the end (rank 0): export the ControlNet to <out>/controlnet; draw `steps`-step
     samples (guidance `guidance`, seeds seed + i) for the first `count` held-out items (steps 0: none)."""
 
-    def __init__(self, *, out: Path, val_set, every: int, steps: int, guidance: float, seed: int, count: int = 4):
+    def __init__(self, *, out: Path, val_set, every: int, steps: int, guidance: float, seed: int, count: int = 4,
+                 info: dict | None = None):
         self.out, self.val_set, self.every, self.steps, self.guidance, self.seed = (
             out,
             val_set,
@@ -282,6 +283,7 @@ class ExportControlNetAndSamples(Callback):
             seed,
         )
         self.count = min(count, len(val_set))
+        self.info = info or {}  # recorded in the exported folder, with the step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -297,7 +299,8 @@ class ExportControlNetAndSamples(Callback):
         if not trainer.is_global_zero:
             return
         net = pl_module.evaluated_net()
-        save_controlnet(net.controlnet, self.out / "controlnet")
+        save_controlnet(net.controlnet, self.out / "controlnet",
+                        info={**self.info, "global_step": trainer.global_step, "ema": pl_module.config.ema_decay > 0})
         if self.count == 0 or self.steps == 0:
             return
         items = [self.val_set[i] for i in range(self.count)]
@@ -346,7 +349,7 @@ def generated_fill50k(root: Path, n: int, size: int, seed: int) -> Path:
     print(f"--data not given: generating {n} Fill50k samples ({size}x{size}, seed {seed}) into {root} with "
           f"make_fill50k.py (once; later runs with the same settings reuse them)", file=sys.stderr)
     record.unlink(missing_ok=True)
-    write_split(ensure_dir(root) / "training", n, size, seed)
+    write_split(ensure_dir(root) / "training", n, size, seed, progress=True)
     write_text_atomic(record, json.dumps(settings) + "\n")
     return root
 
@@ -443,8 +446,11 @@ def main(argv=None) -> None:
         module.net.controlnet.compile()
         module.net.unet.compile()
 
+    info = {"program": PROGRAM, "sd": str(Path(args.sd).resolve()), "data": str(Path(data_root).resolve()),
+            "seed": args.seed, "limit": args.limit, "train": dataclasses.asdict(config)}
     export = ExportControlNetAndSamples(out=out, val_set=data.val_set, every=config.sample_every,
-                                        steps=config.sample_steps, guidance=config.sample_guidance, seed=args.seed)
+                                        steps=config.sample_steps, guidance=config.sample_guidance, seed=args.seed,
+                                        info=info)
     # Lightning counts validation intervals in batches, not optimiser steps
     trainer = make_trainer(args, out=out, precision=precision, max_steps=config.max_steps,
                            checkpoint_every=config.checkpoint_every or config.sample_every, callbacks=[export],

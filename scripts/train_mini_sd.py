@@ -243,7 +243,7 @@ def generated_data(root: Path, n: int, size: int, seed: int) -> Path:
     if not done:
         print(f"generating {n} mini-preset Fill50k samples ({size}x{size}, seed {seed}) into {root}", file=sys.stderr)
         record.unlink(missing_ok=True)
-        write_split(ensure_dir(root) / "training", n, size, seed, options=options)
+        write_split(ensure_dir(root) / "training", n, size, seed, options=options, progress=True)
         write_text_atomic(record, json.dumps(settings) + "\n")
     return root / "training"
 

@@ -139,6 +139,10 @@ def test_fit_writes_controlnet_samples_and_resumes(trained, fill, sd_ckpt, capsy
     saved = {k: v for k, v in first["state_dict"].items()}
     assert torch.equal(net.state_dict()["conv_in.weight"], saved["net.controlnet.conv_in.weight"])
     assert net.controlnet_down_blocks[0].weight.abs().max() > 0  # trained away from zero
+    # the folder says how and how far it was trained (it once held only diffusers' config.json)
+    info = json.loads((trained / "controlnet" / "train.json").read_text())
+    assert info["global_step"] == 2 and info["train"]["batch_size"] == 2 and info["seed"] == 0
+    assert info["sd"] == str(sd_ckpt.resolve()) and info["program"] == "p3_controlnet/train.py"
     code, err = run_cli(main, ["--sd", str(sd_ckpt), "--data", str(fill), "--out", str(trained), "--size", str(SIZE),
                                "--max-steps", "3", "--batch-size", "2", "--sample-every", "2", "--sample-steps", "0",
                                "--val-count", "2", "--num-workers", "0", "--lr", "1e-3", "--resume", "--quiet"], capsys)
