@@ -553,10 +553,12 @@ def concepts_from_args(args, vectors: int) -> list[dict]:
             raise UserError(f"--token {token!r}: write it as <name> with no spaces (e.g. <new1>)")
         token_file_stem(token)
         files = list_concept_images(images)
-        concept = {"images": str(images), "token": token, "init_word": word, "property": prop, "vectors": vectors}
+        # paths recorded resolved: the exported JSON then names the photos whatever the working directory
+        concept = {"images": str(Path(images).resolve()), "token": token, "init_word": word, "property": prop,
+                   "vectors": vectors}
         if caps != "none":
             read_captions(caps, files)
-            concept["captions"] = str(caps)
+            concept["captions"] = str(Path(caps).resolve())
         out.append(concept)
     return out
 
@@ -569,7 +571,7 @@ def prior_from_args(args, config: P5TrainConfig) -> dict | None:
         return None
     files = list_prior_images(args.prior_images)
     read_captions(args.prior_captions, files, flag="--prior-captions")
-    return {"images": str(args.prior_images), "captions": str(args.prior_captions)}
+    return {"images": str(Path(args.prior_images).resolve()), "captions": str(Path(args.prior_captions).resolve())}
 
 
 def first_caption(concept: dict) -> str:
@@ -635,7 +637,7 @@ def main(argv=None) -> dict:
         check_resume_fits(resume, resume_ckpt, module, PROGRAM)
         del resume_ckpt
     ensure_dir(run_dir)
-    info = {"method": config.method, "sd": str(args.sd), "concepts": concepts, "prior": prior,
+    info = {"method": config.method, "sd": str(Path(args.sd).resolve()), "concepts": concepts, "prior": prior,
             "resolution": config.resolution,
             "batch_size": config.batch_size, "lr": config.lr, "seed": args.seed, "precision": precision.split("-")[0],
             "train": dataclasses.asdict(config)}
