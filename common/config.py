@@ -50,7 +50,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        unsaid = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower()
+        # identity, not `in (None, False, ...)`: 0 == False, so a default of 0 or 0.0 would go unshown
+        default = action.default
+        quiet = default is None or default is False or default is argparse.SUPPRESS
+        unsaid = not quiet and "default" not in text.lower()
         if unsaid and action.option_strings:
             text += " (default: %(default)s)"
         return text

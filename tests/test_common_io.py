@@ -422,3 +422,17 @@ def test_resume_auto_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
     assert resolve_resume(None, tmp_path) is None
     with pytest.raises(UserError, match="nope.ckpt: --resume checkpoint not found"):
         resolve_resume(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_help_shows_a_default_of_zero():
+    """0 == False: a membership test against (None, False) hid --eta 0.0 and --seed 0 from every --help."""
+    import argparse
+
+    from common.config import HelpFormatter
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--eta", type=float, default=0.0, help="noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--quiet", action="store_true", help="no bars")
+    text = " ".join(parser.format_help().split())
+    assert "noise (default: 0.0)" in text and "seed (default: 0)" in text
+    assert "no bars (default" not in text

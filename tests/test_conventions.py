@@ -103,7 +103,8 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
                 if not (action.help or "").strip():
                     missing.append(f"{name} {flag}: no help")
                     continue
-                if action.default in (None, False, argparse.SUPPRESS):
+                # identity: `in (None, False, ...)` would also skip 0 and 0.0 (0 == False)
+                if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
                     continue
                 shown = formatter._expand_help(action) if "%" in formatter._get_help_string(action) else \
                     formatter._get_help_string(action)
