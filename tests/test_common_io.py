@@ -436,3 +436,17 @@ def test_help_shows_a_default_of_zero():
     text = " ".join(parser.format_help().split())
     assert "noise (default: 0.0)" in text and "seed (default: 0)" in text
     assert "no bars (default" not in text
+
+
+def test_pick_device_checks_mps_and_the_cuda_index(monkeypatch):
+    """--device mps without MPS was a traceback at the first tensor moved there, and cuda:N past the last GPU
+    one deep inside CUDA; both are one line, as --device cuda without CUDA is."""
+    from common.device import pick_device
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device mps: MPS .* not available"):
+        pick_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        pick_device("cuda:2")
