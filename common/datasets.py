@@ -7,6 +7,7 @@ file or the csv is reported as one line naming the file.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,25 +31,30 @@ def read_label_csv(csv_path: str | os.PathLike) -> list[tuple[str, int]]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: label csv not found")
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
-            raise UserError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
-        rows, first_line = [], {}
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise UserError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
-            try:
-                rows.append((row[0].strip(), int(row[1])))
-            except ValueError:
-                raise UserError(f"{csv_path}:{lineno}: label {row[1]!r} is not an integer") from None
-            # a name listed twice would be scored once, with whichever row a dict kept
-            seen = first_line.setdefault(rows[-1][0], lineno)
-            if seen != lineno:
-                raise UserError(f"{csv_path}:{lineno}: {rows[-1][0]!r} is listed again (first on line {seen})")
+    try:
+        # utf-8-sig: Excel writes a byte-order mark, which would otherwise spoil the header's first name
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{csv_path}: not UTF-8 text ({e.reason})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["image_name", "label"]:
+        raise UserError(f"{csv_path}: expected header 'image_name,label', got {header!r}")
+    rows, first_line = [], {}
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) < 2:
+            raise UserError(f"{csv_path}:{lineno}: expected 'image_name,label', got {row!r}")
+        try:
+            rows.append((row[0].strip(), int(row[1])))
+        except ValueError:
+            raise UserError(f"{csv_path}:{lineno}: label {row[1]!r} is not an integer") from None
+        # a name listed twice would be scored once, with whichever row a dict kept
+        seen = first_line.setdefault(rows[-1][0], lineno)
+        if seen != lineno:
+            raise UserError(f"{csv_path}:{lineno}: {rows[-1][0]!r} is listed again (first on line {seen})")
     if not rows:
         raise UserError(f"{csv_path}: no rows")
     return rows

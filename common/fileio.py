@@ -294,13 +294,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: a key given twice is an error, where json.loads keeps the last one silently
+    (an input.json concept, or a train.json image's labels, would be lost without a word)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_json(path: str | os.PathLike, what: str = "file"):
-    """Parse a JSON file; UserError naming the file when it is missing or not valid JSON."""
+    """Parse a JSON file; UserError naming the file when it is missing, not valid JSON, or names a key twice
+    in one object. A UTF-8 byte-order mark (Notepad, Excel) is allowed."""
     import json
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text())
+        # utf-8-sig: strict utf-8 would call a file with a byte-order mark malformed JSON
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: malformed JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: key {e.args[0]!r} appears twice in one object (only one would be read)") from None

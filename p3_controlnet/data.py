@@ -29,7 +29,8 @@ def read_prompt_file(path: str | os.PathLike, need_target: bool = True) -> list[
     if not path.is_file():
         raise UserError(f"{path}: prompt file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Notepad) would make the first line invalid JSON
+        with open(path, encoding="utf-8-sig") as f:
             lines = list(f)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None

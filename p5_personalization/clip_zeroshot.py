@@ -91,7 +91,8 @@ def parse_templates(values: list[str] | None) -> list[str]:
     out = []
     for v in values:
         p = Path(v)
-        lines = p.read_text().splitlines() if "{}" not in v and p.is_file() else [v]
+        # utf-8-sig: a byte-order mark would otherwise stay at the head of the first template
+        lines = p.read_text(encoding="utf-8-sig").splitlines() if "{}" not in v and p.is_file() else [v]
         out.extend(s.strip() for s in lines if s.strip())
     bad = [t for t in out if t.count("{}") != 1]
     if bad:

@@ -450,3 +450,32 @@ def test_pick_device_checks_mps_and_the_cuda_index(monkeypatch):
     assert pick_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(UserError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
         pick_device("cuda:2")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_json_and_csv_inputs_may_start_with_a_byte_order_mark(tmp_path):
+    """Notepad and Excel save UTF-8 with a byte-order mark; strict utf-8 called such a file malformed JSON, and the
+    csv header's first name became '\\ufeffimage_name'."""
+    from common.fileio import read_json
+    (tmp_path / "a.json").write_bytes(BOM + b'{"x": [1, 2]}')
+    assert read_json(tmp_path / "a.json") == {"x": [1, 2]}
+    (tmp_path / "pred.csv").write_bytes(BOM + b"image_name,label\r\na.png,1\r\nb.png,3\r\n")
+    assert read_label_csv(tmp_path / "pred.csv") == [("a.png", 1), ("b.png", 3)]
+
+
+def test_label_csv_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "pred.csv").write_bytes(b"image_name,label\ncaf\xe9.png,1\n")
+    with pytest.raises(UserError, match="pred.csv: not UTF-8 text"):
+        read_label_csv(tmp_path / "pred.csv")
+
+
+def test_json_key_given_twice_is_refused(tmp_path):
+    """json.loads keeps the last of two equal keys without a word: a concept or an image's labels were lost."""
+    from common.fileio import read_json
+    (tmp_path / "a.json").write_text('{"0": {"x": 1, "y": 2}, "1": {"x": 3, "x": 4}}')
+    with pytest.raises(UserError, match=r"a.json: key 'x' appears twice in one object"):
+        read_json(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text('[{"x": 1}, {"x": 2}]')
+    assert read_json(tmp_path / "b.json") == [{"x": 1}, {"x": 2}]

@@ -169,6 +169,21 @@ def test_dataset_resizes_other_sizes(tmp_path):
     assert ds.images.shape == (1, 3, 64, 64) and abs(int(ds.images[0, 0, 32, 32]) - 200) <= 1
 
 
+def test_dataset_refuses_an_image_or_object_named_twice_and_takes_a_byte_order_mark(tmp_path):
+    """json keeps the last of two equal keys: an image's first label list, or an object's index, went unread."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "images" / "x.png")
+    (tmp_path / "objects.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(OBJECTS).encode())
+    (tmp_path / "train.json").write_text('{"x.png": ["red cube"], "x.png": ["blue cube"]}')
+    with pytest.raises(UserError, match=r"train.json: key 'x.png' appears twice"):
+        ICLEVRDataset(tmp_path)
+    (tmp_path / "train.json").write_text('{"x.png": ["red cube"]}')
+    assert ICLEVRDataset(tmp_path).names == ["x.png"]
+    (tmp_path / "objects.json").write_text(json.dumps(OBJECTS)[:-1] + ', "gray cube": 24}')
+    with pytest.raises(UserError, match=r"objects.json: key 'gray cube' appears twice"):
+        ICLEVRDataset(tmp_path)
+
+
 # --- training -------------------------------------------------------------------------------------------
 
 def test_train_steps_resume_and_judge(rendered, tiny_judge, tmp_path):

@@ -745,6 +745,15 @@ def test_prompt_file_not_utf8_or_a_folder(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_prompt_file_may_start_with_a_byte_order_mark(tmp_path):
+    """Notepad's UTF-8 starts with a byte-order mark, which made the first line 'not a JSON object'."""
+    from p3_controlnet.data import read_prompt_file
+    f = tmp_path / "prompt.json"
+    line = {"source": "s.png", "target": "t.png", "prompt": "red circle"}
+    f.write_bytes(b"\xef\xbb\xbf" + (json.dumps(line) + "\n").encode())
+    assert read_prompt_file(f) == [line]
+
+
 def test_hw2_3_checks_every_input_first_and_leaves_nothing_on_failure(fill, sd_ckpt, trained, tmp_path, capsys,
                                                                       monkeypatch):
     """A truncated 10th control image (batch 8) is found before any model is loaded; and a failure in the

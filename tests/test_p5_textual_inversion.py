@@ -816,3 +816,17 @@ def test_prior_images_are_spread_through_the_stream_without_the_token(tiny_sd, p
                                                       "dog", "--steps", "1", *extra), capsys)
         assert code == 2 and message in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_input_json_concept_given_twice_is_refused_and_a_byte_order_mark_is_not(tmp_path):
+    """json keeps the last of two "0" entries without a word, so a concept went ungenerated; Notepad's
+    byte-order mark made the file 'malformed JSON'."""
+    from common.errors import UserError
+    from p5_personalization.concepts import read_input_json
+    js = write_input_json(tmp_path / "input.json")
+    text = js.read_text()
+    js.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [c.key for c in read_input_json(str(js))] == ["0", "1"]
+    js.write_text(text.replace('"1": {', '"0": {'))
+    with pytest.raises(UserError, match=r"input.json: key '0' appears twice"):
+        read_input_json(str(js))

@@ -194,3 +194,11 @@ def test_zeroshot_bad_inputs(tiny_clip, zeroshot_data, tmp_path, capsys):
     code, err = run(("--data", str(tmp_path / "notimg")))
     assert code == 2 and "0_0.png: not a readable image" in err
     assert not (tmp_path / "o").exists()  # failed runs write nothing
+
+
+def test_template_file_may_start_with_a_byte_order_mark(tmp_path):
+    """A byte-order mark (Notepad) is no whitespace to strip: it stayed at the head of the first template."""
+    from p5_personalization.clip_zeroshot import parse_templates
+    f = tmp_path / "templates.txt"
+    f.write_bytes(b"\xef\xbb\xbfa photo of a {}.\nart of the {}.\n")
+    assert parse_templates([str(f)]) == ["a photo of a {}.", "art of the {}."]
