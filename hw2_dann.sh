@@ -8,6 +8,15 @@ if [ $# -lt 2 ]; then
   echo "usage: bash hw2_dann.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]" >&2
   exit 2
 fi
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The script's own folder, also when it is run through a symlink (`ln -s REPO/hw2_N.sh .`), where the
+# link's folder holds no repository: readlink -f, or (a readlink without -f) the links followed one by one.
+SELF="$(readlink -f "${BASH_SOURCE[0]}" 2>/dev/null)" || {
+  SELF="${BASH_SOURCE[0]}"
+  while [ -L "$SELF" ]; do
+    LINK="$(readlink "$SELF")"
+    case "$LINK" in /*) SELF="$LINK" ;; *) SELF="$(dirname "$SELF")/$LINK" ;; esac
+  done
+}
+HERE="$(cd "$(dirname "$SELF")" && pwd)"
 source "$HERE/scripts/python_env.sh"
 exec "$PY" "$HERE/p4_dann/infer.py" "$@"

@@ -9,9 +9,19 @@ if [ $# -lt 3 ]; then
   echo "usage: bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]" >&2
   exit 2
 fi
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The script's own folder, also when it is run through a symlink (`ln -s REPO/hw2_N.sh .`), where the
+# link's folder holds no repository: readlink -f, or (a readlink without -f) the links followed one by one.
+SELF="$(readlink -f "${BASH_SOURCE[0]}" 2>/dev/null)" || {
+  SELF="${BASH_SOURCE[0]}"
+  while [ -L "$SELF" ]; do
+    LINK="$(readlink "$SELF")"
+    case "$LINK" in /*) SELF="$LINK" ;; *) SELF="$(dirname "$SELF")/$LINK" ;; esac
+  done
+}
+HERE="$(cd "$(dirname "$SELF")" && pwd)"
 source "$HERE/scripts/python_env.sh"
 JSON="$1"; OUT="$2"; SD="$3"; shift 3
 EMB="$HERE/checkpoints/textual_inversion"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then EMB="$1"; shift; fi
+# a first extra argument without a leading dash is EMBEDDINGS_DIR (as hw2_3.sh takes CONTROLNET): -h is a flag
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then EMB="$1"; shift; fi
 exec "$PY" "$HERE/p5_personalization/infer_ti.py" --json "$JSON" --out "$OUT" --sd "$SD" --embeddings "$EMB" "$@"

@@ -147,6 +147,40 @@ def test_handin_hw2_scripts_check_their_arguments_and_place(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_hw2_entry_points_run_through_a_symlink(tmp_path):
+    """`ln -s REPO/hw2_dann.sh . && bash hw2_dann.sh ...`: the scripts looked for the repository beside the link.
+    Each link here (one of them a relative link to a link) reaches its infer.py's --help; and again with a
+    readlink that lacks -f (older macOS), where the scripts follow the links themselves."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("hw2_dann.sh", "hw2_ti.sh", "hw2_1.sh"):
+        (links / name).symlink_to(REPO / name)
+    (links / "handin_2023_hw2_3.sh").symlink_to(HANDIN / "2023" / "hw2_3.sh")
+    (links / "again_hw2_1.sh").symlink_to("hw2_1.sh")
+    no_f = tmp_path / "bin"
+    no_f.mkdir()
+    real = shutil.which("readlink")
+    (no_f / "readlink").write_text(f'#!/bin/sh\n[ "$1" = -f ] && exit 1\nexec {real} "$@"\n')
+    (no_f / "readlink").chmod(0o755)
+    calls = (("hw2_dann.sh", "x", "--help"), ("handin_2023_hw2_3.sh", "x", "--help"),
+             ("hw2_1.sh", "out", "--help"), ("again_hw2_1.sh", "out", "--help"))
+    for path, some in ((env["PATH"], calls), (f"{no_f}:{env['PATH']}", calls[::3])):
+        for name, *args in some:
+            r = subprocess.run(["bash", name, *args], cwd=links, capture_output=True, text=True,
+                               env=dict(env, PATH=path))
+            assert r.returncode == 0 and "usage:" in r.stdout, (name, path, r.stderr[-2000:])
+
+
+def test_hw2_ti_takes_a_single_dash_flag_as_a_flag(tmp_path):
+    """EMBEDDINGS_DIR is the first extra argument only when it has no leading dash, as hw2_3.sh's CONTROLNET:
+    `-h` was taken for the embeddings folder."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(REPO / "hw2_ti.sh"), "in.json", str(tmp_path / "out"), "sd.ckpt", "-h"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "usage:" in r.stdout and "--embeddings" in r.stdout, r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------- problem 1
 
 @pytest.mark.parametrize("year", YEARS)

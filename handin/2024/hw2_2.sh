@@ -10,7 +10,16 @@ if [ $# -lt 3 ]; then
   echo "usage: bash hw2_2.sh NOISE_DIR OUT_DIR UNET_PT [infer.py flags]" >&2
   exit 2
 fi
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The script's own folder, also when it is run through a symlink (`ln -s REPO/hw2_N.sh .`), where the
+# link's folder holds no repository: readlink -f, or (a readlink without -f) the links followed one by one.
+SELF="$(readlink -f "${BASH_SOURCE[0]}" 2>/dev/null)" || {
+  SELF="${BASH_SOURCE[0]}"
+  while [ -L "$SELF" ]; do
+    LINK="$(readlink "$SELF")"
+    case "$LINK" in /*) SELF="$LINK" ;; *) SELF="$(dirname "$SELF")/$LINK" ;; esac
+  done
+}
+HERE="$(cd "$(dirname "$SELF")" && pwd)"
 # The repository root: the first folder upwards that holds scripts/python_env.sh (this one when the script
 # sits at the top, as handed in; two levels up in handin/<year>/).
 ROOT="$HERE"
