@@ -210,10 +210,10 @@ def load_rgb(path: str | os.PathLike):
     """A PIL RGB image; a clear error naming the file when it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from common.datasets import to_8_bit
+    from common.datasets import to_8_bit, upright
     try:
         with Image.open(path) as im:
-            return to_8_bit(im).convert("RGB")
+            return to_8_bit(upright(im)).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
 

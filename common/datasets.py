@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from common.errors import UserError
@@ -69,6 +69,13 @@ def to_8_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation tag says: a phone stores a portrait JPEG sideways with that tag,
+    and PIL's decoder ignores it (rotated USPS digits fell from 92.5% to 27.5% read sideways). Apply it before
+    anything that makes a new image (to_8_bit, convert), which drops the tag."""
+    return ImageOps.exif_transpose(im)
+
+
 def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RGB",
                resize: bool = False) -> np.ndarray:
     """Decode one image as (H,W,C) uint8. With `size`, a different size is an error unless `resize`."""
@@ -78,7 +85,7 @@ def load_image(path: str | os.PathLike, size: int | None = None, mode: str = "RG
     try:
         with Image.open(path) as im:
             im.load()
-            im = to_8_bit(im).convert(mode)
+            im = to_8_bit(upright(im)).convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
     if size is not None and im.size != (size, size):

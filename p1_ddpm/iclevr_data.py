@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.datasets import to_8_bit
+from common.datasets import to_8_bit, upright
 from common.errors import UserError
 from common.fileio import folder_error
 from common.step_batches import BatchStream, step_batch_loader
@@ -61,7 +61,7 @@ def load_image(path: Path) -> np.ndarray:
         raise UserError(f"{path}: image listed in train.json not found")
     try:
         with Image.open(path) as im:
-            im = to_8_bit(im).convert("RGB")
+            im = to_8_bit(upright(im)).convert("RGB")
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)

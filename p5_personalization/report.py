@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from common.config import HelpFormatter, int_at_least
+from common.datasets import upright
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid
@@ -35,7 +36,7 @@ def prompt_images(out_dir: Path, key: str, p: int, count: int) -> list[np.ndarra
             raise UserError(f"{path}: image not found (generate with hw2_ti.sh, at least --per-prompt images)")
         try:
             with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
+                images.append(np.asarray(upright(im).convert("RGB")))
         except OSError as e:
             raise UserError(f"{path}: not a readable image ({e})") from None
     return images

@@ -479,3 +479,25 @@ def test_json_key_given_twice_is_refused(tmp_path):
         read_json(tmp_path / "a.json")
     (tmp_path / "b.json").write_text('[{"x": 1}, {"x": 2}]')
     assert read_json(tmp_path / "b.json") == [{"x": 1}, {"x": 2}]
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_images_are_read_the_way_their_exif_orientation_says(tmp_path, suffix):
+    """A phone stores a portrait photo sideways with EXIF Orientation=6 (turn 90 degrees clockwise to view);
+    read as stored, rotated USPS digits scored 27.5% instead of 92.5%."""
+    from common.clip_loading import load_rgb
+    from common.datasets import load_image
+    from p1_ddpm.iclevr_data import load_image as load_iclevr_image
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = (250, 0, 0)  # left half red, right half blue, as stored
+    stored[:, 32:] = (0, 0, 250)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 95} if suffix == ".jpg" else {}))
+    # turned clockwise, the stored left (red) half is on top
+    for arr in (load_image(path), np.asarray(load_rgb(path))):
+        assert arr.shape == (64, 32, 3), arr.shape
+        assert arr[8, 16, 0] > 200 > arr[8, 16, 2] and arr[56, 16, 2] > 200 > arr[56, 16, 0]
+    square = load_iclevr_image(path)  # resized to 64x64: the halves are now top and bottom
+    assert square[8, 32, 0] > 200 > square[8, 32, 2] and square[56, 32, 2] > 200 > square[56, 32, 0]
