@@ -248,6 +248,7 @@ def _load_diffusers_folder(path: Path) -> SDComponents:
         vae = load_diffusers_model(AutoencoderKL, path / "vae")
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise _bad_path(path, f"could not load its weights ({one_line(e)})") from None
+    _check_text_to_image(unet.config, vae.config, path)
     files = sorted((path / "text_encoder").glob("*.safetensors"))
     text_file = files[0] if len(files) == 1 else path / "text_encoder"  # what a message about its weights names
     try:
@@ -428,12 +429,28 @@ def infer_text_config(sd: dict[str, torch.Tensor]) -> dict:
     return cfg
 
 
+def _check_text_to_image(unet_config, vae_config, path: Path) -> None:
+    """A UNet that takes or gives other than the VAE's latent channels is no text-to-image SD v1: the
+    inpainting model takes 9 (latents, mask, masked image), and it would load and then fail in the sampler."""
+    latent = vae_config["latent_channels"]
+    takes, gives = unet_config["in_channels"], unet_config["out_channels"]
+    if takes != latent or gives != latent:
+        raise UserError(f"{path}: its UNet takes {takes} channels and gives {gives}, but the VAE's latents have "
+                        f"{latent}: an inpainting model? text-to-image SD v1.x needed")
+
+
 def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path: Path, what: str):
     """Instantiate without allocating or initialising weights, then adopt the checkpoint's tensors (all finite:
     a NaN from a diverged fine-tune would otherwise give black images without a word)."""
     check_finite(state_dict, path)
-    with torch.device("meta"):
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    except (ValueError, TypeError, RuntimeError) as e:
+        # sizes read from the weights that SD v1's fixed settings (32 GroupNorm groups, 8 heads) cannot build:
+        # diffusers' own error would be a traceback
+        raise _bad_path(path, f"its {what} cannot be built as SD v1 from the sizes in the file ({one_line(e)})") \
+            from None
     fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
     if fix_keys is not None:
         # the renaming that diffusers' own from_pretrained applies to a one-file (unsharded) weights file:
@@ -494,6 +511,7 @@ def _load_single_file(path: Path) -> SDComponents:
         vae_cfg = infer_vae_config(vae_sd)
     except (KeyError, IndexError, StopIteration) as e:
         raise _bad_path(path, f"unexpected LDM layout (no {e})") from None
+    _check_text_to_image(unet_cfg, vae_cfg, path)
     if NATIVE_RESOLUTION_KEY in info:  # else SD v1's 64 latents (512 px)
         unet_cfg["sample_size"] = info[NATIVE_RESOLUTION_KEY] // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         vae_cfg["sample_size"] = info[NATIVE_RESOLUTION_KEY]

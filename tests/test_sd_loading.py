@@ -272,3 +272,29 @@ def test_wrong_vae_names_are_still_refused(tmp_path, tiny):
     save_file(sd, str(f), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"vae weights do not fit SD v1: 1 missing.*1 unexpected"):
         load_sd(folder)
+
+
+@pytest.mark.parametrize("fmt", ["ldm-safetensors", "diffusers"])
+def test_an_inpainting_unet_is_refused_before_sampling(tmp_path, fmt):
+    """SD v1.x inpainting takes 9 channels (latents, mask, masked image): it loaded, then the sampler failed in a
+    traceback. One line naming the file instead."""
+    from common.sd_export import TINY_TEXT, TINY_UNET, TINY_VAE, build_sd_components
+    comps = build_sd_components(dict(TINY_UNET, in_channels=9), TINY_VAE, TINY_TEXT)
+    path = write_tiny_sd(tmp_path, fmt, comps=comps)
+    with pytest.raises(UserError, match="its UNet takes 9 channels and gives 4, but the VAE's latents have 4: an "
+                                        "inpainting model. text-to-image SD v1.x needed") as info:
+        load_sd(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_single_file_sd_v1_cannot_build_is_one_line(tmp_path):
+    """A UNet 8 channels wide (GroupNorm in 8 groups, which an LDM file does not record) cannot be built with SD
+    v1's 32 groups: diffusers' ValueError was a traceback."""
+    from common.sd_export import TINY_TEXT, TINY_UNET, TINY_VAE, build_sd_components
+    comps = build_sd_components(dict(TINY_UNET, block_out_channels=(8, 8, 16), norm_num_groups=8), TINY_VAE,
+                                TINY_TEXT)
+    path = write_tiny_sd(tmp_path, "ldm-safetensors", comps=comps)
+    with pytest.raises(UserError, match=r"sd.safetensors: its UNet cannot be built as SD v1 from the sizes in the "
+                                        r"file \(.*divisible") as info:
+        load_sd(path)
+    assert "\n" not in str(info.value)
