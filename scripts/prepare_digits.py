@@ -2,8 +2,8 @@
 """Write the course's digits layout from numpy arrays.
 
 Reads `<npz-dir>/{mnistm,svhn_partial,usps,mnist}.npz` (keys x_train y_train [x_test y_test], as in
-../shared/data/digits) and writes `<out>/{mnistm,svhn,usps,mnist}/data/*.png` with `train.csv`,
-`val.csv` and `test.csv` (header `image_name,label`), every image 28x28 RGB (grey USPS and MNIST
+shared/data/digits beside the repository, the default) and writes `<out>/{mnistm,svhn,usps,mnist}/data/*.png`
+with `train.csv`, `val.csv` and `test.csv` (header `image_name,label`), every image 28x28 RGB (grey USPS and MNIST
 are copied into all three channels; USPS is resized from 16x16). `val.csv` is a random
 `--val-fraction` of the training arrays (seeded), so models are chosen without touching the test
 split. svhn_partial has no test arrays: its images 0-899 are train/val and 900-1082 are test.
@@ -20,10 +20,13 @@ from tqdm.auto import tqdm
 from common.config import HelpFormatter, float_in, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, ensure_dir, write_text_atomic
+from common.paths import REPO_ROOT
 
 SOURCES = {"mnistm": "mnistm.npz", "svhn": "svhn_partial.npz", "usps": "usps.npz", "mnist": "mnist.npz"}
 DEFAULT_DATASETS = "mnistm,svhn,usps"  # the course's three; mnist (for P4's MNIST -> MNIST-M) on request
 SVHN_TRAIN_COUNT = 900
+# the course data beside the repository, wherever the command is run from
+SHARED_DIGITS = REPO_ROOT.parent / "shared" / "data" / "digits"
 
 
 def to_rgb28(img: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def prepare(npz_dir: Path, out: Path, names, val_fraction: float, seed: int, lim
 @cli_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--npz-dir", default="../shared/data/digits",
+    p.add_argument("--npz-dir", default=str(SHARED_DIGITS),
                    help="folder with mnistm.npz, svhn_partial.npz, usps.npz (and mnist.npz for --datasets mnist)")
     p.add_argument("--out", required=True, help="output root, e.g. hw2_data/digits")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,

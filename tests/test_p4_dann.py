@@ -122,6 +122,16 @@ def test_augment_is_seeded_and_keeps_range():
 
 # ---------------------------------------------------------------- data and training
 
+def test_prepare_digits_finds_the_shared_data_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    """--npz-dir's default was ../shared/data/digits from the working directory, not from the repository."""
+    from scripts.prepare_digits import main as prepare
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        prepare(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {REPO.parent / 'shared' / 'data' / 'digits'})" in shown, shown
+
+
 def test_prepare_digits_writes_mnist_as_rgb(tmp_path, capsys):
     from scripts.prepare_digits import main as prepare
     code, err = run_cli(prepare, ["--npz-dir", str(shared_data() / "digits"), "--out", str(tmp_path),
