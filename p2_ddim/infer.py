@@ -86,9 +86,16 @@ def load_noises(
     d = Path(noise_dir)
     if not d.is_dir():
         raise folder_error(d, "noise folder not found (expected the course's hw2_data/face/noise)")
-    files = sorted(p for p in d.iterdir() if p.suffix == ".pt" and not p.name.startswith(".") and p.is_file())
+    # the suffix in any case, as the image listers take .PNG: a NAME.PT saved on Windows was skipped without a word
+    files = sorted(p for p in d.iterdir()
+                   if p.suffix.lower() == ".pt" and not p.name.startswith(".") and p.is_file())
     if not files:
         raise UserError(f"{d}: no .pt noise files in this folder")
+    by_stem = {}
+    for p in files:
+        if p.stem in by_stem:  # 00.pt and 00.PT would both become 00.png
+            raise UserError(f"{p}: {by_stem[p.stem].name} is there too; both would be written as {p.stem}.png")
+        by_stem[p.stem] = p
     all_stems = [p.stem for p in files]
     keys = dict(zip(all_stems, noise_indices(all_stems)))
     if only is not None:
@@ -96,7 +103,7 @@ def load_noises(
         if missing:
             raise UserError(f"{d}: no noise file {missing[0]}.pt (found {', '.join(all_stems[:6])}"
                             f"{', ...' if len(all_stems) > 6 else ''})")
-        files = [d / f"{s}.pt" for s in only]
+        files = [by_stem[s] for s in only]
     tensors, shape = [], None
     for p in files:
         x = _load_one_noise(p)

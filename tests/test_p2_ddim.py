@@ -452,6 +452,22 @@ def test_noise_folder_skips_dot_files_and_names_a_file(face_dir, tmp_path):
         load_noises(d / "00.pt")
 
 
+def test_noise_folder_takes_an_upper_case_suffix(face_dir, tmp_path):
+    """NAME.PT (saved on Windows) was skipped without a word, while the image listers take .PNG; the output
+    names stay the stems, and 02.pt beside 02.PT (one output) is refused."""
+    d = tmp_path / "noise"
+    d.mkdir()
+    for f in (face_dir / "noise").iterdir():
+        (d / (f.stem + (".PT" if f.stem in ("01", "03") else f.suffix))).write_bytes(f.read_bytes())
+    stems, x, idx = load_noises(d)
+    _, want, want_idx = load_noises(face_dir / "noise")
+    assert stems == ["00", "01", "02", "03"] and idx == want_idx and torch.equal(x, want)
+    assert load_noises(d, only=["03", "00"])[0] == ["03", "00"]
+    (d / "02.PT").write_bytes((d / "02.pt").read_bytes())
+    with pytest.raises(UserError, match=r"02\.pt: 02\.PT is there too; both would be written as 02\.png"):
+        load_noises(d)
+
+
 def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(face_dir, monkeypatch):
     """The CUDA branch of load_model and sample_faces_ddim (channels_last weights and inputs), run on the CPU:
     the images stay the same (the DDIM arithmetic must not depend on the memory layout)."""
