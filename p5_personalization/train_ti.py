@@ -59,7 +59,7 @@ from common.config import (
     resumed_args,
     resumed_config,
 )
-from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit
+from common.datasets import IMAGE_SUFFIXES, list_images, to_8_bit, upright
 from common.device import autocast, lightning_precision, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir
@@ -242,7 +242,7 @@ class ConceptImages(torch.utils.data.Dataset):
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im = to_8_bit(im).convert("RGB")
+                    im = to_8_bit(upright(im)).convert("RGB")
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"{f}: not a readable image ({e})") from None
             # keep a copy a little larger than the crops, so each step's resize is cheap

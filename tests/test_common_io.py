@@ -501,3 +501,9 @@ def test_images_are_read_the_way_their_exif_orientation_says(tmp_path, suffix):
         assert arr[8, 16, 0] > 200 > arr[8, 16, 2] and arr[56, 16, 2] > 200 > arr[56, 16, 0]
     square = load_iclevr_image(path)  # resized to 64x64: the halves are now top and bottom
     assert square[8, 32, 0] > 200 > square[8, 32, 2] and square[56, 32, 2] > 200 > square[56, 32, 0]
+    # P5's concept photos (decoded once by the data set; resolution 64 keeps this one's size)
+    from p5_personalization.train_ti import ConceptImages
+    photos = ConceptImages.__new__(ConceptImages)
+    photos.resolution = 64
+    photo = np.asarray(photos._decode([path])[0])
+    assert photo.shape == (64, 32, 3) and photo[8, 16, 0] > 200 > photo[8, 16, 2]
