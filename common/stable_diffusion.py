@@ -267,9 +267,10 @@ def _load_diffusers_folder(path: Path) -> SDComponents:
     return SDComponents(vae, unet, text_encoder, tokenizer, make_ddpm_scheduler(sched_cfg), str(path))
 
 
-def load_diffusers_model(cls, folder: Path):
+def load_diffusers_model(cls, folder: Path, bad_path=None, fits: str = "SD v1"):
     """A diffusers model folder: one weights file is adopted on the meta device (no random init, no
-    `accelerate` needed); anything else (sharded, .bin only) goes through from_pretrained, offline."""
+    `accelerate` needed); anything else (sharded, .bin only) goes through from_pretrained, offline.
+    bad_path(path, what) -> UserError words a file that does not fit `fits` (default: one naming --sd)."""
     weights = [folder / f"diffusion_pytorch_model{v}.safetensors" for v in ("", ".fp16")]
     found = next((w for w in weights if w.is_file()), None)
     if found is None:
@@ -283,7 +284,7 @@ def load_diffusers_model(cls, folder: Path):
         state_dict = load_file(str(found))
     except (SafetensorError, OSError) as e:  # truncated (interrupted download) or corrupt: one line naming it
         raise _unreadable(found, e) from None
-    return _build_on_meta(cls, config, state_dict, found, folder.name)
+    return _build_on_meta(cls, config, state_dict, found, folder.name, bad_path or _bad_path, fits)
 
 
 # ------------------------------------------------------------------------------------ single-file checkpoints
@@ -439,9 +440,12 @@ def _check_text_to_image(unet_config, vae_config, path: Path) -> None:
                         f"{latent}: an inpainting model? text-to-image SD v1.x needed")
 
 
-def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path: Path, what: str):
+def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path: Path, what: str,
+                   bad_path=_bad_path, fits: str = "SD v1"):
     """Instantiate without allocating or initialising weights, then adopt the checkpoint's tensors (all finite:
-    a NaN from a diverged fine-tune would otherwise give black images without a word)."""
+    a NaN from a diverged fine-tune would otherwise give black images without a word). A file that does not
+    fit `fits` (what the model should be) is bad_path(path, what)'s UserError (by default one that says what
+    --sd takes)."""
     check_finite(state_dict, path)
     try:
         with torch.device("meta"):
@@ -449,7 +453,7 @@ def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path:
     except (ValueError, TypeError, RuntimeError) as e:
         # sizes read from the weights that SD v1's fixed settings (32 GroupNorm groups, 8 heads) cannot build:
         # diffusers' own error would be a traceback
-        raise _bad_path(path, f"its {what} cannot be built as SD v1 from the sizes in the file ({one_line(e)})") \
+        raise bad_path(path, f"its {what} cannot be built as {fits} from the sizes in the file ({one_line(e)})") \
             from None
     fix_keys = getattr(model, "_fix_state_dict_keys_on_load", None)
     if fix_keys is not None:
@@ -464,11 +468,11 @@ def _build_on_meta(cls, config: dict, state_dict: dict[str, torch.Tensor], path:
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise _bad_path(path, f"its {what} weights do not fit SD v1: {len(missing)} missing (e.g. {missing[:2]}), "
+        raise bad_path(path, f"its {what} weights do not fit {fits}: {len(missing)} missing (e.g. {missing[:2]}), "
                               f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     bad = [k for k in own if own[k].shape != state_dict[k].shape]
     if bad:
-        raise _bad_path(path, f"{what} shape mismatch for {bad[0]}: file {tuple(state_dict[bad[0]].shape)}, "
+        raise bad_path(path, f"{what} shape mismatch for {bad[0]}: file {tuple(state_dict[bad[0]].shape)}, "
                               f"model {tuple(own[bad[0]].shape)}")
     model.load_state_dict({k: v.to(own[k].dtype).contiguous() for k, v in state_dict.items()}, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -89,6 +89,10 @@ def _as_list(v):
     return v if isinstance(v, (list, tuple)) else [v]
 
 
+def _not_a_controlnet(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: {what}; --controlnet takes the folder p3_controlnet/train.py writes (OUT/controlnet)")
+
+
 def load_controlnet(path: str | os.PathLike, device="cpu", dtype=torch.float32):
     """A ControlNet folder written by train.py (or any diffusers ControlNet folder)."""
     from diffusers import ControlNetModel
@@ -104,7 +108,7 @@ def load_controlnet(path: str | os.PathLike, device="cpu", dtype=torch.float32):
         what = "not found" if not path.exists() else "not a ControlNet folder (no config.json)"
         raise UserError(f"{path}: {what}; --controlnet takes the folder train.py writes (OUT/controlnet)")
     try:
-        net = load_diffusers_model(ControlNetModel, path)
+        net = load_diffusers_model(ControlNetModel, path, bad_path=_not_a_controlnet, fits="a ControlNet")
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -221,6 +221,22 @@ def test_controlnet_with_non_finite_weights_is_refused(trained, fill, sd_ckpt, t
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_a_folder_that_is_not_a_controlnet_names_controlnet_not_sd(trained, fill, sd_ckpt, tmp_path, capsys):
+    """A UNet folder given as --controlnet (a diffusers folder, but not a ControlNet): the error once said what
+    --sd takes."""
+    import p3_controlnet.infer as infer
+    from tests.tiny_sd import tiny_sd_components
+    unet_dir = tmp_path / "unet"
+    tiny_sd_components(seed=0).unet.save_pretrained(unet_dir)
+    (unet_dir / "config.json").write_text((trained / "controlnet" / "config.json").read_text())
+    out = tmp_path / "gen"
+    code, err = run_cli(infer.main, ["--prompts", str(fill / "testing" / "prompt.json"), "--source-dir",
+                                     str(fill / "testing" / "source"), "--out", str(out), "--sd", str(sd_ckpt),
+                                     "--controlnet", str(unet_dir), "--size", str(SIZE), "--steps", "1"], capsys)
+    assert code == 2 and "weights do not fit a ControlNet" in err and "--controlnet takes the folder" in err, err
+    assert "--sd takes" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_report_two_circles(trained, sd_ckpt, tmp_path, capsys):
     from p3_controlnet.report import PROMPTS, main
     out = tmp_path / "report.png"
