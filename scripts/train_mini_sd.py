@@ -771,12 +771,8 @@ def train_unet(args, config: MiniSDTrainConfig, out: Path) -> None:
         raise UserError("--stage unet needs --vae: the best_vae.safetensors of a --stage vae run")
     ckpt = None
     if resume is not None:  # the networks, the VAE and the settings are the checkpoint's
-        ckpt = read_stage_checkpoint(resume, "unet")
+        ckpt, config = resume_stage(resume, "unet", args, config)
         hparams = ckpt["hyper_parameters"]
-        config = resumed_config(config, hparams["train"], args.given, may_change=RESUME_MAY_CHANGE, source=resume,
-                                program=PROGRAM)
-        resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
-        check_cooldown(config.cooldown_from, config.max_steps)
     seed_everything(args.seed)
     split = stage_data(args, config, out)
     ensure_dir(out)
@@ -925,15 +921,21 @@ class VAEData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=64, num_workers=0)
 
 
-def read_stage_checkpoint(resume, stage: str) -> dict:
-    """A --resume checkpoint of this stage (memory-mapped, read before anything is written); another stage's or
-    program's checkpoint, or a truncated file, is a one-line UserError."""
+def resume_stage(resume, stage: str, args, config: MiniSDTrainConfig) -> tuple[dict, MiniSDTrainConfig]:
+    """The --resume checkpoint of this stage (memory-mapped, read before anything is written) and the config the
+    run goes on with (common.config.resumed_config; --seed from the checkpoint too). Another stage's or
+    program's checkpoint, a truncated file or a changed setting is a one-line UserError."""
     program = f"{PROGRAM} --stage {stage}"
     needs = ("train", "vae_config") + (("unet_config", "text_config", "vae_source") if stage == "unet" else ())
     ckpt = read_resume_checkpoint(resume, program, needs)
-    if ("unet_config" in ckpt["hyper_parameters"]) != (stage == "unet"):
+    hparams = ckpt["hyper_parameters"]
+    if ("unet_config" in hparams) != (stage == "unet"):
         raise UserError(f"{resume}: not a checkpoint of {program} (it is one of the other stage)")
-    return ckpt
+    config = resumed_config(config, hparams["train"], args.given, may_change=RESUME_MAY_CHANGE, source=resume,
+                            program=PROGRAM)
+    resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
+    check_cooldown(config.cooldown_from, config.max_steps)
+    return ckpt, config
 
 
 def stage_data(args, config: MiniSDTrainConfig, out: Path) -> Path:
@@ -953,12 +955,8 @@ def train_vae(args, config: MiniSDTrainConfig, out: Path) -> None:
     resume = resolve_resume(args.resume, out)
     vae_config = config.vae_config()
     if resume is not None:  # the network and its settings are the checkpoint's
-        hparams = read_stage_checkpoint(resume, "vae")["hyper_parameters"]
-        vae_config = hparams["vae_config"]
-        config = resumed_config(config, hparams["train"], args.given, may_change=RESUME_MAY_CHANGE, source=resume,
-                                program=PROGRAM)
-        resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
-        check_cooldown(config.cooldown_from, config.max_steps)
+        ckpt, config = resume_stage(resume, "vae", args, config)
+        vae_config = ckpt["hyper_parameters"]["vae_config"]
     seed_everything(args.seed)
     split = stage_data(args, config, out)
     ensure_dir(out)
