@@ -250,7 +250,10 @@ def test_train_init_from_switches_prediction_and_resume_keeps_it(rendered, tiny_
     assert code == 2 and "--prediction v" in err and len(err.strip().splitlines()) == 1, err
     code, err = run_cli(train_main, base + ["--max-steps", "4", "--resume", "--schedule", "linear"], capsys)
     assert code == 2 and "--schedule cosine" in err and len(err.strip().splitlines()) == 1, err
-    train_main(base + ["--max-steps", "4", "--resume", "--lr", "1e-3"])  # patch 4 again: the checkpoint's network
+    # patch 4 again: the checkpoint's network; --lr left off is the checkpoint's 0, and another is refused
+    code, err = run_cli(train_main, base + ["--max-steps", "4", "--resume", "--lr", "1e-3"], capsys)
+    assert code == 2 and "--lr 0.0 (not 0.001)" in err and len(err.strip().splitlines()) == 1, err
+    train_main(base + ["--max-steps", "4", "--resume"])
     assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
     assert load_unet(out / "model.safetensors")[1]["model"]["prediction"] == "v"
 
