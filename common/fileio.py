@@ -217,15 +217,19 @@ def remove_stale_temps(*folders: str | os.PathLike) -> int:
     return removed
 
 
-def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Iterable[str], ours: str) -> list[str]:
-    """After a run wrote `written` (names relative to `out`), delete from `out`/each of `folders` ('' is `out`)
-    the files whose names match `ours` (a regular expression: what this command writes) that this run did not
-    write: a rerun into the same hand-in folder (another year's layout, fewer prompts) then holds exactly this
-    run's files, not a mix the grader would also read. A folder left empty by that is removed unless this run
-    wrote into it. Files of other names are left alone, and named in a note on stdout; they are returned."""
+def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Iterable[str], ours) -> list[str]:
+    """After a run wrote `written` (names relative to `out`), delete from `out`/each of `folders` ('' is `out`;
+    list sub-folders before their parents) the files this command would write there that this run did not:
+    a rerun into the same hand-in folder (another year's layout, fewer prompts) then holds exactly this run's
+    files, not a mix the grader would also read. `ours` says which files those are: a regular expression on
+    the name, or a function (folder, name) -> bool. A folder that this emptied is removed (never one that was
+    empty already, or that this run wrote into). What was removed is said on stdout; files of other names are
+    left alone and named there too (and returned)."""
     out, keep = Path(out), {os.path.normpath(n) for n in written}
-    pattern = re.compile(ours)
-    foreign = []
+    if isinstance(ours, str):
+        pattern = re.compile(ours)
+        ours = lambda folder, name: pattern.fullmatch(name) is not None  # noqa: E731
+    foreign, removed, emptied = [], [], set()
     for sub in folders:
         folder = out / sub
         try:
@@ -234,15 +238,25 @@ def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Itera
             continue
         for e in entries:
             rel = os.path.normpath(os.path.join(sub, e.name))
-            if rel in keep or not e.is_file(follow_symlinks=False) or _TEMP_RE.match(e.name):
+            if rel in keep or _TEMP_RE.match(e.name) or rel in emptied:
                 continue
-            if pattern.fullmatch(e.name):
+            if not e.is_file(follow_symlinks=False):
+                continue
+            if ours(sub, e.name):
                 os.unlink(e.path)
+                removed.append(rel)
             else:
                 foreign.append(rel)
-        if sub and not any(os.path.normpath(n).startswith(os.path.normpath(sub) + os.sep) for n in keep):
+        if sub and (removed and any(r.startswith(os.path.normpath(sub) + os.sep) for r in removed)) \
+                and not any(n.startswith(os.path.normpath(sub) + os.sep) for n in keep):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
+                emptied.add(os.path.normpath(sub))
+                removed.append(os.path.normpath(sub) + os.sep)
+    files = [r for r in removed if not r.endswith(os.sep)]
+    if files:
+        print(f"note: removed {len(files)} image(s) an earlier run left in {out} ({', '.join(files[:3])}"
+              f"{', ...' if len(files) > 3 else ''})")
     if foreign:
         print(f"note: {out} also holds {len(foreign)} file(s) this command did not write ({', '.join(foreign[:3])}"
               f"{', ...' if len(foreign) > 3 else ''}); remove them before handing in")

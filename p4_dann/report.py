@@ -265,7 +265,9 @@ def run_report(data: str, runs: Path, out: Path, scenarios, modes, seed: int = 0
     for s, t in scenarios:
         for mode in modes:
             run_dir = runs / f"{s}_{t}" / mode
-            if retrain or not (run_dir / "best.safetensors").is_file():
+            # train_time.json is written when a run ends: without it, the run was interrupted (its best.json is
+            # a mid-run one), and it is trained again
+            if retrain or not ((run_dir / "best.safetensors").is_file() and (run_dir / "train_time.json").is_file()):
                 todo.append((train_argv(data, s, t, mode, run_dir, seed, extra or [], refresh_rate), run_dir))
     train_runs(todo, jobs, log)
     results: dict = {}

@@ -355,6 +355,9 @@ def train(args: argparse.Namespace, config: P4TrainConfig, given: set[str] = fro
                             **(hp.get("scenario") or {})}, given, source=resume)
         config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
+        if "max_steps" in given and "max_epochs" not in given:
+            # --max-epochs, when set, decides the length: a --max-steps given now means "this long instead"
+            config = dataclasses.replace(config, max_epochs=None)
     seed_everything(args.seed)
     accelerator = resolve_accelerator(args.accelerator)
     data = DomainAdaptationData(args.data, args.source, args.target, args.mode, config.batch_size, args.seed,

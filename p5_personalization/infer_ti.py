@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 import zlib
 from pathlib import Path
@@ -50,7 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_EMBEDDINGS = REPO / "checkpoints" / "textual_inversion"
 IMAGES_PER_PROMPT = 25
-IMAGE_NAME = r"source.+_prompt\d+_\d+\.png"  # what this command names its images
+
+
+def is_prompt_image(folder: str, name: str) -> bool:
+    """Whether `name` in OUT/`folder` is an image this command writes: KEY/P/sourceKEY_promptP_k.png (a copy
+    of one under another folder, a user's backup, is not)."""
+    key, _, p = folder.rpartition(os.sep)
+    return bool(key) and p.isdigit() and re.fullmatch(rf"source{re.escape(key)}_prompt{p}_\d+\.png", name) is not None
 
 
 def how_to_train(emb_dir: Path, token: str = "<new1>") -> str:
@@ -208,7 +215,7 @@ def main(argv=None) -> dict:
         folders |= {d.name for d in out.iterdir() if d.is_dir()}
     names = [os.path.join(c.key, str(p), f"source{c.key}_prompt{p}_{k}.png") for c, p in jobs for k in range(n)]
     # deepest first, so a prompt folder emptied by this is gone before its concept folder is tried
-    prune_outputs(out, names, sorted(folders, key=lambda s: -s.count(os.sep)), IMAGE_NAME)
+    prune_outputs(out, names, sorted(folders, key=lambda s: -s.count(os.sep)), is_prompt_image)
     secs = time.perf_counter() - t0
     print(f"wrote {written} images ({len(jobs)} prompts x {args.images_per_prompt}) to {out} in {secs:.1f} s "
           f"({secs / max(1, len(jobs)):.1f} s per prompt)")

@@ -334,12 +334,13 @@ class TextualInversionModule(pl.LightningModule):
     """
 
     def __init__(self, *, sd_path: str, concepts: list[dict], config: P5TrainConfig | None = None,
-                 frozen_dtype: str = "fp32", seed: int = 0, components=None):
+                 frozen_dtype: str = "fp32", seed: int = 0, components=None, prior: dict | None = None):
         super().__init__()
         self.config = config = config if config is not None else P5TrainConfig()
         # the config as a plain dict, not the dataclass: checkpoints then load without this module's classes
+        # prior: the --prior-images/--prior-captions of the run, which --resume checks
         self.save_hyperparameters({"sd_path": sd_path, "concepts": concepts, "train": dataclasses.asdict(config),
-                                   "frozen_dtype": frozen_dtype, "seed": seed})
+                                   "frozen_dtype": frozen_dtype, "seed": seed, "prior": prior})
         method = config.method
         if method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}")
@@ -599,10 +600,15 @@ def main(argv=None) -> dict:
     precision = lightning_precision(accelerator, args.precision)
     if config.gradient_checkpointing is None:  # recorded as resolved, so the exported JSON says what ran
         config = dataclasses.replace(config, gradient_checkpointing=accelerator == "gpu")
-    run_name = "_".join(token_file_stem(c["token"]) for c in concepts) + (
-        "_joint-kv" if config.method == "joint-kv" else ""
-    )
-    run_dir = out / "runs" / run_name
+    stem = "_".join(token_file_stem(c["token"]) for c in concepts)
+    run_dir = out / "runs" / (stem + ("_joint-kv" if config.method == "joint-kv" else ""))
+    if args.resume == "auto" and "method" not in given:
+        # --method left off takes the checkpoint's too: find the run of these tokens, whichever method it used
+        found = [d for d in (out / "runs" / stem, out / "runs" / f"{stem}_joint-kv") if (d / "last.ckpt").is_file()]
+        if len(found) > 1:
+            raise UserError(f"{out / 'runs'}: runs of both methods for {stem} ({found[0].name}, {found[1].name}); "
+                            f"give --method to say which to resume")
+        run_dir = found[0] if found else run_dir
     resume = resolve_resume(args.resume, run_dir)
     # read and checked now: a truncated or foreign --resume checkpoint fails before SD is loaded or anything written
     resume_ckpt = None
@@ -617,6 +623,12 @@ def main(argv=None) -> dict:
             raise UserError(f"{resume}: this run was trained on other concepts ({hp['concepts']}); --resume "
                             f"continues it as it was; start a new --out to train these")
         prior = prior_from_args(args, config)
+        if "prior" in hp:  # checkpoints from before the prior was saved do not say
+            if "prior_images" not in given and "prior_captions" not in given:
+                prior = hp["prior"]
+            elif prior != hp["prior"]:
+                raise UserError(f"{resume}: this run was trained with prior images {hp['prior']} (not {prior}); "
+                                f"--resume continues it as it was; start a new --out to train with other ones")
     seed_everything(args.seed)
     setup_cuda_fast_math()
     if args.quiet:
@@ -632,7 +644,7 @@ def main(argv=None) -> dict:
     data.setup()  # decode every photo now: a bad file fails before anything is written
     module = TextualInversionModule(sd_path=args.sd, concepts=concepts, config=config,
                                     frozen_dtype="bf16" if precision == "bf16-mixed" else "fp32", seed=args.seed,
-                                    components=components)
+                                    components=components, prior=prior)
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning
         check_resume_fits(resume, resume_ckpt, module, PROGRAM)
         del resume_ckpt

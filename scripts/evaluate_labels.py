@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from common.config import HelpFormatter
 from common.datasets import read_label_csv
@@ -33,6 +34,9 @@ def main(argv=None) -> dict:
     report = {"pred": args.pred, "labels": args.labels, "correct": correct, "total": len(common),
               "accuracy": correct / len(common), "missing": len(truth) - len(common)}
     print(f"{correct}/{len(common)} correct; accuracy {report['accuracy']:.4f}")
+    if report["missing"]:  # the accuracy is over the images both files list: say how many it left out
+        print(f"note: {report['missing']} of the {len(truth)} images in {args.labels} have no prediction in "
+              f"{args.pred} and are not scored", file=sys.stderr)
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return report

@@ -230,6 +230,17 @@ def test_resume_refuses_other_settings_and_keeps_its_own(digits_tree, tmp_path, 
     assert info["metrics"]["global_step"] == 3
 
 
+def test_resume_with_max_steps_extends_a_max_epochs_run(digits_tree, tmp_path):
+    """--max-steps given when resuming a --max-epochs run was ignored without a word (the epochs decided)."""
+    out = tmp_path / "run"
+    base = ["--data", str(digits_tree), "--out", str(out), "--mode", "source", *TINY_FLAGS, "--val-every", "2"]
+    train_main([*base, "--max-epochs", "1"])
+    first = json.loads((out / "model.json").read_text())["metrics"]["global_step"]
+    train_main([*base, "--max-steps", str(first + 2), "--resume"])
+    info = json.loads((out / "model.json").read_text())
+    assert info["metrics"]["global_step"] == first + 2 and info["config"]["train"]["max_epochs"] is None
+
+
 def test_target_mode_chooses_on_target_val(digits_tree, tmp_path):
     out = tmp_path / "run"
     train_main(["--data", str(digits_tree), "--out", str(out), "--source", "mnistm", "--target", "usps",
@@ -344,6 +355,14 @@ def test_report_trains_loads_and_writes_the_table(digits_tree, tmp_path, capsys)
     code, err = run_cli(report_main, [*argv, "--no-tsne"], capsys)
     assert code == 0, err
     assert (tmp_path / "runs" / "mnistm_usps" / "dann" / "best.safetensors").stat().st_mtime_ns == stamp
+    # a run cut short (no train_time.json: it is written when a run ends) is trained again, not reported
+    # with its mid-run best.json as if finished
+    (tmp_path / "runs" / "mnistm_usps" / "source" / "train_time.json").unlink()
+    stamp = (tmp_path / "runs" / "mnistm_usps" / "source" / "best.safetensors").stat().st_mtime_ns
+    code, err = run_cli(report_main, [*argv, "--no-tsne", "--modes", "source"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "mnistm_usps" / "source" / "train_time.json").is_file()
+    assert (tmp_path / "runs" / "mnistm_usps" / "source" / "best.safetensors").stat().st_mtime_ns != stamp
     # --retrain with the default --jobs 1 trains in this process
     code, err = run_cli(report_main, [*argv, "--no-tsne", "--retrain", "--modes", "source"], capsys)
     assert code == 0, err
@@ -485,3 +504,21 @@ def test_infer_write_failures_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(infer, "load_dann", no_model)
     code, err = run_cli(infer_main, [str(images), "/proc/usps_pred.csv", "--checkpoint", str(ckpt)], capsys)
     assert code == 2 and "/proc/usps_pred.csv: cannot write here" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_labels_scores_the_images_both_files_list_and_says_what_it_left_out(tmp_path, capsys):
+    """scripts/evaluate_labels.py (the course's DANN csv grader's arithmetic): a prediction csv covering 1 of 4
+    labelled images printed "1/1 correct" and nothing else."""
+    from scripts.evaluate_labels import main as evaluate_main
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_name,label\na.png,1\nb.png,2\nc.png,3\nd.png,4\n")
+    pred = tmp_path / "pred.csv"
+    pred.write_text("image_name,label\nb.png,2\nc.png,0\nd.png,4\n")
+    report = evaluate_main(["--pred", str(pred), "--labels", str(labels), "--json", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert (report["correct"], report["total"], report["missing"]) == (2, 3, 1)
+    assert "2/3 correct; accuracy 0.6667" in captured.out
+    assert "1 of the 4 images in" in captured.err and json.loads((tmp_path / "r.json").read_text()) == report
+    pred.write_text("image_name,label\nzzz.png,2\n")
+    code, err = run_cli(evaluate_main, ["--pred", str(pred), "--labels", str(labels)], capsys)
+    assert code == 2 and "names no image of" in err

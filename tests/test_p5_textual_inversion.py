@@ -308,6 +308,10 @@ def test_rerun_with_fewer_concepts_leaves_only_this_runs_images(trained, tiny_sd
             str(trained[0]), "--steps", "1", "--resolution", RES, "--quiet", "--images-per-prompt", "1"]
     assert run_cli(infer_ti.main, argv, capsys)[0] == 0
     (out / "1" / "mine.txt").write_text("kept")
+    # a user's backup of an image (not in the folder its name says) and an empty folder are left alone
+    import shutil
+    shutil.copytree(out / "1", out / "1_backup")
+    (out / "notes" / "empty").mkdir(parents=True)
     fewer = json.loads(js.read_text())
     for key in ("prompt", "prompt_4_clip_eval", "baseline"):
         fewer["0"][key] = fewer["0"][key][:1]
@@ -316,12 +320,14 @@ def test_rerun_with_fewer_concepts_leaves_only_this_runs_images(trained, tiny_sd
     code, err = run_cli(infer_ti.main, argv + ["--only", "0"], capsys)
     assert code == 0, err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [  # --only: the rest as it was
-        "0/0/source0_prompt0_0.png", "0/1/source0_prompt1_0.png", "1/0/source1_prompt0_0.png"]
+        "0/0/source0_prompt0_0.png", "0/1/source0_prompt1_0.png", "1/0/source1_prompt0_0.png",
+        "1_backup/0/source1_prompt0_0.png"]
     infer_ti.main(argv)
     said = capsys.readouterr().out
-    assert "note: " in said and "mine.txt" in said
+    assert "note: removed 2 image(s)" in said and "mine.txt" in said and "1_backup/0/source1_prompt0_0.png" in said
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "0/0/source0_prompt0_0.png", "1/mine.txt"]
+        "0/0/source0_prompt0_0.png", "1/mine.txt", "1_backup/0/source1_prompt0_0.png", "1_backup/mine.txt"]
+    assert (out / "notes" / "empty").is_dir()
 
 
 def test_channels_last_branch_forced_on_the_cpu_gives_the_same_images(trained, tiny_sd, tmp_path, capsys,
@@ -805,6 +811,18 @@ def test_prior_images_are_spread_through_the_stream_without_the_token(tiny_sd, p
                                  "--prior-captions", str(prior_caps)))
     info = json.loads((out / "new1.json").read_text())
     assert r["steps"] == 1 and info["prior"] == prior and info["train"]["prior_share"] == 0.5
+    # --resume with --method and the prior left off goes on with the checkpoint's (it once started a new "ti" run
+    # without the prior, beside the joint-kv K/V file); another prior is refused
+    r = train_ti.main(train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--steps", "2", "--resume"))
+    info = json.loads((out / "new1.json").read_text())
+    assert r["steps"] == 2 and info["method"] == "joint-kv" and info["prior"] == prior
+    assert not (out / "runs" / "new1").exists()
+    other_caps = tmp_path / "prior_copy.json"
+    other_caps.write_text(prior_caps.read_text())
+    code, err = run_cli(train_ti.main, train_args(tiny_sd["diffusers"], out, photos["dog"], "<new1>", "dog", "--steps",
+                                                  "3", "--resume", "--prior-images", str(photos["cat"]),
+                                                  "--prior-captions", str(other_caps)), capsys)
+    assert code == 2 and "this run was trained with prior images" in err, err
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({f.name: "a {} cat" for f in files}))
