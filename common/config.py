@@ -28,7 +28,7 @@ UP_TO_1 = {"low": 0, "low_open": True, "high": 1}  # a share that cannot be 0 (a
 OPEN_SHARE = {"low": 0, "low_open": True, "high": 1, "high_open": True}  # a mix of two kinds, both present
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -142,7 +142,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | Non
         shown = "off" if value is None else value
         said = "default" in text.lower()  # a help that explains its own default (e.g. "off: the SD's size")
         kwargs["help"] = text if said else f"{text} (default: {shown})" if text else f"(default: {shown})"
-        group.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(flag_name(f.name), **kwargs)
 
 
 def config_from_args(defaults, args: argparse.Namespace):
@@ -182,6 +182,13 @@ def explicit_flags(build_parser, argv) -> set[str]:
     return set(vars(p.parse_args(argv)))
 
 
+def resume_refusal(source, said: str, allowed: str | None = None) -> UserError:
+    """The one-line error of a --resume whose flags differ from the run's: `said` says how it was trained
+    ("with --lr 0.1 (not 0.5)", "on other concepts"), `allowed` (optional) what a resume may change."""
+    return UserError(f"{source}: this run was trained {said}; --resume continues it as it was"
+                     + (f" ({allowed})" if allowed else "") + "; start a new --out to train with other settings")
+
+
 def resumed_config(config, saved: dict, given: set[str], *, may_change=(), source, program: str):
     """The config a --resume continues with. `config` is what the flags say now, `saved` the checkpoint's
     config (as a dict), `given` the dests of the flags on the command line (`explicit_flags`).
@@ -199,11 +206,9 @@ def resumed_config(config, saved: dict, given: set[str], *, may_change=(), sourc
     changed = [f.name for f in dataclasses.fields(config)
                if f.name in given and f.name not in may_change and getattr(config, f.name) != getattr(old, f.name)]
     if changed:
-        said = ", ".join(f"{_flag(n)} {getattr(old, n)} (not {getattr(config, n)})" for n in changed)
-        allowed = ", ".join(_flag(n) for n in may_change)
-        raise UserError(f"{source}: this run was trained with {said}; --resume continues it as it was "
-                        f"(it may change only {allowed or 'none of its settings'}); start a new --out to train "
-                        f"with other settings")
+        said = ", ".join(f"{flag_name(n)} {getattr(old, n)} (not {getattr(config, n)})" for n in changed)
+        allowed = ", ".join(flag_name(n) for n in may_change)
+        raise resume_refusal(source, f"with {said}", f"it may change only {allowed or 'none of its settings'}")
     return dataclasses.replace(old, **{n: getattr(config, n) for n in may_change if n in given})
 
 
@@ -214,8 +219,7 @@ def resumed_args(args: argparse.Namespace, saved: dict, given: set[str], *, sour
     from before they were saved) are not checked."""
     changed = [k for k, v in saved.items() if k in given and getattr(args, k) != v]
     if changed:
-        said = ", ".join(f"{_flag(k)} {saved[k]} (not {getattr(args, k)})" for k in changed)
-        raise UserError(f"{source}: this run was trained with {said}; --resume continues it as it was; start a "
-                        f"new --out to train with other settings")
+        said = ", ".join(f"{flag_name(k)} {saved[k]} (not {getattr(args, k)})" for k in changed)
+        raise resume_refusal(source, f"with {said}")
     for k, v in saved.items():
         setattr(args, k, v)

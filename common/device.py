@@ -27,10 +27,11 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device must be one of {DEVICE_CHOICES}, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+    if dev.type == "cuda" and dev.index is not None:
         count = torch.cuda.device_count()
-        raise UserError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
-                        f"(cuda:0 to cuda:{count - 1})")
+        if dev.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                            f"(cuda:0 to cuda:{count - 1})")
     # without this check the first tensor moved there raises "PyTorch is not linked with support for mps"
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS (Apple GPU) is not available on this machine (use --device cpu)")

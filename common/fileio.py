@@ -229,7 +229,7 @@ def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Itera
     if isinstance(ours, str):
         pattern = re.compile(ours)
         ours = lambda folder, name: pattern.fullmatch(name) is not None  # noqa: E731
-    foreign, removed, emptied = [], [], set()
+    foreign, removed = [], []
     for sub in folders:
         folder = out / sub
         try:
@@ -238,25 +238,21 @@ def prune_outputs(out: str | os.PathLike, written: Iterable[str], folders: Itera
             continue
         for e in entries:
             rel = os.path.normpath(os.path.join(sub, e.name))
-            if rel in keep or _TEMP_RE.match(e.name) or rel in emptied:
-                continue
-            if not e.is_file(follow_symlinks=False):
+            if rel in keep or _TEMP_RE.match(e.name) or not e.is_file(follow_symlinks=False):
                 continue
             if ours(sub, e.name):
                 os.unlink(e.path)
                 removed.append(rel)
             else:
                 foreign.append(rel)
-        if sub and (removed and any(r.startswith(os.path.normpath(sub) + os.sep) for r in removed)) \
-                and not any(n.startswith(os.path.normpath(sub) + os.sep) for n in keep):
+        # sub-folders come first, so a parent sees its emptied children's files among `removed`
+        inside = os.path.normpath(sub) + os.sep
+        if sub and any(r.startswith(inside) for r in removed) and not any(n.startswith(inside) for n in keep):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
-                emptied.add(os.path.normpath(sub))
-                removed.append(os.path.normpath(sub) + os.sep)
-    files = [r for r in removed if not r.endswith(os.sep)]
-    if files:
-        print(f"note: removed {len(files)} image(s) an earlier run left in {out} ({', '.join(files[:3])}"
-              f"{', ...' if len(files) > 3 else ''})")
+    if removed:
+        print(f"note: removed {len(removed)} image(s) an earlier run left in {out} ({', '.join(removed[:3])}"
+              f"{', ...' if len(removed) > 3 else ''})")
     if foreign:
         print(f"note: {out} also holds {len(foreign)} file(s) this command did not write ({', '.join(foreign[:3])}"
               f"{', ...' if len(foreign) > 3 else ''}); remove them before handing in")

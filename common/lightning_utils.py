@@ -12,7 +12,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
-from common.config import float_in, int_at_least
+from common.config import flag_name, float_in, int_at_least
 from common.fileio import atomic_path
 
 
@@ -298,7 +298,7 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
                    help=f"resume from a Lightning checkpoint (no value: {resume_help}); the run goes on with the "
                         f"checkpoint's settings: a flag not given takes its value, and a flag given may differ "
                         f"from it only for "
-                        + (", ".join("--" + n.replace("_", "-") for n in resume_may_change) or "none"))
+                        + (", ".join(flag_name(n) for n in resume_may_change) or "none"))
     g.add_argument("--max-minutes", type=float_in(0, low_open=True), default=None, metavar="MINUTES",
                    help="stop after this much training wall time in all: a --resume'd run counts the time "
                         "before it too (Lightning's Timer is checkpointed), so raise it to continue")

@@ -56,6 +56,7 @@ from common.config import (
     add_config_flags,
     config_from_args,
     explicit_flags,
+    resume_refusal,
     resumed_args,
     resumed_config,
 )
@@ -564,7 +565,7 @@ def concepts_from_args(args, vectors: int) -> list[dict]:
     return out
 
 
-def prior_from_args(args, config: P5TrainConfig) -> dict | None:
+def prior_from_args(args) -> dict | None:
     """--prior-images/--prior-captions as {"images", "captions"}, checked; None without them."""
     if (args.prior_images is None) != (args.prior_captions is None):
         raise UserError("give --prior-images and --prior-captions together")
@@ -594,7 +595,7 @@ def main(argv=None) -> dict:
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise UserError("--resolution must be a positive multiple of 8")
     concepts = concepts_from_args(args, config.vectors)
-    prior = prior_from_args(args, config)
+    prior = prior_from_args(args)
     out = check_writable(args.out)
     accelerator = resolve_accelerator(args.accelerator)
     precision = lightning_precision(accelerator, args.precision)
@@ -618,17 +619,14 @@ def main(argv=None) -> dict:
         config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
         resumed_args(args, {k: hp[k] for k in ("seed",) if k in hp}, given, source=resume)
-        concepts = concepts_from_args(args, config.vectors)  # --vectors may have come from the checkpoint
+        concepts = [{**c, "vectors": config.vectors} for c in concepts]  # --vectors may be the checkpoint's
         if same_concepts(concepts) != same_concepts(hp["concepts"]):
-            raise UserError(f"{resume}: this run was trained on other concepts ({hp['concepts']}); --resume "
-                            f"continues it as it was; start a new --out to train these")
-        prior = prior_from_args(args, config)
+            raise resume_refusal(resume, f"on other concepts ({hp['concepts']})")
         if "prior" in hp:  # checkpoints from before the prior was saved do not say
             if "prior_images" not in given and "prior_captions" not in given:
                 prior = hp["prior"]
             elif prior != hp["prior"]:
-                raise UserError(f"{resume}: this run was trained with prior images {hp['prior']} (not {prior}); "
-                                f"--resume continues it as it was; start a new --out to train with other ones")
+                raise resume_refusal(resume, f"with prior images {hp['prior']} (not {prior})")
     seed_everything(args.seed)
     setup_cuda_fast_math()
     if args.quiet:
