@@ -27,9 +27,10 @@ import numpy as np
 from common.config import HelpFormatter, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import check_writable, ensure_dir, read_json, write_text_atomic
+from common.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRAIN_JSON = REPO.parent / "shared" / "data" / "iclevr" / "train.json"
+SHARED_TRAIN_JSON = SHARED_DATA / "iclevr" / "train.json"
 
 COLOURS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
 SHAPES = ("cube", "sphere", "cylinder")

@@ -27,10 +27,11 @@ import torch
 
 from common.config import HelpFormatter, int_at_least
 from common.device import device_name
+from common.paths import SHARED_DATA
 from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DIGITS = REPO.parent / "shared" / "data" / "digits"
+SHARED_DIGITS = SHARED_DATA / "digits"
 
 
 def make_data(root: Path, digits: int, iclevr: int, fill: int, lab_size: bool) -> dict[str, Path]:

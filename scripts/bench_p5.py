@@ -27,11 +27,12 @@ from common.config import HelpFormatter, int_at_least
 from common.device import add_device_flag, channels_last_pays, device_name, pick_device, setup_cuda_fast_math
 from common.errors import UserError, cli_main
 from common.fileio import write_text_atomic
+from common.paths import SHARED_DATA
 from scripts.benchmarks import replace_section
 
 REPO = Path(__file__).resolve().parents[1]
 
-SHARED_DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
+SHARED_DOG = SHARED_DATA / "dreambooth" / "dog"
 
 
 def sd14_components(seed: int = 0) -> sdlib.SDComponents:

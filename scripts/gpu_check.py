@@ -42,10 +42,11 @@ import time
 from pathlib import Path
 
 from common.config import HelpFormatter, float_in
+from common.paths import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DIGITS = REPO.parent / "shared" / "data" / "digits"
-SHARED_DOG = REPO.parent / "shared" / "data" / "dreambooth" / "dog"
+SHARED_DIGITS = SHARED_DATA / "digits"
+SHARED_DOG = SHARED_DATA / "dreambooth" / "dog"
 SECTION = "gpu_check"
 NEEDS_GPU = "gpu_check: needs a CUDA GPU and none is visible here; nothing was run and BENCHMARKS.md is unchanged"
 P1_TIMER = "_p1-train-timed"  # internal sub-command: p1_ddpm/train.py's main with a timing callback

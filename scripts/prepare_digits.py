@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from common.config import HelpFormatter, float_in, int_at_least
 from common.errors import UserError, cli_main
 from common.fileio import atomic_path, ensure_dir, write_text_atomic
-from common.paths import REPO_ROOT
+from common.paths import SHARED_DATA
 
 SOURCES = {"mnistm": "mnistm.npz", "svhn": "svhn_partial.npz", "usps": "usps.npz", "mnist": "mnist.npz"}
 DEFAULT_DATASETS = "mnistm,svhn,usps"  # the course's three; mnist (for P4's MNIST -> MNIST-M) on request
 SVHN_TRAIN_COUNT = 900
 # the course data beside the repository, wherever the command is run from
-SHARED_DIGITS = REPO_ROOT.parent / "shared" / "data" / "digits"
+SHARED_DIGITS = SHARED_DATA / "digits"
 
 
 def to_rgb28(img: np.ndarray) -> np.ndarray:
