@@ -105,6 +105,18 @@ def int_at_least(low: int):
     return _number(int, low=low)
 
 
+def comma_list(base):
+    """argparse type of a comma-separated, non-empty list of `base` values (`comma_list(float_in(0))`: etas);
+    each item gets `base`'s check, and the error names the item that failed."""
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
+        return [base(item) for item in items]
+    parse.__name__ = f"list of {base.__name__}"
+    return parse
+
+
 def _parse_optional(base):
     """`base` (an argparse type), or None for 'none' or ''."""
     def parse(text: str):

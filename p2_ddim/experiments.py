@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from common.config import HelpFormatter, float_in, int_at_least
+from common.config import HelpFormatter, comma_list, float_in, int_at_least
 from common.errors import UserError, cli_main
 from common.figure_info import command_line, figure_out, write_figure_info
 from common.images import save_grid, to_uint8
@@ -30,16 +30,6 @@ from p2_ddim.interpolation import INTERPOLATIONS, interpolate
 
 DEFAULT_ETAS = "0,0.25,0.5,0.75,1.0"
 DEFAULT_NOISES = "00,01,02,03"
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise UserError(f"{flag}: no values given")
-    return vals
 
 
 def _names(text: str, flag: str) -> list[str]:
@@ -54,15 +44,14 @@ def fmt(v: float) -> str:
 
 
 def eta_grid(args, model, device, amp, stems, noises, indices) -> tuple[np.ndarray, list[str], list[str]]:
-    etas = _floats(args.etas, "--etas")
     rows = []
-    for eta in etas:
+    for eta in args.etas:
         imgs = sample_faces_ddim(model, noises, indices, steps=args.steps, eta=eta, seed=args.seed,
                                  timestep_offset=args.timestep_offset, clip_x0=args.clip_x0,
                                  batch_size=args.batch_size, device=device, amp_dtype=amp, progress=not args.quiet,
                                  desc=f"eta {eta:g}")
         rows.append(to_uint8(imgs, "minmax"))
-    return np.concatenate(rows), [f"eta = {fmt(e)}" for e in etas], stems
+    return np.concatenate(rows), [f"eta = {fmt(e)}" for e in args.etas], stems
 
 
 def interpolation_row(args, model, device, amp, noises) -> tuple[np.ndarray, list[str], list[str]]:
@@ -88,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="tile size factor, 1/16 to 4 (0.5 shrinks 256x256 tiles to 128x128)"
         )
         if name == "eta-grid":
-            s.add_argument("--etas", default=DEFAULT_ETAS, help="comma-separated eta values (rows)")
+            s.add_argument("--etas", type=comma_list(float_in(0)), default=DEFAULT_ETAS,
+                           help="comma-separated eta values (rows), each >= 0")
             s.add_argument("--noises", default=DEFAULT_NOISES, help="comma-separated noise names (columns)")
         else:
             s.add_argument("--mode", choices=tuple(INTERPOLATIONS), required=True, help="slerp or lerp")
@@ -114,9 +104,6 @@ def main(argv=None) -> None:
     t0 = time.time()
     out = figure_out(args.out)
     if args.command == "eta-grid":
-        etas = _floats(args.etas, "--etas")
-        if any(not (e >= 0) for e in etas):
-            raise UserError(f"--etas must be >= 0, got {args.etas}")
         stems, noises, indices = load_noises(args.noise_dir, _names(args.noises, "--noises"))
     else:
         pair = _names(args.pair, "--pair")
@@ -133,7 +120,7 @@ def main(argv=None) -> None:
     save_grid(out, images, len(row_labels), len(col_labels), row_labels=row_labels, col_labels=col_labels,
               label_size=max(10, images.shape[1] // 12))
     if args.command == "eta-grid":
-        what = f"DDIM eta grid: rows eta = {', '.join(map(fmt, _floats(args.etas, '--etas')))}, columns noises " \
+        what = f"DDIM eta grid: rows eta = {', '.join(map(fmt, args.etas))}, columns noises " \
                f"{', '.join(col_labels)}"
     else:
         what = f"{args.mode} of the initial noise between {args.pair.replace(',', ' and ')}, alpha 0 to 1, DDIM eta 0"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import HelpFormatter, int_at_least
+from common.config import HelpFormatter, comma_list, finite_float, int_at_least
 from common.device import device_name
 from common.images import to_uint8
 from p1_ddpm.iclevr_data import load_label_lists, multi_hot
@@ -43,10 +43,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=str(ICLEVR_CHECKPOINT), help="the i-CLEVR DDPM to time and score")
     p.add_argument("--judge", default=str(OWN_JUDGE), help="the judge that scores the samples")
-    p.add_argument("--seeds", default="42,1,2", help="sampling seeds for the test label lists (first: infer's default)")
-    p.add_argument("--heldout", type=int, default=2000, help="held-out renders to score the judge on")
-    p.add_argument("--val-lists", type=int, default=128, help="validation label lists for the guidance sweep")
-    p.add_argument("--guidances", default="1.5,3,5", help="guidance scales of the sweep")
+    p.add_argument("--seeds", type=comma_list(int_at_least(0)), default="42,1,2",
+                   help="sampling seeds for the test label lists (first: infer's default)")
+    p.add_argument("--heldout", type=int_at_least(1), default=2000, help="held-out renders to score the judge on")
+    p.add_argument("--val-lists", type=int_at_least(1), default=128,
+                   help="validation label lists for the guidance sweep")
+    p.add_argument("--guidances", type=comma_list(finite_float), default="1.5,3,5",
+                   help="guidance scales of the sweep")
     p.add_argument("--threads", type=int_at_least(1), default=1, help="CPU threads (the timing line says how many)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
         else random_label_lists(args.val_lists, rng)
     val_cond = torch.stack([multi_hot(v, OBJECTS) for v in val_lists])
     sweep = []
-    for w in [float(x) for x in args.guidances.split(",")]:
+    for w in args.guidances:
         x = sample_conditional_images(model, val_cond, range(len(val_cond)), ab, 0, d["sampler"], d["steps"], w,
                                       d["eta"])
         sweep.append(
@@ -80,19 +83,18 @@ def main(argv=None) -> None:
         )
 
     # 3. the lab's label lists at infer.py's defaults, several seeds; and the sampling time
-    seeds = [int(s) for s in args.seeds.split(",")]
     test_rows, timing = [], None
     for name in ("test", "new_test"):
         lists, cond = load_label_lists(ICLEVR_ASSETS / f"{name}.json", config.get("objects", OBJECTS))
         accs = []
-        for s in seeds:
+        for s in args.seeds:
             t0 = time.perf_counter()
             x = sample_conditional_images(model, cond, range(len(cond)), ab, s, d["sampler"], d["steps"],
                                           d["guidance"], d["eta"])
             dt = time.perf_counter() - t0
             timing = timing or dt
             accs.append(score(judge, to_uint8(x), cond))
-        test_rows.append(f"| {name}.json (32 lists), seeds {args.seeds} | "
+        test_rows.append(f"| {name}.json (32 lists), seeds {','.join(map(str, args.seeds))} | "
                          + ", ".join(f"{a:.4f}" for a in accs) + f" (mean {np.mean(accs):.4f}) |")
 
     meta = json.loads(Path(args.checkpoint).with_suffix(".json").read_text()).get("metrics", {})

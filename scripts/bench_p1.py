@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import HelpFormatter
+from common.config import HelpFormatter, comma_list, finite_float, int_at_least
 from common.device import device_name
 from common.errors import cli_main
 from common.fileio import write_text_atomic
@@ -65,9 +65,11 @@ def main(argv=None) -> None:
     p.add_argument("--lenet", required=True, help="the course grader Classifier.pth")
     p.add_argument("--svhn-classifier", default=str(DEFAULT_SVHN), help="classifier that scores svhn/")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="the P1 DDPM to time and score")
-    p.add_argument("--ddpm-per-digit", type=int, default=10, help="MNIST-M images per digit for table B")
-    p.add_argument("--sweep-per-digit", type=int, default=20, help="images per digit and dataset for table C")
-    p.add_argument("--guidances", default="1,2,3,4,5", help="comma-separated guidance scales of table C")
+    p.add_argument("--ddpm-per-digit", type=int_at_least(1), default=10, help="MNIST-M images per digit for table B")
+    p.add_argument("--sweep-per-digit", type=int_at_least(1), default=20,
+                   help="images per digit and dataset for table C")
+    p.add_argument("--guidances", type=comma_list(finite_float), default="1,2,3,4,5",
+                   help="comma-separated guidance scales of table C")
     p.add_argument("--skip", default="", help="comma-separated tables to skip: A,B,C")
     p.add_argument("--write", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('' = none)")
     p.add_argument("--json", default=None, help="also write the headline numbers to this JSON file")
@@ -138,7 +140,7 @@ def main(argv=None) -> None:
 
     if "C" not in skip:
         rows = []
-        for w in [float(x) for x in args.guidances.split(",")]:
+        for w in args.guidances:
             row = [w]
             for k, judge in ((0, lenet), (1, svhn_net)):
                 cond, idx = subset(k, args.sweep_per_digit)

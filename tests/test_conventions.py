@@ -149,7 +149,8 @@ def test_numbers_are_checked_when_parsed(monkeypatch):
                     continue
                 flag = action.option_strings[-1]
                 probes = []
-                if action.type is float or getattr(action.type, "__name__", "") in ("float", "finite_float"):
+                if action.type is float or \
+                        getattr(action.type, "__name__", "") in ("float", "finite_float", "list of float"):
                     probes = ["nan", "inf"]
                 if flag in COUNT_FLAGS:
                     probes.append("0")

@@ -415,6 +415,9 @@ def test_experiments_eta_grid_and_interpolation(face_dir, tmp_path, capsys):
     assert code == 2 and "09.pt" in err
     code, err = run_cli(exp_main, ["eta-grid", "--out", str(tmp_path / "x.jpg")] + common, capsys)
     assert code == 2 and ".png" in err
+    for etas, said in (("0,nan", "finite"), ("0,-1", ">= 0"), (",", "comma-separated")):
+        code, err = run_cli(exp_main, ["eta-grid", "--etas", etas, "--out", str(tmp_path / "x.png")] + common, capsys)
+        assert code == 2 and "--etas" in err and said in err, err
     assert not (tmp_path / "x.png").exists()
 
 
