@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,15 @@ def read_resume_checkpoint(path: str | os.PathLike, program: str, hparams: tuple
     if missing:
         raise UserError(f"{path}: not a checkpoint of {program} (it has no hyper-parameter {missing[0]!r})")
     return ckpt
+
+
+def note_if_finished(path: str | os.PathLike, ckpt: dict, max_steps: int | None, flag: str = "--max-steps") -> None:
+    """Say on stderr when the --resume checkpoint `ckpt` is already at the run's last step: Lightning would
+    train nothing and end with only its own terse line, and the user meant to train on."""
+    step = ckpt.get("global_step", 0)
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        print(f"note: {path} is already at its last step ({step} of {max_steps}): nothing is left to train "
+              f"(raise {flag} to train on)", file=sys.stderr)
 
 
 def check_resume_fits(path: str | os.PathLike, ckpt: dict, module: torch.nn.Module, program: str,

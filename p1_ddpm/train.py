@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
-from common.checkpoint import read_checkpoint, read_resume_checkpoint, save_checkpoint
+from common.checkpoint import note_if_finished, read_checkpoint, read_resume_checkpoint, save_checkpoint
 from common.config import (
     AT_LEAST_1,
     BELOW_1,
@@ -338,7 +338,8 @@ def main(argv=None) -> None:
     resume = resolve_resume(args.resume, out)
     resumed_model = None
     if resume is not None:  # read now: the data, the network and its schedule are the checkpoint's
-        hparams = read_resume_checkpoint(resume, PROGRAM, ("model_config", "train"))["hyper_parameters"]
+        resume_ckpt = read_resume_checkpoint(resume, PROGRAM, ("model_config", "train"))
+        hparams = resume_ckpt["hyper_parameters"]
         resumed_model = hparams["model_config"]
         condition = "digits" if args.task == "digits" else "multihot"
         if not isinstance(resumed_model, dict) or resumed_model.get("condition") != condition:
@@ -348,6 +349,8 @@ def main(argv=None) -> None:
         # checkpoints from before the seed was saved do not say
         resumed_args(args, {"seed": hparams["seed"]} if hparams.get("seed") is not None else {}, given,
                      source=resume)
+        note_if_finished(resume, resume_ckpt, config.max_steps)
+        del resume_ckpt
     check_cooldown(config.cooldown_from, config.max_steps)
     seed_everything(args.seed)
 

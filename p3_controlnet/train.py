@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
-from common.checkpoint import check_resume_fits, load_into, read_resume_checkpoint
+from common.checkpoint import check_resume_fits, load_into, note_if_finished, read_resume_checkpoint
 from common.config import (
     AT_LEAST_1,
     BELOW_1,
@@ -402,6 +402,7 @@ def main(argv=None) -> None:
         config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
         resumed_args(args, hp.get("run") or {}, given, source=resume)
+        note_if_finished(resume, resume_ckpt, config.max_steps)
     check_cooldown(config.cooldown_from, config.max_steps)
     seed_everything(args.seed)
     accelerator = resolve_accelerator(args.accelerator)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
-from common.checkpoint import check_resume_fits, read_resume_checkpoint
+from common.checkpoint import check_resume_fits, note_if_finished, read_resume_checkpoint
 from common.config import (
     AT_LEAST_1,
     BELOW_1,
@@ -373,6 +373,7 @@ def train(args: argparse.Namespace, config: P4TrainConfig, given: set[str] = fro
                         scenario=scenario_of(args))
     if resume_ckpt is not None:  # a checkpoint of other settings fails here, not inside Lightning (leaving logs/)
         check_resume_fits(resume, resume_ckpt, module, PROGRAM)
+        note_if_finished(resume, resume_ckpt, total_steps, "--max-epochs" if config.max_epochs else "--max-steps")
         del resume_ckpt
     ensure_dir(out)
     info = {"source": args.source, "target": args.target, "mode": args.mode, "total_steps": total_steps,

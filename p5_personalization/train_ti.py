@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 
 import common.stable_diffusion as sdlib
-from common.checkpoint import check_resume_fits, read_resume_checkpoint
+from common.checkpoint import check_resume_fits, note_if_finished, read_resume_checkpoint
 from common.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -619,6 +619,7 @@ def main(argv=None) -> dict:
         config = resumed_config(config, hp["train"], given, may_change=RESUME_MAY_CHANGE, source=resume,
                                 program=PROGRAM)
         resumed_args(args, {k: hp[k] for k in ("seed",) if k in hp}, given, source=resume)
+        note_if_finished(resume, resume_ckpt, config.steps, "--steps")
         concepts = [{**c, "vectors": config.vectors} for c in concepts]  # --vectors may be the checkpoint's
         if same_concepts(concepts) != same_concepts(hp["concepts"]):
             raise resume_refusal(resume, f"on other concepts ({hp['concepts']})")

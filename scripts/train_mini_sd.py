@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.checkpoint import read_resume_checkpoint, save_checkpoint
+from common.checkpoint import note_if_finished, read_resume_checkpoint, save_checkpoint
 from common.colour import delta_e, srgb_to_lab
 from common.config import (
     AT_LEAST_1,
@@ -935,6 +935,7 @@ def resume_stage(resume, stage: str, args, config: MiniSDTrainConfig) -> tuple[d
                             program=PROGRAM)
     resumed_args(args, {k: hparams[k] for k in ("seed",) if k in hparams}, args.given, source=resume)
     check_cooldown(config.cooldown_from, config.max_steps)
+    note_if_finished(resume, ckpt, config.max_steps)
     return ckpt, config
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.checkpoint import load_into, read_checkpoint, save_checkpoint
+from common.checkpoint import load_into, note_if_finished, read_checkpoint, save_checkpoint
 from common.datasets import PNG_SUFFIXES, CourseImageFolder, list_images, read_label_csv
 from common.errors import UserError
 from common.fileio import atomic_path
@@ -102,6 +102,15 @@ def test_finite_check_is_exact_where_a_sum_overflows():
             t[777] = bad
             with pytest.raises(UserError, match="'t' contains NaN or infinity"):
                 check_finite({"ok": torch.ones(3), "t": t}, "f.safetensors")
+
+
+def test_note_if_finished_speaks_only_at_the_last_step(capsys):
+    note_if_finished("last.ckpt", {"global_step": 39}, 40)
+    note_if_finished("last.ckpt", {"global_step": 40}, -1)  # no step limit (P4 by epochs sets one)
+    assert capsys.readouterr().err == ""
+    note_if_finished("last.ckpt", {"global_step": 40}, 40, "--max-epochs")
+    err = capsys.readouterr().err
+    assert "last.ckpt" in err and "(40 of 40)" in err and "raise --max-epochs" in err
 
 
 def test_fp16_checkpoint(tmp_path):

@@ -232,7 +232,7 @@ def _train(args, capsys=None):
     return train_main(args)
 
 
-def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
+def test_train_runs_stops_and_resumes(digits_tree, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["--data", str(digits_tree), "--out", str(out), "--batch-size", "8", "--channels", "8,16",
             "--val-every", "2", "--warmup-steps", "1", "--seed", "1"]
@@ -254,6 +254,9 @@ def test_train_runs_stops_and_resumes(digits_tree, tmp_path):
     _train(every3 + ["--max-steps", "6", "--resume"])
     ck = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 6 and not list(out.glob("last-v*.ckpt"))
+    capsys.readouterr()
+    _train(every3 + ["--max-steps", "6", "--resume"])  # a finished run: said, not silently nothing
+    assert "already at its last step (6 of 6)" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_checkpoints_settings(digits_tree, tmp_path, capsys):
