@@ -319,7 +319,11 @@ def make_trainer(args, *, out: Path, precision: str, max_steps: int, checkpoint_
     seed_steps: seed the global generators before each batch from --seed and the batch's position (StepSeed);
     with a common.step_batches loader, a resumed run then ends bit-identical to an uninterrupted one.
     `precision` is Lightning's string (common.device.lightning_precision); other pl.Trainer arguments pass
-    through."""
+    through.
+
+    Under DDP every rank validates on the whole validation set, so the numbers (and the best checkpoint they
+    choose) are the one-process ones: Lightning's DistributedSampler would pad each rank's share with repeats,
+    counting some items twice. The training loaders (common.step_batches) shard themselves by rank."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
@@ -336,5 +340,6 @@ def make_trainer(args, *, out: Path, precision: str, max_steps: int, checkpoint_
                    *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False, enable_progress_bar=not args.quiet, default_root_dir=out,
+        use_distributed_sampler=False,
         **validation, **trainer_kwargs,
     )
