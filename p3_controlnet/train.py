@@ -232,6 +232,14 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
         loss = self.diffusion_loss(batch, generator=g, net=self.evaluated_net())
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["target"]))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimiser (the CUDA AdamW: it would
+        # unscale fp16 gradients itself); bf16 has no gradient scaler, so the gradients are already the true
+        # ones and the same norm clipping Lightning does applies as is
+        if gradient_clip_val:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         params = [p for p in self.net.controlnet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
