@@ -214,8 +214,10 @@ def load_sd(
 ) -> SDComponents:
     """Load SD v1.x from a single-file LDM checkpoint or a diffusers folder, with no network access.
 
-    The returned modules are in eval mode, on `device` in `dtype`; gradients are left on (callers freeze
-    what they do not train, e.g. with `.freeze()`). Bad path or file -> UserError naming it.
+    The returned modules are in eval mode, on `device`; the UNet and the VAE in `dtype`, the text encoder in
+    fp32 whatever `dtype` (it runs once per prompt, and weights rounded to bf16 would shift every prompt
+    embedding; a later `.to(float32)` cannot undo the rounding). Gradients are left on (callers freeze what
+    they do not train, e.g. with `.freeze()`). Bad path or file -> UserError naming it.
     """
     path = Path(path)
     if not path.exists():
@@ -226,8 +228,9 @@ def load_sd(
         comps = _load_single_file(path)
     else:
         raise _bad_path(path, f"unrecognised file type {path.suffix!r} (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
-    for m in (comps.vae, comps.unet, comps.text_encoder):
+    for m in (comps.vae, comps.unet):
         cast(m, dtype)
+    for m in (comps.vae, comps.unet, comps.text_encoder):
         m.to(device)
     for m in (comps.vae, comps.unet, comps.text_encoder):
         m.eval()

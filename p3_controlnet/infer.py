@@ -109,7 +109,6 @@ def main(argv=None) -> None:
         raise UserError(f"--size must be a multiple of {multiple} for this SD (64 for SD v1), got {args.size}")
 
     with torch.no_grad():
-        sd.text_encoder.to(torch.float32)
         prompts = sorted({it["prompt"] for it in items})
         emb = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, prompts, device)
         uncond1 = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, [""], device)

@@ -92,7 +92,6 @@ def main(argv=None) -> None:
     net = ControlledUNet(sd.unet, controlnet.requires_grad_(False)).eval()
     use_sdpa(net.unet, net.controlnet)
     with torch.no_grad():
-        sd.text_encoder.to(torch.float32)
         cond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, list(PROMPTS), device)
         uncond = sdlib.encode_prompts(sd.tokenizer, sd.text_encoder, ["", ""], device)
     control = (

@@ -120,9 +120,13 @@ def test_prediction_follows_the_folders_scheduler(tiny, tmp_path, kind, word):
 
 def test_load_sd_dtype_and_sampling_is_batch_invariant(tiny):
     comps, paths = tiny
-    sd = load_sd(paths["diffusers"], dtype=torch.bfloat16)
-    assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16
+    half = load_sd(paths["diffusers"], dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     sd = load_sd(paths["diffusers"])
+    # the text encoder is never rounded: P3's bf16 inference embeds its prompts as training did
+    assert half.text_encoder.dtype == torch.float32
+    full = sd.text_encoder.state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in half.text_encoder.state_dict().items())
     with torch.no_grad():
         cond = encode_prompts(sd.tokenizer, sd.text_encoder, ["a", "b", "c"], "cpu")
         uncond = encode_prompts(sd.tokenizer, sd.text_encoder, [""] * 3, "cpu")
