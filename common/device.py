@@ -39,8 +39,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for a device: 'auto' is bf16 on CUDA and none (fp32) elsewhere."""
+    """The autocast dtype of an inference or evaluation command: 'auto' is bf16 on CUDA and none (fp32)
+    elsewhere. 'fp32' also turns TF32 off (set_tf32), as its --help promises exact fp32: cuDNN would otherwise
+    run the convolutions in TF32 by default (a command with its own --tf32 flag sets it after this)."""
     if precision == "fp32":
+        set_tf32(False)
         return None
     if precision == "bf16":
         return torch.bfloat16

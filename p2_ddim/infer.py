@@ -177,8 +177,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def setup(args) -> tuple[torch.device, torch.dtype | None]:
     device = pick_device(args.device)
-    set_tf32(args.tf32)
-    return device, autocast_dtype(device, args.precision)
+    amp = autocast_dtype(device, args.precision)
+    set_tf32(args.tf32)  # after autocast_dtype: --tf32 is the last word on TF32
+    return device, amp
 
 
 def load_model(path, device: torch.device) -> FaceUNet:

@@ -97,8 +97,8 @@ def main(argv=None) -> None:
         raise UserError(f"--size must be a positive multiple of 32, got {args.size}")
     device = pick_device(args.device)
     args.device = str(device)
-    set_tf32(args.tf32)
     amp = autocast_dtype(device, args.precision)
+    set_tf32(args.tf32)  # after autocast_dtype: --tf32 is the last word on TF32
     torch.manual_seed(args.seed)
     model = FaceUNet(args.base_channels).eval()  # PyTorch's default initialisation: random weights
     nparams = sum(q.numel() for q in model.parameters())

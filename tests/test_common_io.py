@@ -1,6 +1,8 @@
 """common/: image grids and PNGs, checkpoints, atomic writes, course-layout datasets."""
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,23 @@ def test_list_images_one_lister(tmp_path):
     with pytest.raises(UserError, match="no PNG images in the ground-truth folder"):
         list_images(tmp_path / "empty", PNG_SUFFIXES, empty="no PNG images in the ground-truth folder")
     assert list_images(tmp_path / "empty", empty=None) == []
+
+
+def test_precision_fp32_is_exact_fp32_on_cuda(monkeypatch):
+    """--precision fp32 of the inference commands turns TF32 off (cuDNN allows it by default, as a trainer or
+    P5's setup_cuda_fast_math may have); P2's --tf32, set after it, still decides for P2."""
+    from common.device import autocast_dtype
+    from p2_ddim.infer import setup
+    cuda = torch.device("cuda")  # the CUDA branch, on the CPU: only flags are set
+    for allowed in (True, False):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert autocast_dtype(cuda, "fp32") is None
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert autocast_dtype(cuda, "auto") is torch.bfloat16 and autocast_dtype(cuda, "bf16") is torch.bfloat16
+        args = argparse.Namespace(device="cpu", precision="fp32", tf32=allowed)
+        assert setup(args) == (torch.device("cpu"), None)
+        assert torch.backends.cudnn.allow_tf32 is allowed and torch.backends.cuda.matmul.allow_tf32 is allowed
+    torch.backends.cudnn.allow_tf32 = True  # torch's default, for the tests after this one
 
 
 def test_lightning_precision_choice(monkeypatch):
