@@ -8,7 +8,8 @@ import torch
 
 from common.errors import UserError
 
-# --precision, in every command: auto = bf16 autocast on CUDA, exact fp32 elsewhere
+# --precision, in every command: auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere and later), exact
+# fp32 elsewhere (older GPUs such as the T4 or V100 emulate bf16 more slowly than they run fp32)
 PRECISIONS = ("auto", "fp32", "bf16")
 # --device, in every command: the device types pick_device accepts (cuda may carry an index, cuda:1)
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -39,9 +40,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of an inference or evaluation command: 'auto' is bf16 on CUDA and none (fp32)
-    elsewhere. 'fp32' also turns TF32 off (set_tf32), as its --help promises exact fp32: cuDNN would otherwise
-    run the convolutions in TF32 by default (a command with its own --tf32 flag sets it after this)."""
+    """The autocast dtype of an inference or evaluation command: 'auto' is bf16 on a CUDA GPU with native bf16
+    (gpu_has_native_bf16) and none (fp32) elsewhere. 'fp32' also turns TF32 off (set_tf32), as its --help
+    promises exact fp32: cuDNN would otherwise run convolutions in TF32 by default (a command with its own
+    --tf32 flag sets it after this)."""
     if precision == "fp32":
         set_tf32(False)
         return None
@@ -49,7 +51,15 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.bfloat16
     if precision != "auto":
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if device.type == "cuda" and gpu_has_native_bf16(device) else None
+
+
+def gpu_has_native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether a CUDA GPU (default: the current one) runs bf16 natively: compute capability 8.0 (Ampere) and
+    later, or ROCm. Older GPUs (T4, V100) accept bf16 but emulate it, slower than fp32, so auto keeps fp32 there."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def add_device_flag(parser) -> None:
@@ -62,7 +72,7 @@ def add_device_flag(parser) -> None:
 def add_precision_flag(parser, default: str = "auto", what: str = "the network's forward pass") -> None:
     """--precision for the inference and evaluation commands, with the one vocabulary of PRECISIONS."""
     parser.add_argument("--precision", choices=PRECISIONS, default=default,
-                        help=f"autocast of {what}: auto = bf16 on CUDA and fp32 elsewhere, fp32 = exact, "
+                        help=f"autocast of {what}: auto = bf16 on CUDA GPUs from Ampere on, else fp32; fp32 = exact; "
                              f"bf16 (default: {default})")
 
 
@@ -75,8 +85,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def lightning_precision(device_kind: str, precision: str = "auto", cpu_native_bf16: bool = False) -> str:
-    """Lightning's precision string for --precision auto|fp32|bf16. auto: bf16 mixed on GPUs; on CPUs 32-bit,
-    or bf16 mixed when `cpu_native_bf16` is asked for and the CPU has native bf16 (avx512_bf16/AMX)."""
+    """Lightning's precision string for --precision auto|fp32|bf16. auto: bf16 mixed on GPUs with native bf16
+    (gpu_has_native_bf16), 32-bit on older ones; on CPUs 32-bit, or bf16 mixed when `cpu_native_bf16` is asked
+    for and the CPU has native bf16 (avx512_bf16/AMX)."""
     if precision == "fp32":
         return "32-true"
     if precision == "bf16":
@@ -84,7 +95,7 @@ def lightning_precision(device_kind: str, precision: str = "auto", cpu_native_bf
     if precision != "auto":
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device_kind in ("gpu", "cuda"):
-        return "bf16-mixed"
+        return "bf16-mixed" if gpu_has_native_bf16() else "32-true"
     return "bf16-mixed" if cpu_native_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 

@@ -289,7 +289,8 @@ def build_parser(task: str = "digits") -> argparse.ArgumentParser:
                    help="iclevr: a judge checkpoint (scripts/train_iclevr_judge.py) to score validation samples")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA for long runs)")
     add_config_flags(p, TASK_CONFIGS[task], f"hyper-parameters (defaults of --task {task})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU; bf16 also speeds up CPUs with avx512_bf16/AMX",
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs from Ampere on, else fp32; bf16 also speeds up CPUs with "
+                         "avx512_bf16/AMX",
                       resume_may_change=RESUME_MAY_CHANGE)
     return p
 

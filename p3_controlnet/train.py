@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a fresh optimiser and step 0, instead of a copy of the UNet encoder; ignored when "
                         "--resume finds a checkpoint")
     add_config_flags(p, P3TrainConfig(), "hyper-parameters")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU (trainable weights fp32, frozen SD bf16), fp32 on CPU",
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs from Ampere on (trainable weights fp32, frozen SD bf16), else fp32",
                       resume_may_change=RESUME_MAY_CHANGE)
     return p
 

@@ -322,7 +322,8 @@ def build_parser(source: str = "mnistm", target: str = "usps") -> argparse.Argum
                    help="progress bar refresh every N steps (0 = no bar, as --quiet; default: 1)")
     add_config_flags(p, scenario_config(source, target),
                      f"hyper-parameters (defaults of --source {source} --target {target})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPUs and on CPUs with native bf16 (avx512_bf16/AMX), else fp32",
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs from Ampere on and on CPUs with native bf16 (avx512_bf16/AMX), "
+                         "else fp32",
                       resume_may_change=RESUME_MAY_CHANGE)
     return p
 

@@ -14,7 +14,7 @@ Sampling: DDIM (LDM's grid), 50 steps, classifier-free guidance 7.5 against the 
 image k of prompt p starts from noise seeded by (--seed, concept key, p, k) only, so an image does not
 depend on --batch-size (to the bit on the CPU: common.seeding.BATCH_QUANTUM), on the other prompts or on where
 its concept stands in input.json.
-bf16 on CUDA, exact fp32 on CPU.
+bf16 on CUDA GPUs from Ampere on, else exact fp32.
 """
 from __future__ import annotations
 

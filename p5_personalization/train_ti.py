@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute UNet/text-encoder activations in the backward pass (default: on with CUDA, "
                         "off on the CPU)")
-    add_trainer_flags(p, "auto: bf16 mixed (frozen UNet/VAE in bf16) on GPU, fp32 on CPU",
+    add_trainer_flags(p, "auto: bf16 mixed (frozen UNet/VAE in bf16) on GPUs from Ampere on, else fp32",
                       resume_help="<out>/runs/<run>/last.ckpt", resume_may_change=RESUME_MAY_CHANGE)
     return p
 

@@ -882,7 +882,7 @@ def build_parser(stage: str = "vae") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice); 1 leaves the other cores to other work")
     add_config_flags(p, STAGE_CONFIGS[stage], f"hyper-parameters (defaults of --stage {stage})")
-    add_trainer_flags(p, "auto: bf16 mixed on GPU, fp32 on CPU", resume_may_change=RESUME_MAY_CHANGE)
+    add_trainer_flags(p, "auto: bf16 mixed on GPUs from Ampere on, else fp32", resume_may_change=RESUME_MAY_CHANGE)
     return p
 
 

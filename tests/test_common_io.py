@@ -186,8 +186,10 @@ def test_list_images_one_lister(tmp_path):
 def test_precision_fp32_is_exact_fp32_on_cuda(monkeypatch):
     """--precision fp32 of the inference commands turns TF32 off (cuDNN allows it by default, as a trainer or
     P5's setup_cuda_fast_math may have); P2's --tf32, set after it, still decides for P2."""
+    import common.device
     from common.device import autocast_dtype
     from p2_ddim.infer import setup
+    monkeypatch.setattr(common.device, "gpu_has_native_bf16", lambda device=None: True)
     cuda = torch.device("cuda")  # the CUDA branch, on the CPU: only flags are set
     for allowed in (True, False):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -200,9 +202,27 @@ def test_precision_fp32_is_exact_fp32_on_cuda(monkeypatch):
     torch.backends.cudnn.allow_tf32 = True  # torch's default, for the tests after this one
 
 
+def test_auto_precision_is_fp32_on_gpus_without_native_bf16(monkeypatch):
+    """auto = bf16 on Ampere and later; a T4 or V100 (compute capability 7.x) emulates bf16, slower than fp32,
+    so auto keeps fp32 there, in the trainers (Lightning) and in inference (autocast) alike."""
+    import common.device
+    from common.device import autocast_dtype, gpu_has_native_bf16, lightning_precision
+    cuda = torch.device("cuda:1")
+    for major, native in ((7, False), (8, True), (9, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        assert gpu_has_native_bf16(cuda) is native
+        assert lightning_precision("gpu") == ("bf16-mixed" if native else "32-true")
+        assert autocast_dtype(cuda) == (torch.bfloat16 if native else None)
+        assert lightning_precision("gpu", "bf16") == "bf16-mixed" and autocast_dtype(cuda, "bf16") is torch.bfloat16
+    monkeypatch.setattr(common.device.torch.version, "hip", "6.0")  # ROCm: bf16 on every supported GPU
+    assert gpu_has_native_bf16(cuda)
+
+
 def test_lightning_precision_choice(monkeypatch):
+    import common.device
     from common.device import lightning_precision
     from common.lightning_utils import devices_and_strategy
+    monkeypatch.setattr(common.device, "gpu_has_native_bf16", lambda device=None: True)
     assert lightning_precision("gpu") == "bf16-mixed"
     assert lightning_precision("cpu") == "32-true"
     assert lightning_precision("gpu", "fp32") == "32-true" and lightning_precision("cpu", "bf16") == "bf16-mixed"
