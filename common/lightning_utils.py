@@ -218,7 +218,7 @@ def resolve_resume(resume: str | None, out: Path) -> str | None:
     return resume
 
 
-def devices_and_strategy(devices: str, num_nodes: int = 1) -> tuple[int | str, str]:
+def devices_and_strategy(devices: int | str, num_nodes: int = 1) -> tuple[int | str, str]:
     """--devices: 'auto' or a count per node; more than one process in all trains with DDP (one per device)."""
     from common.errors import UserError
     if num_nodes < 1:
@@ -241,20 +241,24 @@ def resolve_accelerator(accelerator: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"--accelerator {accelerator}: CUDA is not available on this machine (use --accelerator cpu)")
-    return accelerator
+    return "gpu" if accelerator == "cuda" else accelerator  # cuda: the word the other commands' --device uses
 
 
-def num_workers_flag(value: str) -> int | str:
-    """--num-workers: a count, or 'auto' (see resolve_num_workers)."""
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give a count or 'auto', not {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
-    return n
+def count_or_auto(low: int):
+    """argparse type of a count flag that also takes 'auto' (--devices, at least 1; --num-workers, at least 0):
+    checked when parsed, so a wrong value is argparse's one-line error on every machine (a GPU box reads
+    --devices in resolve_num_workers before Lightning would)."""
+    count = int_at_least(low)
+
+    def parse(value: str) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            return count(value)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"give a count or 'auto': {e}") from None
+    parse.__name__ = "count or auto"
+    return parse
 
 
 def resolve_num_workers(args, decodes: bool = True) -> int:
@@ -288,8 +292,10 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
     (`common.config.resumed_config`)."""
     from common.device import PRECISIONS
     g = parser.add_argument_group("run")
-    g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"), help="(default: auto)")
-    g.add_argument("--devices", default="auto",
+    g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda"),
+                   help="where to train: auto = gpu when CUDA is there, else cpu; gpu and cuda are the same "
+                        "(--devices says how many; default: auto)")
+    g.add_argument("--devices", type=count_or_auto(1), default="auto",
                    help="devices per node (more than one process in all runs DDP, batch per device) or 'auto'")
     g.add_argument("--num-nodes", type=int_at_least(1), default=1,
                    help="machines taking part (DDP across nodes; default: 1)")
@@ -302,7 +308,7 @@ def add_trainer_flags(parser, precision_help: str, resume_help: str = "<out>/las
     g.add_argument("--max-minutes", type=float_in(0, low_open=True), default=None, metavar="MINUTES",
                    help="stop after this much training wall time in all: a --resume'd run counts the time "
                         "before it too (Lightning's Timer is checkpointed), so raise it to continue")
-    g.add_argument("--num-workers", type=num_workers_flag, default=num_workers,
+    g.add_argument("--num-workers", type=count_or_auto(0), default=num_workers,
                    help=f"data-loading worker processes per process, or auto: 0 on CPU, on CUDA the process's share "
                         f"of the cores less one, at most 6 (default: {num_workers})")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the noise (default: 0)")

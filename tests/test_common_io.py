@@ -232,6 +232,13 @@ def test_lightning_precision_choice(monkeypatch):
         assert lightning_precision("cpu") == "32-true"
     with pytest.raises(UserError, match="--precision"):
         lightning_precision("cpu", "fp8")
+    from common.lightning_utils import resolve_accelerator
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_accelerator("cuda") == "gpu" and resolve_accelerator("auto") == "gpu"  # --device's word too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_accelerator("auto") == "cpu"
+    with pytest.raises(UserError, match="--accelerator cuda: CUDA is not available"):
+        resolve_accelerator("cuda")
     assert devices_and_strategy("auto") == ("auto", "auto")
     assert devices_and_strategy("1") == (1, "auto") and devices_and_strategy("2") == (2, "ddp")
     with pytest.raises(UserError, match="--devices"):

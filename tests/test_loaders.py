@@ -102,8 +102,9 @@ def test_num_workers_auto_per_device(monkeypatch):
     assert args.num_workers == "auto"
     assert lu.resolve_num_workers(args) == 0 and args.num_workers == 0  # the CPU: in-process loading
     assert lu.resolve_num_workers(p.parse_args(["--num-workers", "3"])) == 3
-    with pytest.raises(SystemExit):
-        p.parse_args(["--num-workers", "-1"])
+    for flag, bad in (("--num-workers", "-1"), ("--devices", "0"), ("--devices", "abc"), ("--devices", "0,1")):
+        with pytest.raises(SystemExit):  # argparse's one-line error, on every machine
+            p.parse_args([flag, bad])
 
     monkeypatch.setattr(lu, "resolve_accelerator", lambda accelerator: "gpu")
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
