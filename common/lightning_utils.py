@@ -146,16 +146,27 @@ class EMA(torch.nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # the count as a Python int too: reading the buffer each step would make the CPU wait for a GPU
+        # every step; read once after construction or a load (None = not read yet)
+        self._count: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        n = int(self.num_updates)
+        if self._count is None:
+            self._count = int(self.num_updates)
+        n = self._count
         d = min(self.decay, (1 + n) / (10 + n))
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        ema = list(self.module.parameters())
+        # one fused kernel for all parameters on CUDA (a loop launched one per tensor); the same lerp on the CPU
+        torch._foreach_lerp_(ema, [p.detach().to(e.dtype) for e, p in zip(ema, model.parameters())], 1 - d)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
         self.num_updates += 1
+        self._count += 1
 
 
 class UpdateEmaEachStep:

@@ -579,3 +579,30 @@ def test_ddp_validation_equals_one_process(devices, tmp_path):
                        capture_output=True, text=True, timeout=300, env=child_env(OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(record.read_text()) == {"mean": 2.0, "seen": 5}
+
+
+def test_ema_update_is_the_per_tensor_lerp_and_survives_a_load():
+    """EMA.update (one foreach lerp, the count kept as a Python int) gives the bytes of the plain per-tensor
+    loop, and a copy loaded from its state_dict mid-way goes on exactly as the original."""
+    from common.lightning_utils import EMA
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 2))
+    ema, reference = EMA(model, decay=0.99), [p.detach().clone() for p in model.parameters()]
+    resumed = None
+    for n in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        d = min(0.99, (1 + n) / (10 + n))
+        for r, p in zip(reference, model.parameters()):
+            r.lerp_(p.detach(), 1 - d)
+        if resumed is not None:
+            resumed.update(model)
+        if n == 2:
+            resumed = EMA(model, decay=0.99)
+            resumed.update(model)  # a count of its own first, which the load must replace
+            resumed.load_state_dict(ema.state_dict())
+    assert ema.num_updates.item() == 6 and resumed.num_updates.item() == 6
+    for r, e, s in zip(reference, ema.module.parameters(), resumed.module.parameters()):
+        assert torch.equal(r, e) and torch.equal(e, s)
