@@ -62,6 +62,12 @@ def gpu_has_native_bf16(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """The dtype of the schedule arithmetic done on `device` (1 - alpha_bar near t = T needs the digits):
+    float64, except on MPS, which has no float64 (there float32, the best it has)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def add_device_flag(parser) -> None:
     """--device for the inference, evaluation and benchmark commands (the trainers take Lightning's
     --accelerator/--devices instead), with one help text everywhere."""

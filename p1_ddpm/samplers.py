@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.ddim import sample_ddim
-from common.device import autocast
+from common.device import autocast, wide_float
 from common.schedules import eps_from_output
 from common.seeding import PerSampleNoise, pad_items, padded_size
 
@@ -31,7 +31,8 @@ def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, a
     The forward runs under autocast to `amp_dtype` on cond's device (None: exact fp32)."""
     null = model.cond.null_like(cond)
     prediction = model.config.get("prediction", "eps")
-    ab_all = alphas_cumprod.to(cond.device, torch.float64)  # once, on the device: no host sync per step
+    wide = wide_float(cond.device)
+    ab_all = alphas_cumprod.to(cond.device, wide)  # once, on the device: no host sync per step
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(cond.device, amp_dtype):
@@ -43,7 +44,7 @@ def guided_eps_fn(model: torch.nn.Module, cond: torch.Tensor, guidance: float, a
         if prediction == "eps":
             return out
         ab = ab_all[t][:, None, None, None]  # float64: 1 - a at t = 999 needs the digits
-        return eps_from_output(out.double(), x.double(), ab, prediction).float()
+        return eps_from_output(out.to(wide), x.to(wide), ab, prediction).float()
 
     return eps_fn
 

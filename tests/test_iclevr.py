@@ -471,3 +471,26 @@ def test_iclevr_binary_labels_and_short_denoise_fail_before_writing(tiny_iclevr_
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert ("labels.bin" in err) if "--denoise" not in flags else ("--steps >= 7" in err)
         assert not out.exists()
+
+
+def test_v_prediction_on_a_device_without_float64(monkeypatch):
+    """MPS has no float64: there the v -> eps conversion of the samplers runs in float32 (common.device.wide_float).
+    That branch, run on the CPU with the shipped v-prediction i-CLEVR model, gives the float64 answer to float32
+    rounding, and the CPU keeps float64."""
+    import p1_ddpm.samplers as samplers
+    from common.device import wide_float
+    from p1_ddpm.model import load_unet, schedule_of
+    from p1_ddpm.samplers import guided_eps_fn
+    assert wide_float(torch.device("mps")) is torch.float32 and wide_float(torch.device("cpu")) is torch.float64
+    model, config = load_unet(REPO / "checkpoints" / "p1_iclevr.safetensors")
+    assert config["model"]["prediction"] == "v"
+    ab = schedule_of(config)
+    cond = torch.stack([multi_hot(["red cube"], OBJECTS), multi_hot(["blue sphere", "gray cylinder"], OBJECTS)])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        wide = guided_eps_fn(model, cond, 2.0, ab)(x, t)
+        monkeypatch.setattr(samplers, "wide_float", lambda device: torch.float32)
+        narrow = guided_eps_fn(model, cond, 2.0, ab)(x, t)
+    assert narrow.dtype == wide.dtype == torch.float32
+    assert torch.allclose(narrow, wide, atol=1e-4) and not torch.equal(narrow, wide)
