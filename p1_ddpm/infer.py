@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Generate the digit images the course asks for, from a trained conditional DDPM.
 
-    python p1_ddpm/infer.py --out OUT                # 2024 layout: OUT/mnistm/ and OUT/svhn/, 50 per digit
-    python p1_ddpm/infer.py --layout 2023 --out OUT  # one flat folder, MNIST-M only, 100 per digit
-    python p1_ddpm/infer.py --layout 2025 --out OUT  # even digits in OUT/mnistm/, odd digits in OUT/svhn/
+    python p1_ddpm/infer.py --out OUT              # 2025 layout: even digits in OUT/mnistm/, odd digits in OUT/svhn/
+    python p1_ddpm/infer.py --year 2024 --out OUT  # OUT/mnistm/ and OUT/svhn/, 50 per digit each
+    python p1_ddpm/infer.py --year 2023 --out OUT  # one flat folder, MNIST-M only, 100 per digit
 
 Files are named {digit}_{index:03d}.png (index from 001), 28x28 RGB. Image k's noise comes only from
 --seed and (dataset, digit, index), so any image is the same whatever the layout or --batch-size (to the bit
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import HelpFormatter, finite_float, int_at_least
+from common.config import HelpFormatter, finite_float, float_in, int_at_least
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
 from common.errors import UserError, cli_main
 from common.fileio import all_or_nothing, check_writable, prune_outputs, remove_stale_temps
@@ -62,7 +62,7 @@ def layout_jobs(layout: str) -> list[tuple[str, int, int, int]]:
         return [(name, k, d, 50) for name, k in (("mnistm", mnistm), ("svhn", svhn)) for d in range(10)]
     if layout == "2025":
         return [("mnistm", mnistm, d, 50) for d in range(0, 10, 2)] + [("svhn", svhn, d, 50) for d in range(1, 10, 2)]
-    raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    raise UserError(f"--year must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 def sample_index(dataset: int, digit: int, i: int) -> int:
@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--task", choices=("digits", "iclevr"), default="digits",
                    help="digits (the course's P1) or iclevr (multi-label objects, 64x64)")
-    p.add_argument("--layout", choices=LAYOUTS, default="2024", help="digits: which year's output layout")
+    # --layout: its name before it matched report.py's --year (the hand-in scripts of earlier checkouts use it)
+    p.add_argument("--year", "--layout", dest="year", choices=LAYOUTS, default=LAYOUTS[-1],
+                   help="digits: which course year's output layout (the latest is the top-level hw2_1.sh's)")
     p.add_argument("--checkpoint", default=None, help="weights written by p1_ddpm/train.py; default: "
                    "checkpoints/p1_ddpm.safetensors (digits), checkpoints/p1_iclevr.safetensors (iclevr)")
     p.add_argument("--labels", nargs="+", default=None,
@@ -108,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance; "
                         f"default {DEFAULTS['guidance']} (digits), {ICLEVR_DEFAULTS['guidance']} (iclevr)")
-    p.add_argument("--eta", type=finite_float, default=None,
-                   help="DDIM eta (0 = deterministic); default 0 (digits), 1 (iclevr)")
+    p.add_argument("--eta", type=float_in(0), default=None,
+                   help="DDIM eta, >= 0 (0 = deterministic); default 0 (digits), 1 (iclevr)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="seed of every image's starting noise (with its data set, digit and index)")
     p.add_argument("--batch-size", type=int_at_least(1), default=1000,
@@ -140,7 +142,7 @@ def main(argv=None) -> None:
     if config["model"].get("condition") != "digits":
         raise UserError(f"{args.checkpoint}: not a digits model (condition {config['model'].get('condition')!r})")
     ab = schedule_of(config)
-    names, cond, indices = plan(args.layout)
+    names, cond, indices = plan(args.year)
     remove_stale_temps(*{out / os.path.dirname(n) for n in names})  # what a killed earlier run left
     dtype = autocast_dtype(device, args.precision)
     images = sample_conditional_images(model, cond, indices, ab, args.seed, args.sampler, args.steps, args.guidance,
@@ -149,7 +151,7 @@ def main(argv=None) -> None:
     save_pngs(out, names, to_uint8(images))  # all or nothing: a failure or SIGTERM adds no file and no folder
     # digit images of an earlier run into this folder (another year's layout) would be graded too
     prune_outputs(out, names, LAYOUT_FOLDERS, DIGIT_IMAGE_NAME)
-    print(f"wrote {len(names)} images to {out} ({args.layout} layout, {args.sampler} {args.steps} steps, "
+    print(f"wrote {len(names)} images to {out} ({args.year} layout, {args.sampler} {args.steps} steps, "
           f"guidance {args.guidance}, seed {args.seed}) in {time.time() - t0:.1f} s")
 
 

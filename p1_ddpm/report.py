@@ -71,8 +71,7 @@ def reverse_process(model, ab: torch.Tensor, rows: list[tuple[int, int]], seed: 
     return torch.stack([frames[t] for t in REVERSE_TIMESTEPS], dim=1)
 
 
-@cli_main
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="folder for the figures")
     p.add_argument("--year", choices=YEARS, default=YEARS[-1],
@@ -83,10 +82,15 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=finite_float, default=DEFAULTS["guidance"],
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the starting noise")
-    p.add_argument("--scale", type=int, default=3, help="pixel magnification in the figures")
+    p.add_argument("--scale", type=int_at_least(1), default=3, help="pixel magnification in the figures")
     add_device_flag(p)
     add_precision_flag(p, what="the UNet's forward pass")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     device = pick_device(args.device)
     model, config = load_unet(args.checkpoint, device)
     rows = reverse_rows(args.year)

@@ -63,10 +63,20 @@ def _check_folder(folder: Path, digits, count: int):
         assert im.mode == "RGB" and im.size == (28, 28)
 
 
+def test_infer_year_defaults_to_the_latest_as_report_does():
+    """infer.py --year (once --layout, still accepted) and report.py --year: one name, one default, the year of
+    the top-level hw2_1.sh."""
+    from p1_ddpm import report
+    from p1_ddpm.infer import build_parser
+    parse = build_parser().parse_args
+    assert parse(["--out", "x"]).year == report.build_parser().parse_args(["--out", "x"]).year == "2025"
+    assert parse(["--layout", "2023", "--out", "x"]).year == "2023"
+
+
 @pytest.mark.parametrize("layout", ["2023", "2024", "2025"])
 def test_infer_layouts(layout, tiny_p1_checkpoint, tmp_path):
     out = tmp_path / "out"
-    infer_main(["--layout", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST)
+    infer_main(["--year", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)] + FAST)
     if layout == "2023":
         _check_folder(out, range(10), 100)
     elif layout == "2024":
@@ -83,7 +93,7 @@ def test_rerun_into_the_same_folder_holds_only_this_layouts_images(tiny_p1_check
     svhn/ (500 images per folder, all graded); a 2023 run after it left both folders. Files this command does
     not write are kept, and named."""
     out = tmp_path / "out"
-    run = lambda layout: infer_main(["--layout", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint),
+    run = lambda layout: infer_main(["--year", layout, "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint),
                                      "--quiet"] + FAST)
     run("2024")
     (out / "mnistm" / "notes.txt").write_text("mine")
@@ -101,14 +111,14 @@ def test_rerun_into_the_same_folder_holds_only_this_layouts_images(tiny_p1_check
 
 def test_same_image_across_layouts_and_batch_sizes(tiny_p1_checkpoint, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    infer_main(["--layout", "2024", "--out", str(a), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
-    infer_main(["--layout", "2023", "--out", str(b), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9",
+    infer_main(["--year", "2024", "--out", str(a), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
+    infer_main(["--year", "2023", "--out", str(b), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9",
                 "--batch-size", "77"] + FAST)
     x = np.asarray(Image.open(a / "mnistm" / "7_031.png"), dtype=int)
     y = np.asarray(Image.open(b / "7_031.png"), dtype=int)
     assert np.abs(x - y).max() <= 1  # fp32 batch-size effects may move a pixel by one level at most
     c = tmp_path / "c"
-    infer_main(["--layout", "2024", "--out", str(c), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
+    infer_main(["--year", "2024", "--out", str(c), "--checkpoint", str(tiny_p1_checkpoint), "--seed", "9"] + FAST)
     assert (a / "svhn" / "3_050.png").read_bytes() == (c / "svhn" / "3_050.png").read_bytes()
 
 
@@ -417,6 +427,7 @@ def test_infer_refuses_non_finite_scales_and_too_many_steps(tiny_p1_checkpoint, 
     out = tmp_path / "out"
     for flags, said in ((["--guidance", "nan"], "--guidance: must be a finite number"),
                         (["--sampler", "ddim", "--eta", "nan"], "--eta: must be a finite number"),
+                        (["--sampler", "ddim", "--eta", "-1"], "--eta: must be >= 0"),
                         (["--steps", "2000"], "--steps must be at most 1000"),
                         (["--sampler", "ddim", "--steps", "1001"], "--steps must be at most 1000"),
                         (["--task", "iclevr", "--guidance", "inf"], "--guidance: must be a finite number")):
@@ -453,14 +464,14 @@ def test_infer_write_failure_is_one_line_and_leaves_nothing(tiny_p1_checkpoint, 
     real_save = Image.Image.save
     monkeypatch.setattr(Image.Image, "save", save)
     out = tmp_path / "out"
-    code, err = run_cli(infer_main, ["--layout", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
+    code, err = run_cli(infer_main, ["--year", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
                         + FAST, capsys)
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
     (out / "mnistm").mkdir(parents=True)
     (out / "mnistm" / "0_001.png").write_bytes(b"an earlier run's")
     saved.clear()
-    code, err = run_cli(infer_main, ["--layout", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
+    code, err = run_cli(infer_main, ["--year", "2025", "--out", str(out), "--checkpoint", str(tiny_p1_checkpoint)]
                         + FAST, capsys)
     assert code == 2 and "No space left on device" in err
     assert [str(p.relative_to(out)) for p in sorted(out.rglob("*"))] == ["mnistm", "mnistm/0_001.png"]

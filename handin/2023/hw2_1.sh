@@ -32,4 +32,4 @@ while [ ! -f "$ROOT/scripts/python_env.sh" ]; do
 done
 source "$ROOT/scripts/python_env.sh"
 OUT="$1"; shift
-exec "$PY" "$ROOT/p1_ddpm/infer.py" --layout 2023 --out "$OUT" "$@"
+exec "$PY" "$ROOT/p1_ddpm/infer.py" --year 2023 --out "$OUT" "$@"
