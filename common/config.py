@@ -132,7 +132,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | Non
 
     Field metadata: "help" (text), "choices" (allowed values), "flag" (False: not a flag, e.g. derived),
     "range" (for numbers: a dict of `_number`'s low / high / low_open / high_open, checked when parsed; floats
-    are always checked finite)."""
+    are always checked finite), "aliases" (more option strings: the name other commands give the same idea,
+    e.g. --max-steps for P5's --steps)."""
     group = parser.add_argument_group(title) if title else parser
     hints = typing.get_type_hints(type(defaults))
     for f in dataclasses.fields(defaults):
@@ -154,7 +155,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, title: str | Non
         shown = "off" if value is None else value
         said = "default" in text.lower()  # a help that explains its own default (e.g. "off: the SD's size")
         kwargs["help"] = text if said else f"{text} (default: {shown})" if text else f"(default: {shown})"
-        group.add_argument(flag_name(f.name), **kwargs)
+        group.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def config_from_args(defaults, args: argparse.Namespace):

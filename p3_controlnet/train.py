@@ -120,7 +120,8 @@ class P3TrainConfig:
                 "and validate, export and sample it instead of the weights themselves (0: off, as in the "
                 "ControlNet paper; costs one more copy of the ControlNet in memory)"})
     sample_every: int = field(default=500, metadata={
-        "range": AT_LEAST_1, "help": "validate, export controlnet/ and draw samples every N steps"})
+        "range": AT_LEAST_1, "aliases": ("--val-every",),
+        "help": "validate, export controlnet/ and draw samples every N steps"})
     sample_steps: int = field(default=20, metadata={
         "range": NON_NEGATIVE, "help": "DDIM steps of the sample images (0: no images)"})
     sample_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance of the sample images"})

@@ -133,7 +133,8 @@ class P5TrainConfig:
                 "concepts; measured against ti on the mini SD in BENCHMARKS.md)"})
     vectors: int = field(default=1, metadata={
         "range": AT_LEAST_1, "help": "embedding vectors per token (multi-vector tokens)"})
-    steps: int = field(default=3000, metadata={"range": AT_LEAST_1, "help": "optimiser steps"})
+    steps: int = field(default=3000, metadata={"range": AT_LEAST_1, "aliases": ("--max-steps",),
+                                               "help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
     resolution: int | None = field(default=None, metadata={
         "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "

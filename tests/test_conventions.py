@@ -100,8 +100,8 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
                 if not action.option_strings or isinstance(action, argparse._HelpAction):
                     continue
                 flag = action.option_strings[-1]
-                if not (action.help or "").strip():
-                    missing.append(f"{name} {flag}: no help")
+                if not re.sub(r"\(default: [^)]*\)", "", action.help or "").strip():
+                    missing.append(f"{name} {flag}: no help (or only its default)")
                     continue
                 # identity: `in (None, False, ...)` would also skip 0 and 0.0 (0 == False)
                 if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
@@ -111,6 +111,21 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
                 if "default" not in shown.lower():
                     missing.append(f"{name} {flag}: default {action.default!r} not shown")
     assert not missing, "\n".join(missing)
+
+
+def test_trainers_share_the_flags_of_one_idea(monkeypatch):
+    """Every trainer (a command with --resume) says how long it trains with --max-steps, and every one that
+    validates says how often with --val-every (P5's --steps and P3's --sample-every take them as aliases)."""
+    wrong = []
+    for name in _commands():
+        for parser in _parsers(name, monkeypatch):
+            flags = parser._option_string_actions
+            if "--resume" not in flags:
+                continue
+            wrong += [f"{name}: no --max-steps"] if "--max-steps" not in flags else []
+            validates = any(f in flags for f in ("--val-every", "--val-count", "--val-share", "--limit-val-batches"))
+            wrong += [f"{name}: no --val-every"] if validates and "--val-every" not in flags else []
+    assert not wrong, "\n".join(wrong)
 
 
 def test_help_texts_keep_their_line_continuations():
