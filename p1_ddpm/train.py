@@ -116,10 +116,19 @@ class P1TrainConfig:
     val_every: int = field(default=500, metadata={
         "range": AT_LEAST_1, "help": "validate, export and sample every N steps"})
     limit_val_batches: float = field(default=1.0, metadata={
-        "range": POSITIVE, "help": "share (or count) of validation batches"})
+        "range": POSITIVE, "help": "validation batches: a share up to 1 (0.25: a quarter), or a whole count above 1"})
     guidance: float = field(default=3.0, metadata={"help": "guidance scale of the validation samples"})
     judge_samples: int = field(default=64, metadata={
         "range": AT_LEAST_1, "help": "iclevr: validation label lists sampled for --judge"})
+
+    def val_batches(self) -> float | int:
+        """--limit-val-batches as Lightning reads it: a float is a share (at most 1), an int a count."""
+        v = self.limit_val_batches
+        if v <= 1:
+            return v
+        if not float(v).is_integer():
+            raise UserError(f"--limit-val-batches: a share up to 1 or a whole count of batches, got {v}")
+        return int(v)
 
     def channel_tuple(self) -> tuple[int, ...]:
         try:
@@ -336,6 +345,7 @@ def main(argv=None) -> None:
     out = check_writable(args.out)
     setup_cuda_fast_math()
     config.channel_tuple()
+    config.val_batches()
     resume = resolve_resume(args.resume, out)
     resumed_model = None
     if resume is not None:  # read now: the data, the network and its schedule are the checkpoint's
@@ -409,7 +419,7 @@ def main(argv=None) -> None:
                                      **sample_settings)
     trainer = make_trainer(args, out=out, precision=lightning_precision(accelerator, args.precision),
                            max_steps=config.max_steps, checkpoint_every=config.val_every, callbacks=[sampler],
-                           val_every=config.val_every, limit_val_batches=config.limit_val_batches,
+                           val_every=config.val_every, limit_val_batches=config.val_batches(),
                            gradient_clip_val=config.grad_clip or None, seed_steps=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if trainer.global_step == config.max_steps and config.max_steps % config.val_every:

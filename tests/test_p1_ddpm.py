@@ -384,9 +384,15 @@ def test_train_with_compile(digits_tree, tmp_path):
 
 
 def test_train_bad_inputs(digits_tree, tmp_path, capsys):
+    import dataclasses
     import shutil
 
+    from p1_ddpm.train import P1TrainConfig
     from p1_ddpm.train import main as train_main
+    # Lightning reads a float as a share and an int as a count: 2.0 from the parser is two batches
+    for given, read in ((0.25, 0.25), (1.0, 1.0), (2.0, 2)):
+        value = dataclasses.replace(P1TrainConfig(), limit_val_batches=given).val_batches()
+        assert value == read and type(value) is type(read)
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken"
@@ -416,7 +422,8 @@ def test_train_bad_inputs(digits_tree, tmp_path, capsys):
                         (["--patch-size", "0"], "--patch-size: must be >= 1"),
                         (["--patch-size", "3"], "--patch-size 3 and 2 levels of --channels do not fit 28-px images"),
                         (["--channels", "8,16,32"], "2 and 3 levels of --channels do not fit 28-px images"),
-                        (["--max-minutes", "-1"], "--max-minutes: must be > 0")):
+                        (["--max-minutes", "-1"], "--max-minutes: must be > 0"),
+                        (["--limit-val-batches", "2.5"], "--limit-val-batches: a share up to 1 or a whole count")):
         code, err = run_cli(train_main, ["--data", str(digits_tree), "--out", str(tmp_path / "o3")] + flags, capsys)
         assert code == 2 and said in err, (flags, err)
         assert not (tmp_path / "o3").exists()
