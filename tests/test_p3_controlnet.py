@@ -190,6 +190,15 @@ def test_hw2_3_end_to_end(trained, fill, sd_ckpt, tmp_path, capsys):
     for f in files:
         diff = np.abs(_read(out1 / f)[2].astype(int) - images[f].astype(int)).max()
         assert diff <= 1, f
+    # the CUDA default (bf16 autocast, UNet and VAE in bf16, the text encoder fp32), on the CPU
+    out_bf16 = tmp_path / "gen_bf16"
+    code, err = run_cli(main, ["--prompts", str(renamed), "--source-dir", str(fill / "testing" / "source"),
+                               "--out", str(out_bf16), "--sd", str(sd_ckpt), "--controlnet",
+                               str(trained / "controlnet"), "--size", str(SIZE), "--steps", "2", "--quiet",
+                               "--precision", "bf16"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out_bf16)) == files
+    assert all(_read(out_bf16 / f)[1] == (SIZE, SIZE) for f in files)
 
 
 def test_default_controlnet_missing_says_how_to_get_one(monkeypatch, tmp_path, fill, sd_ckpt, capsys):
