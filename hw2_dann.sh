@@ -4,6 +4,10 @@
 # with the shipped checkpoint for the target domain, which is read from IMAGE_DIR's path (it contains
 # usps or svhn) unless --target says. Extra flags go to p4_dann/infer.py (see its --help).
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # asked for, not taken for an argument
+  echo "usage: bash hw2_dann.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]"
+  exit 0
+fi
 if [ $# -lt 2 ]; then
   echo "usage: bash hw2_dann.sh IMAGE_DIR OUT_CSV [--target usps|svhn] [infer.py flags]" >&2
   exit 2

@@ -5,6 +5,10 @@
 # and the tokens learned by p5_personalization/train_ti.py, read from EMBEDDINGS_DIR (its --out folder;
 # default checkpoints/textual_inversion). Extra flags go to p5_personalization/infer_ti.py (see its --help).
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # asked for, not taken for an argument
+  echo "usage: bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]"
+  exit 0
+fi
 if [ $# -lt 3 ]; then
   echo "usage: bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR] [infer_ti.py flags]" >&2
   exit 2

@@ -139,6 +139,11 @@ def test_handin_hw2_scripts_check_their_arguments_and_place(tmp_path):
         for n in (1, 2, 3):
             r = subprocess.run(["bash", str(HANDIN / year / f"hw2_{n}.sh")], capture_output=True, text=True, env=env)
             assert r.returncode == 2 and r.stderr.startswith(f"usage: bash hw2_{n}.sh "), (year, n, r.stderr)
+    # --help (or -h) alone is the usage, exit 0; hw2_1.sh once took it for OUT_DIR
+    for script in sorted(REPO.glob("hw2_*.sh")) + sorted(HANDIN.glob("*/hw2_*.sh")):
+        for flag in ("--help", "-h"):
+            r = subprocess.run(["bash", str(script), flag], capture_output=True, text=True, env=env)
+            assert r.returncode == 0 and r.stdout.startswith(f"usage: bash {script.name} "), (script, r.stderr)
     # outside a repository it says so, in one line, instead of a bash error about a missing file
     alone = tmp_path / "hw2_1.sh"
     shutil.copy2(HANDIN / "2025" / "hw2_1.sh", alone)

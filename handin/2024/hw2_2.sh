@@ -6,6 +6,10 @@
 # The course passes no flags. Runs from any working directory; to hand in, copy this year's three
 # scripts (handin/2024/hw2_{1,2,3}.sh) to the repository's top.
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # asked for, not taken for an argument
+  echo "usage: bash hw2_2.sh NOISE_DIR OUT_DIR UNET_PT [infer.py flags]"
+  exit 0
+fi
 if [ $# -lt 3 ]; then
   echo "usage: bash hw2_2.sh NOISE_DIR OUT_DIR UNET_PT [infer.py flags]" >&2
   exit 2
