@@ -36,8 +36,19 @@ QUICK_GELU_CHOICES = ("auto", "on", "off")
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def add_quick_gelu_flag(parser) -> None:
-    """The `--quick-gelu` flag of every command that loads CLIP with `load_clip`."""
+def add_clip_flags(parser, *, required: bool, weights_help: str = "",
+                   aliases: tuple[str | None, str | None] | None = None) -> None:
+    """The CLIP flags of every command that loads CLIP with `load_clip`, under one name each: --clip-weights
+    (the local file), --clip-arch (its open_clip architecture) and --quick-gelu. `aliases` (weights, arch):
+    the names a command gave them before (clip_zeroshot's --weights and --model), still accepted."""
+    weights_alias, arch_alias = aliases or ((), ())
+    parser.add_argument("--clip-weights", *([weights_alias] if weights_alias else []), dest="clip_weights",
+                        required=required, default=None,
+                        help="local CLIP weights: OpenAI's TorchScript .pt (ViT-B-32.pt) or an open_clip "
+                             ".safetensors/.bin/.pt" + (f"; {weights_help}" if weights_help else ""))
+    parser.add_argument("--clip-arch", *([arch_alias] if arch_alias else []), dest="clip_arch", default="ViT-B-32",
+                        help="open_clip architecture of --clip-weights (ViT-B-32, ViT-L-14, ...) or a JSON file "
+                             "with a model config")
     parser.add_argument("--quick-gelu", choices=QUICK_GELU_CHOICES, default="auto",
                         help="QuickGELU activations (OpenAI's models use them); auto: on for OpenAI's TorchScript "
                              "archives, file names containing 'openai' and -quickgelu architectures")
@@ -62,7 +73,7 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def read_clip_state_dict(path: str | os.PathLike, flag: str = "--weights") -> tuple[dict[str, torch.Tensor], bool]:
+def read_clip_state_dict(path: str | os.PathLike, flag: str = "--clip-weights") -> tuple[dict[str, torch.Tensor], bool]:
     """(state dict, is an OpenAI TorchScript archive) of a CLIP weights file; `flag` names it in errors."""
     path = Path(path)
     if not path.is_file():
@@ -91,7 +102,7 @@ def read_clip_state_dict(path: str | os.PathLike, flag: str = "--weights") -> tu
     return sd, jit
 
 
-def _resolve_model_name(model: str, flag: str = "--model") -> str:
+def _resolve_model_name(model: str, flag: str = "--clip-arch") -> str:
     import open_clip
     if model.endswith(".json"):
         p = Path(model)
@@ -123,7 +134,7 @@ def _resolve_model_name(model: str, flag: str = "--model") -> str:
 
 
 def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, name: str,
-                    flag: str = "--model") -> dict:
+                    flag: str = "--clip-arch") -> dict:
     from open_clip.model import convert_to_custom_text_state_dict
     if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
         sd = convert_to_custom_text_state_dict(sd)
@@ -154,7 +165,8 @@ def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: s
 
 
 def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str = "cpu",
-              quick_gelu: str = "auto", model_flag: str = "--model", weights_flag: str = "--weights") -> ClipBundle:
+              quick_gelu: str = "auto", model_flag: str = "--clip-arch",
+              weights_flag: str = "--clip-weights") -> ClipBundle:
     """An open_clip CLIP of architecture `model` with the weights in `weights`; never downloads.
 
     `model_flag` / `weights_flag` are the caller's command-line flags, named in the error messages."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.clip_loading import add_quick_gelu_flag, encode_images, encode_texts, load_clip, load_rgb
+from common.clip_loading import add_clip_flags, encode_images, encode_texts, load_clip, load_rgb
 from common.config import HelpFormatter, int_at_least
 from common.datasets import list_images
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
@@ -154,17 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="folder of <classid>_<n>.png images")
     p.add_argument("--labels", required=True, help="id2label.json: {\"0\": \"class name\", ...}")
-    p.add_argument("--model", default="ViT-B-32",
-                   help="open_clip architecture (ViT-B-32, ViT-L-14, ...) or a JSON file with a model config")
-    p.add_argument("--weights", required=True, help="local CLIP weights: OpenAI .pt or open_clip .safetensors/.bin/.pt")
-    add_quick_gelu_flag(p)
+    add_clip_flags(p, required=True, aliases=("--weights", "--model"))  # their names here before
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with one '{}' for the class name, or text files of one template a line "
                         f"(default: {len(DEFAULT_TEMPLATES)} built-in templates, the first being 'A photo of a {{}}.')")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder for predictions.csv, summary.json and cases.png (default: {DEFAULT_OUT})")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per CLIP forward")
-    p.add_argument("--num-workers", type=int, default=0, help="image decoding workers")
+    p.add_argument("--num-workers", type=int_at_least(0), default=0, help="image decoding workers")
     add_device_flag(p)
     add_precision_flag(p, what="the image encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -180,7 +177,7 @@ def main(argv=None) -> dict:
     templates = parse_templates(args.templates)
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)
-    bundle = load_clip(args.model, args.weights, device, args.quick_gelu)
+    bundle = load_clip(args.clip_arch, args.clip_weights, device, args.quick_gelu)
 
     class_ids = sorted(labels)
     names = [labels[c] for c in class_ids]
@@ -226,7 +223,7 @@ def main(argv=None) -> dict:
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     width = max(len(t) for t in templates)
-    print(f"{len(items)} images, {len(class_ids)} classes, {bundle.name} ({Path(args.weights).name})")
+    print(f"{len(items)} images, {len(class_ids)} classes, {bundle.name} ({Path(args.clip_weights).name})")
     for t, a in zip(templates, acc[:-1]):
         print(f"  {t:<{width}}  accuracy {100 * float(a):6.2f}%")
     print(f"  {'ensemble of ' + str(len(templates)):<{width}}  accuracy {100 * float(acc[-1]):6.2f}%")

@@ -31,7 +31,7 @@ step() { "$PY" scripts/demo_step.py "$OUT" "$@"; }
 echo "== P5: CLIP zero-shot classification =="
 if [ -n "$CLIP_WEIGHTS" ] && [ -n "$CLIP_DATA" ]; then
   step p5_zeroshot -- "$PY" p5_personalization/clip_zeroshot.py --data "$CLIP_DATA/val" --labels "$CLIP_DATA/id2label.json" \
-    --model "$CLIP_MODEL" --weights "$CLIP_WEIGHTS" --out "$OUT/p5_zeroshot"
+    --clip-arch "$CLIP_MODEL" --clip-weights "$CLIP_WEIGHTS" --out "$OUT/p5_zeroshot"
 else
   echo "(skipped: needs CLIP_WEIGHTS=/path/to/ViT-B-32.pt and CLIP_DATA=/path/to/hw2_data/clip_zeroshot"
   echo " holding val/<classid>_<n>.png and id2label.json; nothing is downloaded)"
@@ -88,7 +88,7 @@ if [ -n "$CLIP_WEIGHTS" ]; then
   for method in ti joint; do
     echo "-- CLIP scores, embeddings learned with method: $method --"
     step "p5_score_$method" -- "$PY" scripts/evaluate_ti.py --json p5_personalization/demo_input.json --input-dir "$PHOTOS" \
-      --output-dir "$OUT/p5_gen_$method" --clip-weights "$CLIP_WEIGHTS" --clip-model "$CLIP_MODEL" \
+      --output-dir "$OUT/p5_gen_$method" --clip-weights "$CLIP_WEIGHTS" --clip-arch "$CLIP_MODEL" \
       --report "$OUT/p5_scores_$method.json"
   done
 else

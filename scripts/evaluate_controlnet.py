@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from common.clip_loading import add_quick_gelu_flag
+from common.clip_loading import add_clip_flags
 from common.config import HelpFormatter
 from common.datasets import PNG_SUFFIXES, list_images, load_image
 from common.device import add_device_flag, pick_device
@@ -232,12 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt.json naming the images and their prompts")
     p.add_argument("--source", default=None,
                    help="folder of the control images (fill50k/testing/source): the fill50k_judge's mask IoU")
-    p.add_argument("--clip-weights", default=None,
-                   help="local CLIP weights for the CLIP score: OpenAI's TorchScript .pt (ViT-B-32.pt) or an "
-                        "open_clip .safetensors/.bin/.pt")
-    p.add_argument("--clip-arch", default="ViT-B-32",
-                   help="open_clip architecture of --clip-weights (ViT-B-32, ViT-L-14, ...) or a JSON model config")
-    add_quick_gelu_flag(p)
+    add_clip_flags(p, required=False, weights_help="for the CLIP score (none: no CLIP score)")
     p.add_argument(
         "--fid-weights",
         default=None,
@@ -320,8 +315,7 @@ def main(argv=None) -> dict:
 
     if args.clip_weights and all(prompts):
         from common.clip_loading import load_clip
-        bundle = load_clip(args.clip_arch, args.clip_weights, device, args.quick_gelu, model_flag="--clip-arch",
-                           weights_flag="--clip-weights")
+        bundle = load_clip(args.clip_arch, args.clip_weights, device, args.quick_gelu)
         clip = clip_scores(bundle, pred_imgs, prompts)
         results["clip_cosine"] = float(clip.mean())
         results["clip_score"] = float(100 * np.clip(clip, 0, None).mean())

@@ -14,7 +14,7 @@ scored, not graded). An entry whose src_image is a list (a prompt with several l
 the mean of its per-concept image scores, and each concept's score is reported too.
 This is what the course's evaluation/grade_hw2_3.py computes. Its image score multiplies the tensor of cosine
 similarities by 100, and its text score is CLIP's logits_per_image (logit scale 100 x cosine). Its CLIP is
-openai/clip-vit-base-patch32 (transformers), i.e. OpenAI's ViT-B-32.pt here (--clip-model ViT-B-32). It
+openai/clip-vit-base-patch32 (transformers), i.e. OpenAI's ViT-B-32.pt here (--clip-arch ViT-B-32). It
 reads the photos from INPUT_DIR/<key>/ only. It raises an error when a prompt folder does not hold the 25 images
 the homework asks for. Preprocessing and arithmetic come from other libraries, so scores may differ from the
 course's in the last digits.
@@ -68,7 +68,7 @@ from pathlib import Path
 
 import torch
 
-from common.clip_loading import add_quick_gelu_flag
+from common.clip_loading import add_clip_flags
 from common.config import HelpFormatter, int_at_least
 from common.datasets import list_images, load_image
 from common.device import add_device_flag, add_precision_flag, autocast_dtype, pick_device
@@ -321,12 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-dir", required=True, help="generated images: <key>/<prompt index>/*.png (what hw2_ti.sh writes)"
     )
-    p.add_argument("--clip-weights", default=None, help="local CLIP weights (OpenAI .pt or open_clip file); the "
-                   "course grades with openai/clip-vit-base-patch32, OpenAI's ViT-B-32.pt; --judge clip")
-    p.add_argument(
-        "--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-weights (or a JSON config)"
-    )
-    add_quick_gelu_flag(p)
+    add_clip_flags(p, required=False, aliases=(None, "--clip-model"),  # --clip-model: its name here before
+                   weights_help="the course grades with openai/clip-vit-base-patch32, OpenAI's ViT-B-32.pt; "
+                                "--judge clip")
     p.add_argument("--alias", action="append", default=[], metavar="TOKEN=COLOUR",
                    help="--judge fill50k: a colour token and its colour (repeatable), e.g. '<new1>=chartreuse'")
     p.add_argument("--style-token", action="append", default=[], metavar="TOKEN=STYLE",
@@ -385,8 +382,7 @@ def main(argv=None) -> dict:
     from common.clip_loading import encode_image_files, encode_texts, load_clip
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)
-    bundle = load_clip(args.clip_model, args.clip_weights, device, args.quick_gelu, model_flag="--clip-model",
-                       weights_flag="--clip-weights")
+    bundle = load_clip(args.clip_arch, args.clip_weights, device, args.quick_gelu)
     photo_cache: dict[Path, torch.Tensor] = {}
     results = []
     for case, p, photos, gen in jobs:

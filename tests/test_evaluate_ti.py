@@ -134,7 +134,7 @@ def test_cli_scores_and_report(ti_setup, tmp_path, capsys):
     report = tmp_path / "r.json"
     code, err = run_cli(evaluate_main, ["--json", str(root / "input.json"), "--input-dir", str(only_dog),
                                         "--output-dir", str(root / "gen"), "--clip-weights", str(weights),
-                                        "--clip-model", str(cfg), "--report", str(report)], capsys)
+                                        "--clip-arch", str(cfg), "--report", str(report)], capsys)
     assert code == 0, err
     r = json.loads(report.read_text())
     assert r["total"] == 4 and r["graded"] == 3 and r["top_k"] == 5

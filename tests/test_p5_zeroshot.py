@@ -176,7 +176,12 @@ def test_zeroshot_bad_inputs(tiny_clip, zeroshot_data, tmp_path, capsys):
     other_cfg = dict(TINY_CLIP_CONFIG, embed_dim=24)
     other_cfg_path, _ = write_tiny_clip(tmp_path / "other", "tiny-other", config=other_cfg)
     code, err = run(("--model", str(other_cfg_path)))
-    assert code == 2 and "do not fit the open_clip model tiny-other" in err and "--model" in err
+    assert code == 2 and "do not fit the open_clip model tiny-other" in err and "--clip-arch" in err
+    # --clip-weights / --clip-arch: the names of evaluate_controlnet and evaluate_ti (--weights, --model: aliases)
+    renamed = [{"--model": "--clip-arch", "--weights": "--clip-weights"}.get(a, a) for a in base]
+    code, err = run_cli(clip_zeroshot.main, renamed + ["--out", str(tmp_path / "o"), "--data",
+                                                       str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "image folder not found" in err  # parsed: it got as far as the images
     code, err = run(("--model", "No-Such-Model"))
     assert code == 2 and "not an open_clip architecture" in err
     bad_labels = tmp_path / "bad.json"
