@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--pair", default="00,01", help="the two noise names to interpolate between")
             s.add_argument("--count", type=int_at_least(2), default=11,
                            help="images in the row (11: alpha 0.0, 0.1, ..., 1.0)")
-        add_sampling_args(s)
+        add_sampling_args(s, fresh_noise=name == "eta-grid")  # interpolate samples at eta 0 only
     return p
 
 
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     else:
         what = f"{args.mode} of the initial noise between {args.pair.replace(',', ' and ')}, alpha 0 to 1, DDIM eta 0"
     write_figure_info(out, what, command_line(__file__, argv), unet=args.unet, sampler="ddim", steps=args.steps,
-                      seed=args.seed if args.command == "eta-grid" else None)
+                      seed=getattr(args, "seed", None))
     print(f"wrote {out} ({len(row_labels)}x{len(col_labels)}) in {time.time() - t0:.1f} s")
 
 

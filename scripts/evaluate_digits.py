@@ -137,8 +137,11 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--folder", required=True, help="generated images: OUT/{mnistm,svhn}/*.png or OUT/*.png")
-    p.add_argument("--checkpoint", default=None, help="the course's MNIST-M classifier (Classifier.pth)")
-    p.add_argument("--svhn-checkpoint", default=str(DEFAULT_SVHN_CHECKPOINT),
+    # --lenet and --svhn-classifier: the names bench_p1.py gives the same two files
+    p.add_argument("--checkpoint", "--lenet", dest="checkpoint", default=None,
+                   help="the course's MNIST-M classifier (Classifier.pth)")
+    p.add_argument("--svhn-checkpoint", "--svhn-classifier", dest="svhn_checkpoint",
+                   default=str(DEFAULT_SVHN_CHECKPOINT),
                    help="SvhnNet checkpoint for svhn folders (default: %(default)s)")
     p.add_argument("--mnistm-checkpoint", default=str(DEFAULT_MNISTM_CHECKPOINT),
                    help="this project's MNIST-M classifier, used for mnistm folders when --checkpoint is not given "

@@ -52,8 +52,8 @@ def ship_controlnet(src: Path, dst: Path, args) -> None:
 @cli_main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="the trained weights: a .safetensors file, or a ControlNet folder")
+    p.add_argument("dst", help="where to write the shipped copy (a file, or a folder for a ControlNet)")
     p.add_argument("--fp16", action="store_true", help="store floating-point tensors in fp16")
     p.add_argument("--metrics", default=None, help="JSON file whose keys are added to the metrics")
     p.add_argument("--note", default=None, help="free text stored under metrics.note")

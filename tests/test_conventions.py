@@ -97,7 +97,11 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
         for parser in _parsers(name, monkeypatch):
             formatter = parser._get_formatter()
             for action in parser._actions:
-                if not action.option_strings or isinstance(action, argparse._HelpAction):
+                if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                if not action.option_strings:  # a positional argument: its help says what to give
+                    if not (action.help or "").strip():
+                        missing.append(f"{name} {action.dest}: no help")
                     continue
                 flag = action.option_strings[-1]
                 if not re.sub(r"\(default: [^)]*\)", "", action.help or "").strip():
