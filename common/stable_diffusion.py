@@ -230,6 +230,7 @@ def load_sd(
         raise _bad_path(path, f"unrecognised file type {path.suffix!r} (expected {', '.join(SINGLE_FILE_SUFFIXES)})")
     for m in (comps.vae, comps.unet):
         cast(m, dtype)
+    cast(comps.text_encoder, torch.float32)  # also when the file stores it in fp16 (the shipped mini SD)
     for m in (comps.vae, comps.unet, comps.text_encoder):
         m.to(device)
     for m in (comps.vae, comps.unet, comps.text_encoder):
