@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=8,
                    help="images per batch (the guided pass doubles it)")
     add_device_flag(p)
-    add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
+    add_precision_flag(p, what="Stable Diffusion and the ControlNet (with bf16, the UNet, VAE and ControlNet weights "
+                                "are held in bf16 too; the text encoder stays fp32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u)")
     p.add_argument("--seed", type=int, default=42, help="seed of the starting noise")
     add_device_flag(p)
-    add_precision_flag(p, what="Stable Diffusion and the ControlNet (their weights are held in bf16 too)")
+    add_precision_flag(p, what="Stable Diffusion and the ControlNet (with bf16, the UNet, VAE and ControlNet weights "
+                                "are held in bf16 too; the text encoder stays fp32)")
     return p
 
 

@@ -16,7 +16,8 @@ Writes to --out:
   last.ckpt              Lightning checkpoint (ControlNet, its EMA and optimiser; not SD) for --resume
   logs/                  CSV of train and validation losses
   fill50k/               the generated training set (only without --data)
-On CUDA: bf16 autocast with the trainable weights in fp32 (frozen SD stored in bf16), SDPA attention,
+On CUDA (GPUs from Ampere on; older ones run fp32): bf16 autocast with the trainable weights in fp32 (frozen
+SD stored in bf16), SDPA attention,
 gradient checkpointing, fused AdamW; --devices N runs DDP. Each distinct prompt's CLIP embedding is
 computed once at start-up (the text encoder is then dropped).
 """

@@ -2,7 +2,8 @@
 """Zero-shot image classification with CLIP (open_clip) from a local weights file.
 
     python p5_personalization/clip_zeroshot.py --data hw2_data/clip_zeroshot/val \\
-        --labels hw2_data/clip_zeroshot/id2label.json --model ViT-B-32 --weights ViT-B-32.pt [--out runs/p5_zeroshot]
+        --labels hw2_data/clip_zeroshot/id2label.json --clip-arch ViT-B-32 --clip-weights ViT-B-32.pt \\
+        [--out runs/p5_zeroshot]
 
 --data holds `<classid>_<n>.png` files; --labels maps class ids ("0", "1", ...) to class names. Every
 class name is put into each prompt template; a class's text embedding is the normalised mean of its
@@ -14,7 +15,8 @@ Writes to --out (default runs/p5_zeroshot, relative to the current folder):
   predictions.csv   file, true id/label, predicted id/label, confidence, correct (the ensemble's predictions)
   summary.json      accuracy of every single template and of the ensemble, model, weights, counts
   cases.png         5 successes and 5 failures (most confident of each) with true label, prediction, confidence
-Nothing is downloaded: --weights is an OpenAI .pt (TorchScript) or open_clip .safetensors/.bin/.pt file.
+Nothing is downloaded: --clip-weights is an OpenAI .pt (TorchScript) or open_clip .safetensors/.bin/.pt file
+(--weights and --model: the names of --clip-weights and --clip-arch here before, still accepted).
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ Writes to --out (the folder hw2_ti.sh reads):
   cross_attn_kv.safetensors / .json  with --method joint-kv: the fine-tuned UNet K/V weights
   runs/<run>/last.ckpt               Lightning state for --resume (only the trained tensors + optimiser)
   runs/<run>/samples/step_XXXXXX.png with --sample-every: images from --sample-prompt
-On CUDA: bf16 autocast with the frozen UNet and VAE held in bf16, SDPA attention; --gradient-checkpointing
+On CUDA (GPUs from Ampere on; older ones run fp32): bf16 autocast with the frozen UNet and VAE held in bf16,
+SDPA attention; --gradient-checkpointing
 trades compute for memory.
 """
 from __future__ import annotations

@@ -182,8 +182,9 @@ def piece_hw2_1(run: Runner, py: str) -> dict:
     if script.is_file():
         cmd, label = ["bash", str(script), str(out), *extra], "`bash handin/2024/hw2_1.sh OUT` end to end"
     else:  # before the per-year hand-in folders existed: the same command the 2024 script runs
-        cmd = [py, str(REPO / "p1_ddpm" / "infer.py"), "--year", "2024", "--out", str(out), *extra]
-        label = "`p1_ddpm/infer.py --year 2024` end to end"
+        # --layout: that tree's infer.py predates --year (today's still accepts it)
+        cmd = [py, str(REPO / "p1_ddpm" / "infer.py"), "--layout", "2024", "--out", str(out), *extra]
+        label = "`p1_ddpm/infer.py --layout 2024` end to end"
     r = run.run("hw2_1", cmd, 120)
     if not r["ok"]:
         return failed(label, r)

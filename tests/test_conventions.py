@@ -169,7 +169,9 @@ def test_numbers_are_checked_when_parsed(monkeypatch):
                 flag = action.option_strings[-1]
                 probes = []
                 if action.type is float or \
-                        getattr(action.type, "__name__", "") in ("float", "finite_float", "list of float"):
+                        getattr(action.type, "__name__", "") in ("float", "finite_float") or \
+                        getattr(action.type, "__name__", "").startswith("list of") and \
+                        "float" in action.type.__name__:
                     probes = ["nan", "inf"]
                 if flag in COUNT_FLAGS:
                     probes.append("0")

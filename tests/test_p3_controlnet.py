@@ -634,6 +634,20 @@ def test_fit_bf16_on_cpu_exports_samples(fill, sd_ckpt, tmp_path, capsys):
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # trainable weights stay fp32
 
 
+def test_controlnet_clips_its_gradients_itself():
+    """ControlNetModule.configure_gradient_clipping (its own, since Lightning refuses to clip for the fused
+    AdamW under bf16): the gradients of the optimiser's parameters end with norm --grad-clip, as Lightning's
+    norm clipping leaves them; no clip value leaves them alone."""
+    from p3_controlnet.train import ControlNetModule
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    opt = torch.optim.AdamW(params)
+    for clip, norm in ((None, 13.0), (1.0, 1.0)):
+        params[0].grad, params[1].grad = torch.tensor([3.0, 4.0, 0.0]), torch.full((2, 2), 6.0)  # norm 13
+        ControlNetModule.configure_gradient_clipping(None, opt, clip)  # uses no module state
+        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+        assert abs(total.item() - norm) < 1e-5, (clip, total)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fused_adamw_branch_forced_on_the_cpu_trains_the_same(precision, fill, sd_ckpt, tmp_path, capsys,
                                                                monkeypatch):
