@@ -19,6 +19,12 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def validation_generator(batch_idx: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for validation batch `batch_idx`: the same timesteps and noise at every validation (and
+    whatever the run's seed), so that validation losses compare across steps, checkpoints and runs."""
+    return torch.Generator(device=device).manual_seed(1000 + batch_idx)
+
+
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for sample `index` of a run seeded with `seed` (a SplitMix64 mix, so neighbours differ)."""
     z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF

@@ -62,7 +62,7 @@ from common.lightning_utils import (
     resolve_resume,
 )
 from common.schedules import PREDICTIONS, SCHEDULES, alphas_cumprod, make_betas, training_target
-from common.seeding import seed_everything
+from common.seeding import seed_everything, validation_generator
 from p1_ddpm.model import CHECKPOINT_KIND, ConditionalUNet
 from p1_ddpm.samplers import sample_conditional_images
 
@@ -191,8 +191,7 @@ class DiffusionModule(UpdateEmaEachStep, pl.LightningModule):
         return self.model
 
     def validation_step(self, batch, batch_idx):
-        # the same t and noise for every validation, so losses are comparable across checkpoints
-        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        g = validation_generator(batch_idx, self.device)
         images, cond = batch
         loss = self.diffusion_loss(self.ema.module, images, cond, generator=g)
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(images))

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 = no guidance")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="line i uses seed + i")
     p.add_argument("--control-scale", type=finite_float, default=1.0, help="multiplier of the ControlNet residuals")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", "--resolution", type=int, default=None,
                    help="output side in pixels; control images are resized to it (default: the SD's native "
                         "resolution, 512 for SD v1.4, 64 for the mini SD)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8,

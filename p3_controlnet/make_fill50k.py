@@ -284,7 +284,8 @@ def build_parser(preset: str = "fill50k") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="data root; training/ (and testing/) are written under it")
     p.add_argument("--n", type=int_at_least(1), default=50000, help="training samples (Fill50k has 50000)")
     p.add_argument("--n-test", type=int_at_least(0), default=0, help="testing samples (different seeds from training)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (SD v1: 512; a multiple of 8)")
+    p.add_argument("--size", "--resolution", type=int, default=512,
+                   help="image side in pixels (SD v1: 512; a multiple of 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the circles, colours and prompts")
     p.add_argument("--preset", choices=PRESETS, default="fill50k",
                    help="defaults of the options below: fill50k (the original) or mini (the mini SD's data); "

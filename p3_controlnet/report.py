@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=str(DEFAULT_CONTROLNET), help="ControlNet folder written by train.py")
     p.add_argument("--out", required=True, help="figure path (.png)")
     p.add_argument("--control", default=None, help="use this control image instead of the drawn two-circle one")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", "--resolution", type=int, default=None,
                    help="image side in pixels (default: the SD's native resolution: 512 for SD v1.4, 64 for the mini "
                         "SD)")
     p.add_argument("--steps", type=int_at_least(1), default=50, help="DDIM steps")

@@ -68,7 +68,7 @@ from common.lightning_utils import (
     resolve_resume,
 )
 from common.schedules import training_target
-from common.seeding import seed_everything
+from common.seeding import seed_everything, validation_generator
 from p3_controlnet.data import Fill50kDataModule
 from p3_controlnet.make_fill50k import write_split
 from p3_controlnet.model import (
@@ -86,7 +86,7 @@ class P3TrainConfig:
     """Every hyper-parameter of a P3 training run: the flags of this script, saved in last.ckpt (and in the
     hparams.yaml of the CSV log)."""
 
-    size: int | None = field(default=None, metadata={
+    size: int | None = field(default=None, metadata={"aliases": ("--resolution",),
         "help": "training resolution, images are resized to it (default: the SD's native resolution, 512 for SD "
                 "v1.4, 64 for the mini SD; recorded resolved)"})
     generate_n: int = field(default=50000, metadata={
@@ -229,8 +229,7 @@ class ControlNetModule(UpdateEmaEachStep, pl.LightningModule):
         return self.net.controlnet
 
     def validation_step(self, batch, batch_idx):
-        # the same latent sample, t and noise at every validation, so losses compare across steps
-        g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        g = validation_generator(batch_idx, self.device)  # the latent sample too is drawn from it
         loss = self.diffusion_loss(batch, generator=g, net=self.evaluated_net())
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch["target"]))
 

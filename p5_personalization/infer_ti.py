@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_at_least(1), default=50, help="DDIM steps")
     p.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of classifier-free guidance")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", "--size", type=int, default=None,
                    help="image side, a multiple of 8 (default: the SD's native resolution, 512 for SD v1.4, 64 for "
                         "the mini SD)")
     p.add_argument("--batch-size", type=int_at_least(1), default=25, help="images per UNet batch (x2 with guidance)")

@@ -137,7 +137,7 @@ class P5TrainConfig:
     steps: int = field(default=3000, metadata={"range": AT_LEAST_1, "aliases": ("--max-steps",),
                                                "help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"range": AT_LEAST_1, "help": "images per step (per device)"})
-    resolution: int | None = field(default=None, metadata={
+    resolution: int | None = field(default=None, metadata={"aliases": ("--size",),
         "help": "training image side, a multiple of 8 (default: the SD's native resolution: 512 for SD v1.4, "
                 "64 for the mini SD)"})
     lr: float = field(default=5e-3, metadata={

@@ -80,7 +80,7 @@ def run_e2e(model: FaceUNet, noises: torch.Tensor, args) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--count", type=int_at_least(1), default=10, help="number of noises (images)")
-    p.add_argument("--size", type=int, default=256, help="image side (a multiple of 32)")
+    p.add_argument("--size", "--resolution", type=int, default=256, help="image side (a multiple of 32)")
     p.add_argument("--steps", type=int_in(1, 1000), default=50, help="DDIM steps")
     p.add_argument("--base-channels", type=int, default=128, help="UNet width (128 = the course network)")
     add_device_flag(p)

@@ -123,7 +123,8 @@ def main(argv=None) -> None:
     p.add_argument("--sd14", action="store_true", help="SD v1.4-sized random components (default: the tiny test ones)")
     add_device_flag(p)
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="training batch")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default 512 with --sd14, else 64)")
+    p.add_argument("--resolution", "--size", type=int, default=None,
+                   help="image side (default 512 with --sd14, else 64)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
                    help="timed training steps (default 20 with --sd14, else 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")

@@ -186,7 +186,8 @@ def _swap(prompt: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (the shipped copy is assets/mini_ti)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (the mini SD's native 64)")
+    p.add_argument("--size", "--resolution", type=int, default=64,
+                   help="image side in pixels (the mini SD's native 64)")
     p.add_argument("--seed", type=int, default=7, help="generator seed (the mini SD's data used 0)")
     return p
 

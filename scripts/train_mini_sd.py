@@ -106,7 +106,7 @@ from common.lightning_utils import (
     resolve_num_workers,
     resolve_resume,
 )
-from common.seeding import seed_everything
+from common.seeding import seed_everything, validation_generator
 
 STAGES = ("vae", "unet")
 VAE_KIND = "mini_sd_vae"
@@ -127,7 +127,8 @@ class MiniSDTrainConfig:
                 "(validation items included)"})
     val_count: int = field(default=512, metadata={
         "range": AT_LEAST_1, "help": "the last N data items are held out for validation"})
-    size: int = field(default=64, metadata={"help": "image side in pixels (the mini SD's native 64)"})
+    size: int = field(default=64, metadata={
+        "aliases": ("--resolution",), "help": "image side in pixels (the mini SD's native 64)"})
     data_seed: int = field(default=0, metadata={"help": "--seed of the generated data"})
     # optimisation
     max_steps: int = field(default=30000, metadata={"range": AT_LEAST_1, "help": "optimiser steps to train for"})
@@ -648,7 +649,7 @@ class MiniUNetModule(UpdateEmaEachStep, pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         index = batch[0].cpu()
-        g = torch.Generator().manual_seed(1000 + batch_idx)
+        g = validation_generator(batch_idx)
         self._val_losses.append(self.diffusion_loss(self.ema.module, self.val_latents[index], self.val_ids[index], g,
                                                     0.0).detach().cpu())
 

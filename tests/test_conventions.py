@@ -132,6 +132,19 @@ def test_trainers_share_the_flags_of_one_idea(monkeypatch):
     assert not wrong, "\n".join(wrong)
 
 
+def test_image_side_takes_both_names(monkeypatch):
+    """An image side is --size in some commands and --resolution in others (diffusers' training scripts call it
+    that): every command with one takes the other as the same option."""
+    wrong = []
+    for name in _commands():
+        for parser in _parsers(name, monkeypatch):
+            flags = parser._option_string_actions
+            if "--size" in flags or "--resolution" in flags:
+                if flags.get("--size") is not flags.get("--resolution"):
+                    wrong.append(name)
+    assert not wrong, "\n".join(wrong)
+
+
 def test_help_texts_keep_their_line_continuations():
     """A module docstring is its command's --help; a shell example's trailing backslash in a plain string
     joins the two lines (the --help then shows one line with a run of spaces): such docstrings are raw."""
