@@ -14,8 +14,9 @@ Writes to --out:
   last.ckpt              Lightning checkpoint (model, EMA, optimiser) for --resume
   model.safetensors/json EMA weights + config after every validation (what infer.py loads)
   best.safetensors/json  EMA weights with the lowest validation loss (fixed noise), for model choice
+  best_judge.safetensors/json  with --judge: EMA weights with the best judge accuracy
   samples/step_XXXXXX.png  a 10x2 grid (digits x datasets), or 4x8 validation label lists, after every validation
-  metrics.csv            losses, from Lightning's CSV logger
+  logs/version_N/metrics.csv  losses (and judge_acc), from Lightning's CSV logger
 On CUDA it trains in bf16 autocast with channels_last; --devices N runs DDP.
 """
 from __future__ import annotations

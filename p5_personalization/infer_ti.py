@@ -5,7 +5,8 @@
         --sd sd-v1-4.ckpt --embeddings checkpoints/textual_inversion
     bash hw2_ti.sh INPUT_JSON OUT_DIR SD_CKPT [EMBEDDINGS_DIR]          # the same, as the course runs it
 
-Writes OUT/<concept>/<prompt index>/source<concept>_prompt<prompt index>_<k>.png, k = 0..24 (512x512).
+Writes OUT/<concept>/<prompt index>/source<concept>_prompt<prompt index>_<k>.png, k = 0..24, at the SD's
+native size (512x512 for SD v1.4, 64x64 for the mini SD) unless --resolution says otherwise.
 Every <token> that a prompt or token_name mentions is loaded from EMBEDDINGS_DIR/<token name>.safetensors
 (what train_ti.py --out writes: '<new1>' -> new1.safetensors), so prompts holding several learned tokens
 work. If EMBEDDINGS_DIR also holds cross_attn_kv.safetensors (train_ti.py --method joint-kv), the UNet's
