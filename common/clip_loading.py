@@ -73,11 +73,11 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
-def read_clip_state_dict(path: str | os.PathLike, flag: str = "--clip-weights") -> tuple[dict[str, torch.Tensor], bool]:
-    """(state dict, is an OpenAI TorchScript archive) of a CLIP weights file; `flag` names it in errors."""
+def read_clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, is an OpenAI TorchScript archive) of a CLIP weights file (--clip-weights, named in errors)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {flag} file not found (a local CLIP weights file; nothing is downloaded)")
+        raise UserError(f"{path}: --clip-weights file not found (a local CLIP weights file; nothing is downloaded)")
     jit = False
     try:
         if path.suffix == ".safetensors":
@@ -102,7 +102,7 @@ def read_clip_state_dict(path: str | os.PathLike, flag: str = "--clip-weights") 
     return sd, jit
 
 
-def _resolve_model_name(model: str, flag: str = "--clip-arch") -> str:
+def _resolve_model_name(model: str) -> str:
     import open_clip
     if model.endswith(".json"):
         p = Path(model)
@@ -120,21 +120,21 @@ def _resolve_model_name(model: str, flag: str = "--clip-arch") -> str:
     if model not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:6]
         raise UserError(
-            f"{flag} {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
+            f"--clip-arch {model}: not an open_clip architecture (e.g. {', '.join(close) or 'ViT-B-32, ViT-L-14'}; "
             f"or a JSON config file)"
         )
     cfg = open_clip.get_model_config(model)
     text_cfg = cfg.get("text_cfg", {})
     if "hf_tokenizer_name" in text_cfg or "hf_model_name" in text_cfg:
-        raise UserError(f"{flag} {model}: uses a Hugging Face text tower/tokenizer, which would be downloaded; "
+        raise UserError(f"--clip-arch {model}: uses a Hugging Face text tower/tokenizer, which would be downloaded; "
                         f"use a CLIP architecture with open_clip's own tokenizer (e.g. ViT-B-32, ViT-L-14)")
     if "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise UserError(f"{flag} {model}: uses a timm image tower; only open_clip's own towers are supported offline")
+        raise UserError(f"--clip-arch {model}: uses a timm image tower; only open_clip's own towers are supported "
+                        "offline")
     return model
 
 
-def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, name: str,
-                    flag: str = "--clip-arch") -> dict:
+def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, name: str) -> dict:
     from open_clip.model import convert_to_custom_text_state_dict
     if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
         sd = convert_to_custom_text_state_dict(sd)
@@ -160,19 +160,18 @@ def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: s
             detail.append(f"{len(bad)} of another shape (e.g. {k}: file {tuple(sd[k].shape)}, "
                           f"model {tuple(own[k].shape)})")
         raise UserError(f"{path}: weights do not fit the open_clip model {name}: {'; '.join(detail)} "
-                        f"(pass the {flag} these weights belong to)")
+                        f"(pass the --clip-arch these weights belong to)")
     return {k: v.to(own[k].dtype) for k, v in sd.items()}
 
 
 def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str = "cpu",
-              quick_gelu: str = "auto", model_flag: str = "--clip-arch",
-              weights_flag: str = "--clip-weights") -> ClipBundle:
+              quick_gelu: str = "auto") -> ClipBundle:
     """An open_clip CLIP of architecture `model` with the weights in `weights`; never downloads.
 
-    `model_flag` / `weights_flag` are the caller's command-line flags, named in the error messages."""
+    Errors name the flags of add_clip_flags (--clip-arch, --clip-weights), which every caller has."""
     import open_clip
-    name = _resolve_model_name(model, model_flag)
-    sd, jit = read_clip_state_dict(weights, weights_flag)
+    name = _resolve_model_name(model)
+    sd, jit = read_clip_state_dict(weights)
     if quick_gelu == "auto":
         # -quickgelu architectures (and JSON configs) say so in their config
         use_qg = (jit or "openai" in Path(weights).name.lower()
@@ -189,7 +188,7 @@ def load_clip(model: str, weights: str | os.PathLike, device: torch.device | str
                                       device="cpu", quick_gelu=use_qg)
     finally:
         logging.getLogger().setLevel(quiet)
-    clip.load_state_dict(_fit_state_dict(clip, sd, str(weights), name, model_flag), strict=True)
+    clip.load_state_dict(_fit_state_dict(clip, sd, str(weights), name), strict=True)
     device = torch.device(device)
     clip = clip.to(device).eval().requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(clip)

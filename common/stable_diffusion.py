@@ -232,9 +232,7 @@ def load_sd(
         cast(m, dtype)
     cast(comps.text_encoder, torch.float32)  # also when the file stores it in fp16 (the shipped mini SD)
     for m in (comps.vae, comps.unet, comps.text_encoder):
-        m.to(device)
-    for m in (comps.vae, comps.unet, comps.text_encoder):
-        m.eval()
+        m.to(device).eval()
     return comps
 
 
